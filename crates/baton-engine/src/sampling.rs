@@ -1,0 +1,421 @@
+//! Choosing the next token on the last stage: greedy, temperature, top-k, top-p, min-p,
+//! presence/frequency/repetition penalties, per-request seeds, stop ids and log-probabilities.
+//!
+//! Order of operations follows vLLM: stop ids are masked until `min_tokens`, then penalties,
+//! then temperature, then min-p / top-k / top-p. Log-probabilities are those of the model's raw
+//! distribution (vLLM's default), whatever the sampling settings.
+
+use std::collections::HashMap;
+
+use crate::rng::Rng;
+
+/// How one request wants its tokens chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means off.
+    pub top_k: usize,
+    /// 1 means off.
+    pub top_p: f32,
+    /// 0 means off.
+    pub min_p: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// 1 means off; applied to tokens of the prompt and the output (HF/vLLM semantics).
+    pub repetition_penalty: f32,
+    pub seed: Option<u64>,
+    pub max_tokens: usize,
+    pub min_tokens: usize,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    /// Return the top-n log-probabilities of each step (the chosen token's is always returned).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+            max_tokens: 16,
+            min_tokens: 0,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy(max_tokens: usize) -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            ..Default::default()
+        }
+    }
+
+    /// Checks ranges; the message names the parameter as the OpenAI API spells it.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |name: &str, v: f32| if v.is_finite() { Ok(()) } else { Err(format!("{name} must be a finite number")) };
+        finite("temperature", self.temperature)?;
+        finite("top_p", self.top_p)?;
+        finite("min_p", self.min_p)?;
+        finite("presence_penalty", self.presence_penalty)?;
+        finite("frequency_penalty", self.frequency_penalty)?;
+        finite("repetition_penalty", self.repetition_penalty)?;
+        if self.temperature < 0.0 {
+            return Err("temperature must be >= 0".into());
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err("top_p must be in (0, 1]".into());
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err("min_p must be in [0, 1]".into());
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err("presence_penalty must be in [-2, 2]".into());
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err("frequency_penalty must be in [-2, 2]".into());
+        }
+        if self.repetition_penalty <= 0.0 {
+            return Err("repetition_penalty must be > 0".into());
+        }
+        if self.max_tokens == 0 {
+            return Err("max_tokens must be at least 1".into());
+        }
+        if self.min_tokens > self.max_tokens {
+            return Err("min_tokens must not exceed max_tokens".into());
+        }
+        if self.logprobs.is_some_and(|n| n > 20) {
+            return Err("top_logprobs must be at most 20".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence or stop token id was produced.
+    Stop,
+    /// `max_tokens` were produced.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One chosen token with its log-probability and, if asked, the top alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// The sampling state of one sequence: its parameters, its generator and what it has produced.
+#[derive(Debug, Clone)]
+pub struct SequenceSampler {
+    params: SamplingParams,
+    rng: Rng,
+    eos: Vec<u32>,
+    /// Tokens seen in prompt or output (for the repetition penalty).
+    seen: HashMap<u32, ()>,
+    /// Output token counts (for presence and frequency penalties).
+    counts: HashMap<u32, u32>,
+    generated: usize,
+}
+
+impl SequenceSampler {
+    pub fn new(params: SamplingParams, eos_token_ids: &[u32], prompt: &[u32]) -> Self {
+        let rng = params.seed.map_or_else(Rng::from_entropy, Rng::new);
+        let seen = if params.repetition_penalty != 1.0 {
+            prompt.iter().map(|&t| (t, ())).collect()
+        } else {
+            HashMap::new()
+        };
+        SequenceSampler {
+            params,
+            rng,
+            eos: eos_token_ids.to_vec(),
+            seen,
+            counts: HashMap::new(),
+            generated: 0,
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
+    fn is_stop_token(&self, token: u32) -> bool {
+        self.params.stop_token_ids.contains(&token) || (!self.params.ignore_eos && self.eos.contains(&token))
+    }
+
+    /// Chooses the next token from one row of logits and records it.
+    pub fn sample(&mut self, raw: &[f32]) -> Sampled {
+        let p = &self.params;
+        let mut logits = raw.to_vec();
+        if self.generated < p.min_tokens {
+            for &t in p.stop_token_ids.iter().chain(if p.ignore_eos { &[][..] } else { &self.eos[..] }) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            for &t in self.seen.keys() {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.frequency_penalty * n as f32 + p.presence_penalty;
+                }
+            }
+        }
+        let top_n = p.logprobs.unwrap_or(0);
+        let token = if p.temperature == 0.0 {
+            argmax(&logits)
+        } else {
+            self.draw(&logits)
+        };
+        let (logprob, top_logprobs) = log_probs(raw, token, top_n);
+        self.record(token);
+        Sampled {
+            token,
+            logprob,
+            top_logprobs,
+        }
+    }
+
+    fn record(&mut self, token: u32) {
+        self.generated += 1;
+        *self.counts.entry(token).or_insert(0) += 1;
+        if self.params.repetition_penalty != 1.0 {
+            self.seen.insert(token, ());
+        }
+    }
+
+    /// Whether the sequence ends after `token` (the last one sampled).
+    pub fn finish_reason(&self, token: u32) -> Option<FinishReason> {
+        if self.generated >= self.params.min_tokens && self.is_stop_token(token) {
+            Some(FinishReason::Stop)
+        } else if self.generated >= self.params.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
+        if cand.is_empty() {
+            return argmax(logits);
+        }
+        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, desc);
+            cand.truncate(p.top_k);
+        }
+        let needs_order = p.top_p < 1.0;
+        if needs_order {
+            cand.sort_unstable_by(desc);
+        }
+        let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= sum);
+        if p.min_p > 0.0 {
+            // The most likely candidate has probability exp(0) / sum.
+            let floor = p.min_p as f64 / sum;
+            for q in probs.iter_mut() {
+                if *q < floor {
+                    *q = 0.0;
+                }
+            }
+        }
+        if needs_order {
+            let mut cum = 0.0;
+            let total: f64 = probs.iter().sum();
+            for q in probs.iter_mut() {
+                if cum >= p.top_p as f64 * total {
+                    *q = 0.0;
+                } else {
+                    cum += *q;
+                }
+            }
+        }
+        let total: f64 = probs.iter().sum();
+        let mut u = self.rng.next_f64() * total;
+        for (c, q) in cand.iter().zip(&probs) {
+            if *q > 0.0 {
+                if u < *q {
+                    return c.0;
+                }
+                u -= q;
+            }
+        }
+        // Rounding left `u` past the end: take the last candidate with mass.
+        cand.iter().zip(&probs).rev().find(|(_, q)| **q > 0.0).map_or(cand[0].0, |(c, _)| c.0)
+    }
+}
+
+/// Index of the largest logit (the lowest index among equals).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The chosen token's log-probability and the `top_n` most likely tokens', from raw logits.
+pub fn log_probs(logits: &[f32], token: u32, top_n: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max as f64 + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
+    let lp = |l: f32| (l as f64 - lse) as f32;
+    let chosen = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| lp(l));
+    let mut top = Vec::new();
+    if top_n > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let n = top_n.min(idx.len());
+        let desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        idx.select_nth_unstable_by(n - 1, desc);
+        idx.truncate(n);
+        idx.sort_unstable_by(desc);
+        top = idx.into_iter().map(|i| (i, lp(logits[i as usize]))).collect();
+    }
+    (chosen, top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.5, -1.0, 0.0, 2.9]
+    }
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams { seed: Some(3), max_tokens: 100, ..Default::default() };
+        f(&mut p);
+        p
+    }
+
+    fn draws(p: SamplingParams, n: usize) -> Vec<u32> {
+        let mut s = SequenceSampler::new(p, &[], &[]);
+        (0..n).map(|_| s.sample(&logits()).token).collect()
+    }
+
+    #[test]
+    fn greedy_and_top_k_one_take_the_argmax() {
+        assert!(draws(params(|p| p.temperature = 0.0), 5).iter().all(|&t| t == 1));
+        assert!(draws(params(|p| p.top_k = 1), 20).iter().all(|&t| t == 1));
+        assert!(draws(params(|p| p.top_p = 0.01), 20).iter().all(|&t| t == 1));
+        assert!(draws(params(|p| p.min_p = 0.99), 20).iter().all(|&t| t == 1));
+    }
+
+    #[test]
+    fn seeds_reproduce_and_differ() {
+        let a = draws(params(|_| {}), 50);
+        assert_eq!(a, draws(params(|_| {}), 50));
+        assert_ne!(a, draws(params(|p| p.seed = Some(4)), 50));
+    }
+
+    #[test]
+    fn filters_restrict_the_support() {
+        let top2 = draws(params(|p| p.top_k = 2), 200);
+        assert!(top2.iter().all(|t| [1, 5].contains(t)));
+        assert!(top2.contains(&1) && top2.contains(&5));
+        // top_p: p(1)≈.37 p(5)≈.33 p(2)≈.22: 0.6 keeps tokens 1 and 5 only.
+        let nucleus = draws(params(|p| p.top_p = 0.6), 300);
+        assert!(nucleus.iter().all(|t| [1, 5].contains(t)), "{nucleus:?}");
+        let minp = draws(params(|p| p.min_p = 0.5), 300);
+        assert!(minp.iter().all(|t| [1, 5, 2].contains(t)));
+    }
+
+    #[test]
+    fn penalties_move_the_choice() {
+        let mut s = SequenceSampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.frequency_penalty = 1.0;
+        }), &[], &[]);
+        let got: Vec<u32> = (0..3).map(|_| s.sample(&logits()).token).collect();
+        assert_eq!(got, vec![1, 5, 2]);
+        let mut s = SequenceSampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.repetition_penalty = 2.0;
+        }), &[], &[1]);
+        assert_eq!(s.sample(&logits()).token, 5, "token 1 is in the prompt");
+    }
+
+    #[test]
+    fn stop_ids_min_tokens_and_length() {
+        let mut s = SequenceSampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.min_tokens = 2;
+            p.max_tokens = 3;
+        }), &[1], &[]);
+        let t = s.sample(&logits()).token;
+        assert_eq!(t, 5, "eos is masked before min_tokens");
+        assert_eq!(s.finish_reason(t), None);
+        let t = s.sample(&logits()).token;
+        assert_eq!(t, 1);
+        assert_eq!(s.finish_reason(t), Some(FinishReason::Stop));
+        let mut s = SequenceSampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.max_tokens = 1;
+            p.ignore_eos = true;
+        }), &[1], &[]);
+        let t = s.sample(&logits()).token;
+        assert_eq!(s.finish_reason(t), Some(FinishReason::Length));
+    }
+
+    #[test]
+    fn logprobs_are_normalised_and_sorted() {
+        let (lp, top) = log_probs(&logits(), 2, 3);
+        let total: f64 = logits().iter().map(|&l| ((l - lp - 2.5) as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 5, 2]);
+        assert!((top[2].1 - lp).abs() < 1e-6);
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        let bad = SamplingParams { top_p: 0.0, ..Default::default() };
+        assert!(bad.validate().unwrap_err().contains("top_p"));
+        let bad = SamplingParams { temperature: f32::NAN, ..Default::default() };
+        assert!(bad.validate().unwrap_err().contains("temperature"));
+    }
+}

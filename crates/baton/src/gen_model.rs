@@ -1,0 +1,29 @@
+//! `baton gen-model`: writes a demo model in the Hugging Face layout.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context};
+use baton_engine::demo;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Which shape: `tiny` (fast tests) or `bench` (SmolLM2-135M's shape, bf16).
+    #[arg(long)]
+    preset: String,
+    /// Directory to write (created if needed).
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let preset = demo::preset(&args.preset).ok_or_else(|| {
+        let names: Vec<&str> = demo::PRESETS.iter().map(|p| p.name).collect();
+        anyhow!("--preset: unknown preset {:?} (known: {})", args.preset, names.join(", "))
+    })?;
+    demo::write_model(preset, &args.out, args.seed).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("wrote the `{}` demo model to {}", preset.name, args.out.display());
+    Ok(())
+}

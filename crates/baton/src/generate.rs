@@ -1,0 +1,103 @@
+//! `baton generate`: one prompt through the engine, streamed to stdout, with its speed.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use baton_engine::{Detokenizer, SamplingParams};
+use serde_json::json;
+
+use crate::load;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let threads = args.threads.unwrap_or_else(load::default_threads);
+    let tok = load::tokenizer(&args.model)?;
+    let prompt = tok.encode(&args.prompt)?;
+    let mut m = load::load(&args.model, threads, prompt.len() + args.max_tokens, 512)?;
+
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+        ignore_eos: args.ignore_eos,
+        ..Default::default()
+    };
+    params.validate().map_err(|e| anyhow::anyhow!("--{}", e.replace('_', "-")))?;
+
+    let mut detok = Detokenizer::default();
+    let mut stdout = std::io::stdout().lock();
+    let mut stream_err = None;
+    let stream = !args.json;
+    let generation = m.runner.generate(&prompt, params, &tok.eos_token_ids, &mut |s| {
+        if stream {
+            match detok.push(&tok, s.token) {
+                Ok(piece) => {
+                    let _ = stdout.write_all(piece.as_bytes());
+                    let _ = stdout.flush();
+                }
+                Err(e) => stream_err = Some(e),
+            }
+        }
+    })?;
+    if let Some(e) = stream_err {
+        return Err(e.into());
+    }
+    if args.json {
+        let text = tok.decode(&generation.token_ids)?;
+        let out = json!({
+            "prompt_token_ids": generation.prompt_token_ids,
+            "token_ids": generation.token_ids,
+            "text": text,
+            "finish_reason": generation.finish_reason.as_str(),
+            "prefill_tokens_per_s": generation.prefill_tokens_per_s(),
+            "decode_tokens_per_s": generation.decode_tokens_per_s(),
+        });
+        writeln!(stdout, "{out}")?;
+    } else {
+        let rest = detok.flush(&tok)?;
+        writeln!(stdout, "{rest}")?;
+        eprintln!(
+            "prompt {} tokens, generated {} ({}); prefill {:.1} tokens/s, decode {:.1} tokens/s",
+            generation.prompt_token_ids.len(),
+            generation.token_ids.len(),
+            generation.finish_reason.as_str(),
+            generation.prefill_tokens_per_s(),
+            generation.decode_tokens_per_s()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! Loading a model directory onto the CPU backend with a progress bar, shared by the commands.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use baton_engine::{demo, Checkpoint, CpuBackend, KvGeometry, LocalRunner, ModelConfig, Stage, TextTokenizer};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A model ready to run in this process.
+pub struct Loaded {
+    pub runner: LocalRunner<CpuBackend>,
+    pub config: ModelConfig,
+}
+
+/// The model's tokenizer (and its config), required to work with text.
+pub fn tokenizer(dir: &Path) -> anyhow::Result<TextTokenizer> {
+    let config = ModelConfig::from_dir(dir)?;
+    if !dir.join("tokenizer.json").exists() {
+        anyhow::bail!("{}: tokenizer.json is required to work with text", dir.display());
+    }
+    Ok(TextTokenizer::from_dir(dir, &config)?)
+}
+
+/// Loads `dir` whole, with a KV cache of `kv_tokens` token slots.
+pub fn load(dir: &Path, threads: usize, kv_tokens: usize, prefill_chunk: usize) -> anyhow::Result<Loaded> {
+    let config = ModelConfig::from_dir(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {bytes}/{total_bytes}")
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .progress_chars("=> "),
+    );
+    bar.set_message(dir.display().to_string());
+    let block_size = 16;
+    let geometry = KvGeometry {
+        block_size,
+        num_blocks: kv_tokens.div_ceil(block_size),
+    };
+    let backend = CpuBackend::new(threads)?;
+    let stage = Stage::load(backend, &config, &ckpt, 0..config.num_layers, geometry, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let runner = LocalRunner::new(stage, prefill_chunk)?;
+    Ok(Loaded { runner, config })
+}
+
+/// Where generated demo models are cached (`$BATON_HOME/models`, else `~/.cache/baton/models`).
+pub fn demo_model_dir(preset: &str, seed: u64) -> PathBuf {
+    let home = std::env::var_os("BATON_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/baton")))
+        .unwrap_or_else(|| PathBuf::from(".baton"));
+    home.join("models").join(format!("{preset}-seed{seed}"))
+}
+
+/// The cached demo model of `preset`, written first if absent.
+pub fn ensure_demo_model(preset: &str, seed: u64) -> anyhow::Result<PathBuf> {
+    let dir = demo_model_dir(preset, seed);
+    if !dir.join("config.json").exists() {
+        let p = demo::preset(preset).with_context(|| format!("unknown preset {preset:?}"))?;
+        eprintln!("generating the `{preset}` demo model in {}", dir.display());
+        let tmp = dir.with_extension("partial");
+        demo::write_model(p, &tmp, seed)?;
+        std::fs::rename(&tmp, &dir).with_context(|| format!("moving {} to {}", tmp.display(), dir.display()))?;
+    }
+    Ok(dir)
+}
+
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

@@ -1,0 +1,49 @@
+//! `baton`: the one binary. Subcommands generate demo models, run generation and benchmark the
+//! engine; serving and the mesh join as they land.
+
+mod bench;
+mod gen_model;
+mod generate;
+mod load;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "baton", version, about = "Baton: a serving mesh for large language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a seeded random-weight model in the Hugging Face layout.
+    GenModel(gen_model::Args),
+    /// Generate a continuation of a prompt and report prefill and decode speed.
+    Generate(generate::Args),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::Command),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::GenModel(args) => gen_model::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
