@@ -387,9 +387,11 @@ mod tests {
             p.min_tokens = 2;
             p.max_tokens = 3;
         }), &[1], &[]);
-        let t = s.sample(&logits()).token;
-        assert_eq!(t, 5, "eos is masked before min_tokens");
-        assert_eq!(s.finish_reason(t), None);
+        for _ in 0..2 {
+            let t = s.sample(&logits()).token;
+            assert_eq!(t, 5, "eos is masked before min_tokens");
+            assert_eq!(s.finish_reason(t), None);
+        }
         let t = s.sample(&logits()).token;
         assert_eq!(t, 1);
         assert_eq!(s.finish_reason(t), Some(FinishReason::Stop));
@@ -405,7 +407,7 @@ mod tests {
     #[test]
     fn logprobs_are_normalised_and_sorted() {
         let (lp, top) = log_probs(&logits(), 2, 3);
-        let total: f64 = logits().iter().map(|&l| ((l - lp - 2.5) as f64).exp()).sum();
+        let total: f64 = logits().iter().map(|&l| ((l + lp - 2.5) as f64).exp()).sum();
         assert!((total - 1.0).abs() < 1e-5);
         assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 5, 2]);
         assert!((top[2].1 - lp).abs() < 1e-6);

@@ -10,11 +10,15 @@ use crate::load;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    /// A Hugging Face model directory (config.json, safetensors, tokenizer.json); default: the
+    /// demo model of --preset, generated on first use and cached.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
+    /// Demo model used when --model is not given.
+    #[arg(long, default_value = "bench")]
+    preset: String,
     /// The prompt text.
-    #[arg(long)]
+    #[arg(long, default_value = "The quick brown fox")]
     prompt: String,
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
@@ -42,9 +46,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let threads = args.threads.unwrap_or_else(load::default_threads);
-    let tok = load::tokenizer(&args.model)?;
+    let model = match &args.model {
+        Some(dir) => dir.clone(),
+        None => load::ensure_demo_model(&args.preset, 0)?,
+    };
+    let tok = load::tokenizer(&model)?;
     let prompt = tok.encode(&args.prompt)?;
-    let mut m = load::load(&args.model, threads, prompt.len() + args.max_tokens, 512)?;
+    let mut m = load::load(&model, threads, prompt.len() + args.max_tokens, 512)?;
 
     let params = SamplingParams {
         temperature: args.temperature,

@@ -218,15 +218,13 @@ mod simd {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        unsafe {
-            let lo = _mm256_castps256_ps128(v);
-            let hi = _mm256_extractf128_ps::<1>(v);
-            let s = _mm_add_ps(lo, hi);
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps::<0x55>(s, s));
-            _mm_cvtss_f32(s)
-        }
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0x55>(s, s));
+        _mm_cvtss_f32(s)
     }
 
     /// Dot products of weight rows `rows` with token rows `toks` (R x C tile).
@@ -242,7 +240,7 @@ mod simd {
         let row_bytes = k * L::SIZE;
         let wp: [*const u8; R] = std::array::from_fn(|i| unsafe { w.bytes.as_ptr().add(rows[i] * row_bytes) });
         let xp: [*const f32; C] = std::array::from_fn(|j| unsafe { x.as_ptr().add(toks[j] * k) });
-        let mut acc = [[unsafe { _mm256_setzero_ps() }; C]; R];
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
         let k8 = k - k % 8;
         // The next tile's rows follow these; fetch them while this tile computes, spread evenly
         // over the k loop (the hardware prefetcher alone leaves DRAM bandwidth unused here).
@@ -253,14 +251,14 @@ mod simd {
             let ahead = next.wrapping_add(i / 8 * per_iter);
             let mut line = 0;
             while line < per_iter {
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast()) };
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
                 line += 64;
             }
             let xv: [__m256; C] = std::array::from_fn(|j| unsafe { _mm256_loadu_ps(xp[j].add(i)) });
             for r in 0..R {
                 let wv = unsafe { L::load8(wp[r], i) };
                 for j in 0..C {
-                    acc[r][j] = unsafe { _mm256_fmadd_ps(wv, xv[j], acc[r][j]) };
+                    acc[r][j] = _mm256_fmadd_ps(wv, xv[j], acc[r][j]);
                 }
             }
             i += 8;
@@ -269,7 +267,7 @@ mod simd {
         for r in 0..R {
             let row = &w.bytes[rows[r] * row_bytes..(rows[r] + 1) * row_bytes];
             for j in 0..C {
-                let mut s = unsafe { hsum(acc[r][j]) };
+                let mut s = hsum(acc[r][j]);
                 for t in k8..k {
                     s += L::scalar(row, t) * x[toks[j] * k + t];
                 }
