@@ -62,7 +62,7 @@ OUT = ROOT / "tests" / "fixtures" / "parity"
 PROMPT_LEN = 8
 GREEDY_STEPS = 32
 GAP_THRESHOLD = 0.05
-MATRIX_STD = float(os.environ.get("HF_PARITY_STD", "0.25"))
+MATRIX_STD = 0.25
 BIAS_STD = 0.25
 NORM_STD = 0.1
 
@@ -88,6 +88,9 @@ LINEAR_SCALING = {"rope_type": "linear", "factor": 2.0}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
+# Each fixture's seed drives its weights (seed) and its prompt (seed + 7). The seeds were picked (by trying
+# consecutive seeds with torch 2.15 / transformers 5.24) so that every one of the 32 greedy steps has a top-2
+# logit gap above 0.08, so a reimplementation that is accurate to ~1e-4 follows the same greedy path.
 FIXTURES = [
     dict(
         name="llama_gqa_llama3_f32",
@@ -101,7 +104,7 @@ FIXTURES = [
             tie_word_embeddings=False,
         ),
         dtype=torch.float32,
-        seed=1001,
+        seed=1003,
         # Fields config.json must contain, with these values (after the rope_scaling/rope_theta patch).
         expect={
             "head_dim": 32,
@@ -123,7 +126,7 @@ FIXTURES = [
             tie_word_embeddings=False,
         ),
         dtype=torch.bfloat16,
-        seed=2002,
+        seed=2055,
         expect={
             "head_dim": 16,
             "rope_theta": 10000.0,
@@ -142,7 +145,7 @@ FIXTURES = [
             tie_word_embeddings=True,
         ),
         dtype=torch.bfloat16,
-        seed=3003,
+        seed=3015,
         expect={
             "rope_theta": 10000.0,
             "rope_scaling": None,
@@ -162,7 +165,7 @@ FIXTURES = [
             tie_word_embeddings=False,
         ),
         dtype=torch.float16,
-        seed=4004,
+        seed=4019,
         expect={
             "head_dim": 16,
             "rope_theta": 10000.0,

@@ -228,9 +228,22 @@ impl ModelConfig {
             return Err(f.err("head_dim", format!("{head_dim} must be a positive even number")));
         }
 
-        let rope_theta = f.opt_f32("rope_theta")?.unwrap_or(10_000.0);
+        // Transformers 5 writes `rope_parameters` (with `rope_theta` inside) instead of
+        // `rope_scaling` and a top-level `rope_theta`; checkpoints in the wild have either.
+        let rope_parameters = f.obj.get("rope_parameters").filter(|v| v.is_object());
+        let rope_theta = match (f.opt_f32("rope_theta")?, rope_parameters) {
+            (Some(theta), _) => theta,
+            (None, Some(params)) => Fields::new(path, params)?
+                .opt_f32("rope_theta")
+                .map_err(|_| EngineError::field(path, "rope_parameters.rope_theta", "expected a number"))?
+                .unwrap_or(10_000.0),
+            (None, None) => 10_000.0,
+        };
         let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(2048);
-        let rope_scaling = parse_rope_scaling(path, f.obj.get("rope_scaling"))?;
+        let rope_scaling = match f.obj.get("rope_scaling").filter(|v| !v.is_null()) {
+            Some(v) => parse_rope_scaling(path, Some(v), "rope_scaling")?,
+            None => parse_rope_scaling(path, rope_parameters, "rope_parameters")?,
+        };
 
         let qkv_bias = match architecture {
             Architecture::Qwen2 => true,
@@ -324,20 +337,20 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(path: &Path, value: Option<&Value>) -> Result<RopeScaling> {
+fn parse_rope_scaling(path: &Path, value: Option<&Value>, key: &str) -> Result<RopeScaling> {
     let Some(value) = value.filter(|v| !v.is_null()) else {
         return Ok(RopeScaling::None);
     };
     let owned_path: PathBuf = path.to_path_buf();
-    let f = Fields::new(&owned_path, value).map_err(|_| EngineError::field(path, "rope_scaling", "expected an object or null"))?;
+    let f = Fields::new(&owned_path, value).map_err(|_| EngineError::field(path, key, "expected an object or null"))?;
     let kind = f
         .opt_str("rope_type")?
         .or(f.opt_str("type")?)
-        .ok_or_else(|| EngineError::field(path, "rope_scaling.rope_type", "is required"))?;
+        .ok_or_else(|| EngineError::field(path, format!("{key}.rope_type"), "is required"))?;
     let factor = || {
         f.opt_f32("factor")?
             .filter(|x| *x > 0.0)
-            .ok_or_else(|| EngineError::field(path, "rope_scaling.factor", "is required and must be positive"))
+            .ok_or_else(|| EngineError::field(path, format!("{key}.factor"), "is required and must be positive"))
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -345,21 +358,21 @@ fn parse_rope_scaling(path: &Path, value: Option<&Value>) -> Result<RopeScaling>
         "llama3" => {
             let need = |name: &str| {
                 f.opt_f32(name)?
-                    .ok_or_else(|| EngineError::field(path, format!("rope_scaling.{name}"), "is required for llama3 scaling"))
+                    .ok_or_else(|| EngineError::field(path, format!("{key}.{name}"), "is required for llama3 scaling"))
             };
             let low_freq_factor = need("low_freq_factor")?;
             let high_freq_factor = need("high_freq_factor")?;
             if high_freq_factor <= low_freq_factor {
                 return Err(EngineError::field(
                     path,
-                    "rope_scaling.high_freq_factor",
+                    format!("{key}.high_freq_factor"),
                     "must be greater than low_freq_factor",
                 ));
             }
             let original = f
                 .opt_usize("original_max_position_embeddings")?
                 .ok_or_else(|| {
-                    EngineError::field(path, "rope_scaling.original_max_position_embeddings", "is required for llama3 scaling")
+                    EngineError::field(path, format!("{key}.original_max_position_embeddings"), "is required for llama3 scaling")
                 })?;
             Ok(RopeScaling::Llama3 {
                 factor: factor()?,
@@ -370,7 +383,7 @@ fn parse_rope_scaling(path: &Path, value: Option<&Value>) -> Result<RopeScaling>
         }
         other => Err(EngineError::field(
             path,
-            "rope_scaling.rope_type",
+            format!("{key}.rope_type"),
             format!("{other:?} is not supported (supported: default, linear, llama3)"),
         )),
     }
@@ -428,6 +441,19 @@ mod tests {
         v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0});
         let e = parse(v).unwrap_err().to_string();
         assert!(e.contains("rope_scaling.low_freq_factor"), "{e}");
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_are_read() {
+        let mut v = base();
+        v["rope_parameters"] = json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0});
+        let c = parse(v).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        let mut v = base();
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1e6});
+        let c = parse(v).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling), (1e6, RopeScaling::None));
     }
 
     #[test]

@@ -234,6 +234,15 @@ impl<B: Backend> Stage<B> {
     /// Runs one ragged batch through the stage's layers. Each chunk's new K/V are written into
     /// its blocks; the caller (the scheduler) owns which blocks those are.
     pub fn forward(&mut self, layout: &BatchLayout, input: StageInput<'_>) -> Result<StageOutput> {
+        // The KV memory is the only state a step mutates: take it out so the step can borrow
+        // the rest of the stage shared while it runs in the backend's execution context.
+        let mut kv = std::mem::take(&mut self.kv);
+        let result = self.backend.run_step(|| self.forward_in(&mut kv, layout, input));
+        self.kv = kv;
+        result
+    }
+
+    fn forward_in(&self, kv: &mut [B::KvCache], layout: &BatchLayout, input: StageInput<'_>) -> Result<StageOutput> {
         let c = &self.config;
         let g = self.kv_geometry;
         layout.validate(g.block_size, g.num_blocks, c.max_position_embeddings)?;
@@ -277,7 +286,7 @@ impl<B: Backend> Stage<B> {
         let mut gate = be.zeros(t * im)?;
         let mut up = be.zeros(t * im)?;
         let mut act = be.zeros(t * im)?;
-        for (layer, cache) in self.layers.iter().zip(self.kv.iter_mut()) {
+        for (layer, cache) in self.layers.iter().zip(kv.iter_mut()) {
             be.rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed)?;
             be.matmul(&normed, t, &layer.q, layer.q_bias.as_ref(), &mut q)?;
             be.matmul(&normed, t, &layer.k, layer.k_bias.as_ref(), &mut k)?;

@@ -100,6 +100,12 @@ pub trait Backend: Send + Sync + 'static {
 
     fn name(&self) -> String;
 
+    /// Runs one whole forward step in the backend's execution context (the CPU backend's thread
+    /// pool, so the step's many parallel kernels do not each pay a cross-thread hand-off).
+    fn run_step<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
+        step()
+    }
+
     fn weight(&self, tensor: &TensorBytes) -> Result<Self::Weight>;
     fn zeros(&self, len: usize) -> Result<Self::Buffer>;
     fn upload(&self, data: &[f32]) -> Result<Self::Buffer>;

@@ -111,6 +111,10 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", self.threads)
     }
 
+    fn run_step<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(step)
+    }
+
     fn weight(&self, tensor: &TensorBytes) -> Result<CpuWeight> {
         match tensor.shape.as_slice() {
             [rows, cols] => Ok(CpuWeight::Mapped {
