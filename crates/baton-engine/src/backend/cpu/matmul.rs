@@ -109,6 +109,18 @@ unsafe fn gemm_panel(x: &[f32], m: usize, w: WeightRef<'_>, r0: usize, r1: usize
 
 /// Widens stored values to f32.
 pub fn widen(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::available() {
+            // SAFETY: the CPU has the features `simd` is compiled for.
+            unsafe { simd::widen(dtype, bytes, out) };
+            return;
+        }
+    }
+    widen_scalar(dtype, bytes, out)
+}
+
+fn widen_scalar(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     match dtype {
         DType::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -285,6 +297,19 @@ mod simd {
         while r + 4 <= r1 {
             let rows = [r, r + 1, r + 2, r + 3];
             let mut t = 0;
+            // Six tokens against two rows: 12 accumulators, one widening per six FMAs.
+            while t + 6 <= m {
+                let toks = [t, t + 1, t + 2, t + 3, t + 4, t + 5];
+                for pair in [[r, r + 1], [r + 2, r + 3]] {
+                    let res = unsafe { tile::<L, 2, 6>(&w, pair, x, toks) };
+                    for (i, rr) in pair.iter().enumerate() {
+                        for (j, tt) in toks.iter().enumerate() {
+                            store(*rr, *tt, res[i][j]);
+                        }
+                    }
+                }
+                t += 6;
+            }
             while t + 2 <= m {
                 let res = unsafe { tile::<L, 4, 2>(&w, rows, x, [t, t + 1]) };
                 for (i, rr) in rows.iter().enumerate() {
@@ -307,6 +332,33 @@ mod simd {
                 store(r, t, res[0][0]);
             }
             r += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn widen_as<L: Load8>(bytes: &[u8], out: &mut [f32]) {
+        let n = out.len().min(bytes.len() / L::SIZE);
+        let n8 = n - n % 8;
+        let mut i = 0;
+        while i < n8 {
+            // SAFETY: i + 8 <= n values are inside both slices.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), L::load8(bytes.as_ptr(), i)) };
+            i += 8;
+        }
+        for j in n8..n {
+            out[j] = L::scalar(bytes, j);
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    pub unsafe fn widen(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+        unsafe {
+            match dtype {
+                DType::F32 => widen_as::<F32>(bytes, out),
+                DType::BF16 => widen_as::<Bf16>(bytes, out),
+                DType::F16 => widen_as::<F16>(bytes, out),
+            }
         }
     }
 
@@ -346,12 +398,15 @@ mod tests {
     fn all_paths_match_reference() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            for (m, n, k) in [(1, 37, 20), (3, 64, 576), (2, 5, 8), (30, 130, 72), (24, 64, 64)] {
+            for (m, n, k) in [(1, 37, 20), (3, 64, 576), (2, 5, 8), (13, 36, 40), (7, 10, 24), (30, 130, 72), (24, 64, 64)] {
                 let x = rng_values(m * k, 1);
                 let wv = rng_values(n * k, 2);
                 let bytes = encode(dtype, &wv);
                 let mut wide = vec![0.0; n * k];
                 widen(dtype, &bytes, &mut wide);
+                let mut wide_scalar = vec![0.0; n * k];
+                widen_scalar(dtype, &bytes, &mut wide_scalar);
+                assert_eq!(wide, wide_scalar);
                 let w = WeightRef { dtype, bytes: &bytes, rows: n, cols: k };
                 let mut out = vec![0.0; m * n];
                 pool.install(|| matmul(&x, m, w, &mut out));

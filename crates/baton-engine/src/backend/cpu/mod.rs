@@ -1,6 +1,7 @@
 //! The CPU backend: f32 activations in `Vec`s, weights read in place from the memory map, a
 //! private rayon pool so a stage uses exactly the threads it was given.
 
+pub mod attention;
 pub mod matmul;
 
 use rayon::prelude::*;
@@ -77,20 +78,6 @@ pub struct CpuBatch {
     block_tables: Vec<Vec<u32>>,
     cos: Vec<f32>,
     sin: Vec<f32>,
-}
-
-/// Dot product with eight independent partial sums, so the compiler vectorizes it.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
@@ -209,7 +196,7 @@ impl Backend for CpuBackend {
         check_len("rms_norm", x.len() % h, 0)?;
         check_len("rms_norm output", out.len(), x.len())?;
         for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-            let ms = dot(xr, xr) / h as f32;
+            let ms = attention::dot(xr, xr) / h as f32;
             let inv = 1.0 / (ms + eps).sqrt();
             for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
                 *o = wv * (xv * inv);
@@ -269,38 +256,24 @@ impl Backend for CpuBackend {
         check_len("attention q", q.len(), batch.positions.len() * s.num_heads * hd)?;
         check_len("attention out", out.len(), q.len())?;
         let scale = 1.0 / (hd as f32).sqrt();
-        let d = cache.kv_dim;
         self.pool.install(|| {
             out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
                 let t = i / s.num_heads;
                 let h = i % s.num_heads;
-                let g = h / group;
                 let pos = batch.positions[t];
-                let table = &batch.block_tables[batch.chunk_of[t]];
-                let lo = s.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let qv = &q[i * hd..(i + 1) * hd];
-                let slot = |j: usize| table[j / s.block_size] as usize * s.block_size + j % s.block_size;
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for j in lo..=pos {
-                    let base = slot(j) * d + g * hd;
-                    let kv = &cache.k[base..base + hd];
-                    let dot = dot(qv, kv) * scale;
-                    max = max.max(dot);
-                    scores.push(dot);
-                }
-                let mut sum = 0.0;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                o.fill(0.0);
-                for (j, p) in (lo..=pos).zip(scores.iter()) {
-                    let base = slot(j) * d + g * hd;
-                    let vv = &cache.v[base..base + hd];
-                    let p = p / sum;
-                    o.iter_mut().zip(vv).for_each(|(a, b)| *a += p * b);
-                }
+                let task = attention::HeadTask {
+                    q: &q[i * hd..(i + 1) * hd],
+                    k_cache: &cache.k,
+                    v_cache: &cache.v,
+                    block_table: &batch.block_tables[batch.chunk_of[t]],
+                    kv_offset: (h / group) * hd,
+                    kv_dim: cache.kv_dim,
+                    block_size: s.block_size,
+                    lo: s.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w)),
+                    pos,
+                    scale,
+                };
+                attention::attend(&task, scores, o);
             });
         });
         Ok(())

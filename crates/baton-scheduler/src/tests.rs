@@ -1,0 +1,170 @@
+//! Deterministic simulations of the scheduler: seeded arrivals and lengths, a virtual clock, a
+//! fake model that "samples" seeded tokens, and invariants checked after every step.
+
+use baton_engine::rng::Rng;
+use baton_engine::KvGeometry;
+
+use super::*;
+
+fn config() -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs: 8,
+        max_batched_tokens: 64,
+        max_waiting: 1000,
+        max_model_len: 512,
+    }
+}
+
+/// Runs steps until every request finishes; checks invariants after each step.
+fn simulate(mut sched: Scheduler, requests: Vec<(SeqId, Vec<u32>, usize)>, eos_every: u64, seed: u64) -> (HashMap<SeqId, Vec<u32>>, u64) {
+    let mut rng = Rng::new(seed);
+    let mut outputs: HashMap<SeqId, Vec<u32>> = HashMap::new();
+    let mut pending: VecDeque<_> = requests.iter().cloned().collect();
+    let max_tokens: HashMap<SeqId, usize> = requests.iter().map(|r| (r.0, r.2)).collect();
+    let mut now = 0u64;
+    let mut steps = 0;
+    while !pending.is_empty() || sched.has_work() {
+        // A few arrivals per step.
+        for _ in 0..(rng.next_u64() % 3) {
+            if let Some((id, prompt, max)) = pending.pop_front() {
+                sched.add(id, prompt, max, now).unwrap();
+            }
+        }
+        now += 1000;
+        let Some(step) = sched.schedule(now) else {
+            assert!(!pending.is_empty() || !sched.has_work(), "work left but nothing scheduled");
+            continue;
+        };
+        steps += 1;
+        assert!(steps < 100_000, "no progress");
+        assert!(step.num_tokens() <= sched.config().max_batched_tokens);
+        assert!(sched.num_running() <= sched.config().max_num_seqs);
+        step.layout.validate(16, sched.total_blocks(), 512).unwrap();
+        let ids: Vec<SeqId> = step.scheduled.iter().map(|s| s.id).collect();
+        let unique: HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "a sequence twice in one step");
+        let mut sampled = Vec::new();
+        let mut finished = Vec::new();
+        for s in step.scheduled.iter().filter(|s| s.samples) {
+            let token = (rng.next_u64() % 1000) as u32;
+            let out = outputs.entry(s.id).or_default();
+            out.push(token);
+            sampled.push((s.id, token));
+            if eos_every > 0 && rng.next_u64() % eos_every == 0 {
+                finished.push(s.id);
+            }
+            assert!(out.len() <= max_tokens[&s.id], "sequence {} overran max_tokens", s.id);
+        }
+        sched.complete(&step, &sampled, &finished);
+    }
+    assert_eq!(sched.free_blocks(), sched.total_blocks(), "blocks leaked");
+    (outputs, sched.preemptions())
+}
+
+fn requests(n: u64, seed: u64) -> Vec<(SeqId, Vec<u32>, usize)> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|id| {
+            let len = 1 + (rng.next_u64() % 150) as usize;
+            let max = 1 + (rng.next_u64() % 60) as usize;
+            (id, (0..len).map(|i| (i * 7 % 1000) as u32).collect(), max)
+        })
+        .collect()
+}
+
+#[test]
+fn every_request_finishes_with_exactly_its_tokens() {
+    let reqs = requests(200, 1);
+    let sched = Scheduler::new(config(), KvGeometry { block_size: 16, num_blocks: 400 });
+    let (outputs, preemptions) = simulate(sched, reqs.clone(), 0, 2);
+    for (id, _, max) in &reqs {
+        assert_eq!(outputs[id].len(), *max, "request {id}");
+    }
+    assert_eq!(preemptions, 0, "a roomy cache should not preempt");
+}
+
+#[test]
+fn a_tight_cache_preempts_and_still_finishes_everything() {
+    let reqs = requests(150, 3);
+    // 40 blocks of 16 = 640 slots for up to 8 sequences of up to ~210 tokens.
+    let sched = Scheduler::new(config(), KvGeometry { block_size: 16, num_blocks: 40 });
+    let (outputs, preemptions) = simulate(sched, reqs.clone(), 0, 4);
+    for (id, _, max) in &reqs {
+        assert_eq!(outputs[id].len(), *max, "request {id}");
+    }
+    assert!(preemptions > 0, "the tight cache never preempted");
+}
+
+#[test]
+fn stop_tokens_end_sequences_early_and_free_them() {
+    let reqs = requests(100, 5);
+    let sched = Scheduler::new(config(), KvGeometry { block_size: 16, num_blocks: 60 });
+    let (outputs, _) = simulate(sched, reqs.clone(), 10, 6);
+    assert!(reqs.iter().any(|(id, _, max)| outputs[id].len() < *max));
+}
+
+#[test]
+fn chunked_prefill_mixes_with_decodes_under_the_budget() {
+    let mut s = Scheduler::new(config(), KvGeometry { block_size: 16, num_blocks: 100 });
+    s.add(1, vec![1; 10], 5, 0).unwrap();
+    let step = s.schedule(1).unwrap();
+    assert_eq!(step.scheduled[0].tokens.len(), 10);
+    assert!(step.scheduled[0].samples);
+    s.complete(&step, &[(1, 42)], &[]);
+    s.add(2, vec![2; 200], 5, 2).unwrap();
+    let step = s.schedule(3).unwrap();
+    // Sequence 1 decodes its sampled token; sequence 2 prefills 63 of 200 prompt tokens.
+    assert_eq!(step.scheduled[0].tokens, vec![42]);
+    assert_eq!(step.scheduled[1].tokens.len(), 63);
+    assert!(!step.scheduled[1].samples);
+    assert_eq!(step.layout.chunks[1].start_pos, 0);
+    assert_eq!(step.started, vec![(2, 1)]);
+    s.complete(&step, &[(1, 43)], &[]);
+    let step = s.schedule(4).unwrap();
+    assert_eq!(step.layout.chunks[1].start_pos, 63);
+}
+
+#[test]
+fn fcfs_admission_and_limits() {
+    let mut s = Scheduler::new(SchedulerConfig { max_waiting: 2, ..config() }, KvGeometry { block_size: 16, num_blocks: 8 });
+    assert_eq!(s.add(1, vec![], 4, 0), Err(AdmitError::EmptyPrompt));
+    assert!(matches!(s.add(1, vec![1; 500], 100, 0), Err(AdmitError::TooLong { .. })));
+    assert!(matches!(s.add(1, vec![1; 200], 100, 0), Err(AdmitError::NeverFits { needed: 19, total: 8 })));
+    s.add(1, vec![1; 5], 4, 0).unwrap();
+    assert_eq!(s.add(1, vec![1; 5], 4, 0), Err(AdmitError::DuplicateId(1)));
+    s.add(2, vec![1; 5], 4, 0).unwrap();
+    assert_eq!(s.add(3, vec![1; 5], 4, 0), Err(AdmitError::QueueFull(2)));
+    let step = s.schedule(0).unwrap();
+    assert_eq!(step.scheduled.iter().map(|x| x.id).collect::<Vec<_>>(), vec![1, 2]);
+}
+
+#[test]
+fn abort_frees_blocks_wherever_the_sequence_is() {
+    let mut s = Scheduler::new(config(), KvGeometry { block_size: 16, num_blocks: 20 });
+    s.add(1, vec![1; 40], 10, 0).unwrap();
+    s.add(2, vec![1; 40], 10, 0).unwrap();
+    let step = s.schedule(0).unwrap();
+    assert!(s.free_blocks() < 20);
+    assert!(s.abort(1));
+    assert!(!s.abort(1));
+    s.complete(&step, &[(2, 5)], &[]);
+    assert!(s.abort(2));
+    assert_eq!(s.free_blocks(), 20);
+    assert!(!s.has_work());
+}
+
+#[test]
+fn in_flight_sequences_are_not_rescheduled_until_complete() {
+    let mut s = Scheduler::new(config(), KvGeometry { block_size: 16, num_blocks: 20 });
+    s.add(1, vec![1; 4], 10, 0).unwrap();
+    let first = s.schedule(0).unwrap();
+    s.add(2, vec![1; 4], 10, 0).unwrap();
+    let second = s.schedule(0).unwrap();
+    assert_eq!(second.scheduled.iter().map(|x| x.id).collect::<Vec<_>>(), vec![2]);
+    assert!(s.schedule(0).is_none(), "both sequences are in flight");
+    s.complete(&first, &[(1, 9)], &[]);
+    let third = s.schedule(0).unwrap();
+    assert_eq!(third.scheduled[0].tokens, vec![9]);
+    s.complete(&second, &[(2, 8)], &[]);
+    s.complete(&third, &[(1, 7)], &[]);
+}
