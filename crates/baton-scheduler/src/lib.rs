@@ -161,6 +161,14 @@ impl Scheduler {
         self.allocator.num_blocks()
     }
 
+    /// The KV cache shape this scheduler hands out blocks of.
+    pub fn geometry(&self) -> KvGeometry {
+        KvGeometry {
+            block_size: self.allocator.block_size(),
+            num_blocks: self.allocator.num_blocks(),
+        }
+    }
+
     pub fn preemptions(&self) -> u64 {
         self.preemptions
     }

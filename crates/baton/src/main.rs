@@ -1,10 +1,11 @@
-//! `baton`: the one binary. Subcommands generate demo models, run generation and benchmark the
-//! engine; serving and the mesh join as they land.
+//! `baton`: the one binary. Subcommands generate demo models, run generation, serve the
+//! OpenAI-compatible API and benchmark; the mesh joins as it lands.
 
 mod bench;
 mod gen_model;
 mod generate;
 mod load;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,8 @@ enum Command {
     GenModel(gen_model::Args),
     /// Generate a continuation of a prompt and report prefill and decode speed.
     Generate(generate::Args),
+    /// Serve a model over the OpenAI-compatible HTTP API (default: the demo model on 127.0.0.1:8080).
+    Serve(serve::Args),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Command),
@@ -37,6 +40,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::GenModel(args) => gen_model::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

@@ -1,0 +1,155 @@
+//! Serving on one node: the router, scheduler and shard actors (ractor), the OpenAI-compatible
+//! HTTP API (axum) with SSE streaming, and latency metrics from HDR histograms.
+//!
+//! Request path: HTTP handler -> router actor (template, tokenize, validate, admission) ->
+//! scheduler actor (continuous batching core, streams, metrics) -> shard actor (forward pass and
+//! sampling on its own thread) -> scheduler -> the request's event stream -> HTTP response.
+
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod openai;
+pub mod request;
+pub mod router;
+pub mod scheduler;
+pub mod shard;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_engine::{KvGeometry, ModelConfig, TextTokenizer};
+use baton_scheduler::{Scheduler, SchedulerConfig};
+use ractor::Actor;
+
+pub use error::ServeError;
+
+/// How to serve one model on this node.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub model_dir: PathBuf,
+    /// The name clients put in `model`.
+    pub model_name: String,
+    pub listen: SocketAddr,
+    pub threads: usize,
+    /// Bytes of KV cache.
+    pub kv_cache_bytes: usize,
+    pub max_num_seqs: usize,
+    pub max_batched_tokens: usize,
+    /// Requests allowed to wait before new ones get 429.
+    pub max_waiting: usize,
+    /// Context length; default: the model's.
+    pub max_model_len: Option<usize>,
+}
+
+/// Why the server could not start (each names what to fix).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Model(#[from] baton_engine::EngineError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("--kv-cache-mb: {0}")]
+    KvCache(String),
+    #[error("cannot start the {0} actor: {1}")]
+    Actor(&'static str, String),
+    #[error("the HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+pub const BLOCK_SIZE: usize = 16;
+
+/// Serves until `shutdown` resolves, then stops taking requests (503), lets running requests
+/// finish, and returns.
+pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    let config = ModelConfig::from_dir(&opts.model_dir)?;
+    let tokenizer = Arc::new(TextTokenizer::from_dir(&opts.model_dir, &config)?);
+    let max_model_len = opts.max_model_len.unwrap_or(config.max_position_embeddings).min(config.max_position_embeddings);
+    let geometry = KvGeometry::for_budget(opts.kv_cache_bytes, config.num_layers, config.kv_dim(), BLOCK_SIZE);
+    if geometry.num_blocks == 0 {
+        return Err(StartError::KvCache("the KV cache budget holds no block".into()));
+    }
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: opts.listen, source })?;
+    let bound = listener.local_addr().map_err(StartError::Http)?;
+    tracing::info!(%bound, blocks = geometry.num_blocks, "listening; loading the model");
+    eprintln!(
+        "baton: serving `{}` on http://{bound} (KV cache: {} blocks of {BLOCK_SIZE} tokens)",
+        opts.model_name, geometry.num_blocks
+    );
+
+    let metrics = Arc::new(metrics::Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let draining = Arc::new(AtomicBool::new(false));
+    let core = Scheduler::new(
+        SchedulerConfig {
+            max_num_seqs: opts.max_num_seqs,
+            max_batched_tokens: opts.max_batched_tokens,
+            max_waiting: opts.max_waiting,
+            max_model_len,
+        },
+        geometry,
+    );
+    let (sched, sched_handle) = Actor::spawn(
+        Some("scheduler".into()),
+        scheduler::SchedulerActor,
+        scheduler::SchedulerArgs {
+            core,
+            shard: scheduler::ShardArgsTemplate { model_dir: opts.model_dir.clone(), threads: opts.threads },
+            tokenizer: tokenizer.clone(),
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+    )
+    .await
+    .map_err(|e| StartError::Actor("scheduler", e.to_string()))?;
+    let (router, router_handle) = Actor::spawn(
+        Some("router".into()),
+        router::Router,
+        router::RouterArgs {
+            model_name: opts.model_name.clone(),
+            tokenizer: tokenizer.clone(),
+            max_model_len,
+            vocab_size: config.vocab_size,
+            scheduler: sched.clone(),
+            max_pending: opts.max_waiting,
+        },
+    )
+    .await
+    .map_err(|e| StartError::Actor("router", e.to_string()))?;
+
+    let state = Arc::new(http::AppState {
+        router: router.clone(),
+        scheduler: sched.clone(),
+        metrics,
+        tokenizer,
+        model_name: opts.model_name.clone(),
+        max_model_len,
+        ready,
+        draining: draining.clone(),
+        next_request: AtomicU64::new(0),
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    });
+    let drain_sched = sched.clone();
+    let graceful = async move {
+        shutdown.await;
+        draining.store(true, Ordering::SeqCst);
+        eprintln!("baton: shutting down: finishing running requests");
+        loop {
+            match ractor::call!(drain_sched, scheduler::SchedulerMsg::Load) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    };
+    let result = axum::serve(listener, http::routes(state)).with_graceful_shutdown(graceful).await;
+    router.stop(None);
+    sched.stop(None);
+    let _ = router_handle.await;
+    let _ = sched_handle.await;
+    result.map_err(StartError::Http)
+}

@@ -1,0 +1,255 @@
+//! Latency and load metrics from HDR histograms: Prometheus text for `/metrics` (vLLM's names
+//! with a `baton:` prefix) and JSON percentiles plus the serialized histograms for `/v1/stats`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use hdrhistogram::serialization::{Serializer, V2DeflateSerializer};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+/// A histogram's name, help text, unit scale (values are recorded as integers: µs for times,
+/// counts for sizes) and the bucket bounds Prometheus sees (in the exported unit).
+struct Spec {
+    name: &'static str,
+    help: &'static str,
+    /// Divide recorded values by this to get the exported unit (1e6: µs -> seconds).
+    scale: f64,
+    buckets: &'static [f64],
+}
+
+const TIME_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const TOKEN_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
+
+/// The histograms, by index.
+pub const TTFT: usize = 0;
+pub const ITL: usize = 1;
+pub const E2E: usize = 2;
+pub const QUEUE: usize = 3;
+pub const PREFILL: usize = 4;
+pub const DECODE: usize = 5;
+pub const PROMPT_TOKENS: usize = 6;
+pub const GENERATION_TOKENS: usize = 7;
+pub const ITERATION: usize = 8;
+pub const BATCH_SEQS: usize = 9;
+pub const BATCH_TOKENS: usize = 10;
+pub const SCHEDULE: usize = 11;
+
+const SPECS: [Spec; 12] = [
+    Spec { name: "time_to_first_token_seconds", help: "Time to first token", scale: 1e6, buckets: TIME_BUCKETS },
+    Spec { name: "inter_token_latency_seconds", help: "Time between consecutive tokens of a request", scale: 1e6, buckets: TIME_BUCKETS },
+    Spec { name: "e2e_request_latency_seconds", help: "End-to-end request latency", scale: 1e6, buckets: TIME_BUCKETS },
+    Spec { name: "request_queue_time_seconds", help: "Time a request waited before its first step", scale: 1e6, buckets: TIME_BUCKETS },
+    Spec { name: "request_prefill_time_seconds", help: "Time from the first step to the first token", scale: 1e6, buckets: TIME_BUCKETS },
+    Spec { name: "request_decode_time_seconds", help: "Time from the first token to the last", scale: 1e6, buckets: TIME_BUCKETS },
+    Spec { name: "request_prompt_tokens", help: "Prompt tokens per request", scale: 1.0, buckets: TOKEN_BUCKETS },
+    Spec { name: "request_generation_tokens", help: "Generated tokens per request", scale: 1.0, buckets: TOKEN_BUCKETS },
+    Spec { name: "iteration_time_seconds", help: "Time of one engine step (forward and sampling)", scale: 1e6, buckets: TIME_BUCKETS },
+    Spec { name: "iteration_sequences", help: "Sequences per engine step", scale: 1.0, buckets: BATCH_BUCKETS },
+    Spec { name: "iteration_tokens", help: "Tokens per engine step", scale: 1.0, buckets: BATCH_BUCKETS },
+    Spec { name: "scheduler_time_seconds", help: "Time the scheduler itself spent choosing a step", scale: 1e6, buckets: TIME_BUCKETS },
+];
+
+#[derive(Default)]
+struct Gauges {
+    running: usize,
+    waiting: usize,
+    kv_usage: f64,
+    preemptions: u64,
+}
+
+struct Inner {
+    hists: Vec<Histogram<u64>>,
+    prompt_tokens_total: u64,
+    generation_tokens_total: u64,
+    success: BTreeMap<&'static str, u64>,
+    errors: u64,
+    gauges: Gauges,
+}
+
+/// Shared by the scheduler (writer) and the HTTP edge (reader).
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let hists = SPECS.iter().map(|_| new_histogram()).collect();
+        Metrics {
+            inner: Mutex::new(Inner {
+                hists,
+                prompt_tokens_total: 0,
+                generation_tokens_total: 0,
+                success: BTreeMap::new(),
+                errors: 0,
+                gauges: Gauges::default(),
+            }),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    /// Records `value` (µs for times, a count for sizes) into histogram `which`.
+    pub fn record(&self, which: usize, value: u64) {
+        self.with(|m| {
+            if let Some(h) = m.hists.get_mut(which) {
+                h.saturating_record(value.max(1));
+            }
+        });
+    }
+
+    pub fn finished(&self, reason: &'static str, prompt_tokens: usize, generation_tokens: usize) {
+        self.with(|m| {
+            *m.success.entry(reason).or_insert(0) += 1;
+            m.prompt_tokens_total += prompt_tokens as u64;
+            m.generation_tokens_total += generation_tokens as u64;
+        });
+        self.record(PROMPT_TOKENS, prompt_tokens as u64);
+        self.record(GENERATION_TOKENS, generation_tokens as u64);
+    }
+
+    pub fn failed(&self) {
+        self.with(|m| m.errors += 1);
+    }
+
+    pub fn set_load(&self, running: usize, waiting: usize, kv_usage: f64, preemptions: u64) {
+        self.with(|m| m.gauges = Gauges { running, waiting, kv_usage, preemptions });
+    }
+
+    /// Prometheus text exposition format.
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        self.with(|m| {
+            let mut out = String::new();
+            let g = &m.gauges;
+            for (name, help, kind, value) in [
+                ("num_requests_running", "Requests in the running batch", "gauge", g.running as f64),
+                ("num_requests_waiting", "Requests waiting to be scheduled", "gauge", g.waiting as f64),
+                ("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)", "gauge", g.kv_usage),
+                ("num_preemptions_total", "Sequences preempted for lack of KV blocks", "counter", g.preemptions as f64),
+                ("prompt_tokens_total", "Prompt tokens processed", "counter", m.prompt_tokens_total as f64),
+                ("generation_tokens_total", "Tokens generated", "counter", m.generation_tokens_total as f64),
+                ("request_failure_total", "Requests that ended in an engine error", "counter", m.errors as f64),
+            ] {
+                let _ = writeln!(out, "# HELP baton:{name} {help}\n# TYPE baton:{name} {kind}\nbaton:{name} {value}");
+            }
+            let _ = writeln!(out, "# HELP baton:request_success_total Requests finished, by finish reason\n# TYPE baton:request_success_total counter");
+            for reason in ["stop", "length", "abort"] {
+                let n = m.success.get(reason).copied().unwrap_or(0);
+                let _ = writeln!(out, "baton:request_success_total{{finished_reason=\"{reason}\"}} {n}");
+            }
+            for (spec, h) in SPECS.iter().zip(&m.hists) {
+                let name = spec.name;
+                let _ = writeln!(out, "# HELP baton:{name} {}\n# TYPE baton:{name} histogram", spec.help);
+                for &le in spec.buckets {
+                    let bound = (le * spec.scale) as u64;
+                    let count: u64 = h.iter_recorded().filter(|v| v.value_iterated_to() <= bound).map(|v| v.count_at_value()).sum();
+                    let _ = writeln!(out, "baton:{name}_bucket{{le=\"{le}\"}} {count}");
+                }
+                let _ = writeln!(out, "baton:{name}_bucket{{le=\"+Inf\"}} {}", h.len());
+                let sum: f64 = h.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum::<f64>() / spec.scale;
+                let _ = writeln!(out, "baton:{name}_sum {sum}\nbaton:{name}_count {}", h.len());
+            }
+            out
+        })
+    }
+
+    /// Percentiles of every histogram, and each histogram serialized (HdrHistogram V2 deflate,
+    /// base64) for dashboards that merge them.
+    pub fn stats(&self) -> Value {
+        self.with(|m| {
+            let mut hists = serde_json::Map::new();
+            for (spec, h) in SPECS.iter().zip(&m.hists) {
+                let q = |p: f64| h.value_at_quantile(p) as f64 / spec.scale;
+                let mut bytes = Vec::new();
+                let encoded = V2DeflateSerializer::new().serialize(h, &mut bytes).map(|_| base64(&bytes)).ok();
+                hists.insert(
+                    spec.name.to_string(),
+                    json!({
+                        "count": h.len(),
+                        "mean": h.mean() / spec.scale,
+                        "max": h.max() as f64 / spec.scale,
+                        "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99_9": q(0.999),
+                        "unit_scale": spec.scale,
+                        "hdr_v2_deflate_base64": encoded,
+                    }),
+                );
+            }
+            json!({
+                "running": m.gauges.running,
+                "waiting": m.gauges.waiting,
+                "kv_cache_usage": m.gauges.kv_usage,
+                "preemptions": m.gauges.preemptions,
+                "prompt_tokens_total": m.prompt_tokens_total,
+                "generation_tokens_total": m.generation_tokens_total,
+                "requests": m.success,
+                "request_failures": m.errors,
+                "histograms": hists,
+            })
+        })
+    }
+}
+
+/// 1 µs to 1 hour at 3 significant digits.
+#[allow(clippy::expect_used)]
+fn new_histogram() -> Histogram<u64> {
+    // Constant bounds that satisfy the crate's rules (low >= 1, high >= 2 * low, sigfig <= 5).
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid constant histogram bounds")
+}
+
+/// Standard base64 (RFC 4648) with padding.
+pub fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
+        out.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_and_stats_report_what_was_recorded() {
+        let m = Metrics::new();
+        for v in [1_000u64, 2_000, 3_000, 100_000] {
+            m.record(TTFT, v);
+        }
+        m.finished("stop", 10, 5);
+        m.set_load(2, 3, 0.5, 1);
+        let text = m.prometheus();
+        assert!(text.contains("baton:time_to_first_token_seconds_bucket{le=\"0.0025\"} 2"), "{text}");
+        assert!(text.contains("baton:time_to_first_token_seconds_count 4"));
+        assert!(text.contains("baton:num_requests_waiting 3"));
+        assert!(text.contains("baton:request_success_total{finished_reason=\"stop\"} 1"));
+        assert!(text.contains("baton:generation_tokens_total 5"));
+        let s = m.stats();
+        let p50 = s["histograms"]["time_to_first_token_seconds"]["p50"].as_f64().unwrap();
+        assert!((p50 - 0.002).abs() < 1e-4, "{p50}");
+        assert!(s["histograms"]["time_to_first_token_seconds"]["hdr_v2_deflate_base64"].as_str().unwrap().len() > 10);
+    }
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+}

@@ -1,0 +1,344 @@
+//! The scheduler actor: a thin shell around `baton_scheduler::Scheduler`. It owns the request
+//! streams, detokenizes, applies stop strings, records metrics, hands each step to the shard
+//! and supervises it: if the shard fails, every request it held gets an error and a new shard
+//! starts.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use baton_engine::{Detokenizer, TextTokenizer};
+use baton_scheduler::{AdmitError, Scheduler, SeqId, Step};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::error::ServeError;
+use crate::metrics::{self, Metrics};
+use crate::request::{Event, Finish, GenerateRequest, TokenEvent};
+use crate::shard::{NewSequence, Shard, ShardArgs, ShardMsg, ShardWork, StepOutput};
+
+pub enum SchedulerMsg {
+    Submit {
+        request: GenerateRequest,
+        events: UnboundedSender<Event>,
+        reply: RpcReplyPort<Result<SeqId, ServeError>>,
+    },
+    Abort(SeqId),
+    ShardReady,
+    StepDone(StepOutput),
+    /// Replies with (running + waiting) requests.
+    Load(RpcReplyPort<usize>),
+}
+
+pub struct SchedulerArgs {
+    pub core: Scheduler,
+    pub shard: ShardArgsTemplate,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub metrics: Arc<Metrics>,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Shard arguments without the scheduler's own address (filled in at start).
+#[derive(Clone)]
+pub struct ShardArgsTemplate {
+    pub model_dir: std::path::PathBuf,
+    pub threads: usize,
+}
+
+struct Live {
+    events: UnboundedSender<Event>,
+    detok: Detokenizer,
+    stop: Vec<String>,
+    /// Text produced so far (kept only when stop strings must be matched).
+    text: String,
+    prompt: Vec<u32>,
+    params: baton_engine::SamplingParams,
+    generated: usize,
+    arrived: Instant,
+    started: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+pub struct State {
+    core: Scheduler,
+    live: HashMap<SeqId, Live>,
+    next_id: SeqId,
+    shard: Option<ActorRef<ShardMsg>>,
+    shard_ready: bool,
+    shard_args: ShardArgsTemplate,
+    /// Sequences whose sampling state the shard holds.
+    on_shard: HashSet<SeqId>,
+    released: Vec<SeqId>,
+    in_flight: Option<(Step, Instant)>,
+    tokenizer: Arc<TextTokenizer>,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    epoch: Instant,
+}
+
+pub struct SchedulerActor;
+
+impl State {
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn publish_load(&self) {
+        self.metrics
+            .set_load(self.core.num_running(), self.core.num_waiting(), self.core.kv_usage(), self.core.preemptions());
+    }
+
+    /// Ends a request: final event, metrics, and the core forgets it.
+    fn finish(&mut self, id: SeqId, finish: Finish, tail: String) {
+        self.core.abort(id);
+        if self.on_shard.remove(&id) {
+            self.released.push(id);
+        }
+        let Some(live) = self.live.remove(&id) else { return };
+        let now = Instant::now();
+        let _ = live.events.send(Event::Done {
+            finish,
+            prompt_tokens: live.prompt.len(),
+            completion_tokens: live.generated,
+            tail,
+        });
+        self.metrics.finished(finish.as_str(), live.prompt.len(), live.generated);
+        self.metrics.record(metrics::E2E, (now - live.arrived).as_micros() as u64);
+        if let (Some(first), Some(last)) = (live.first_token, live.last_token) {
+            self.metrics.record(metrics::DECODE, (last - first).as_micros() as u64);
+        }
+    }
+
+    /// Fails every request that has KV on the shard (after the shard died).
+    fn fail_started(&mut self, why: &str) {
+        let started: Vec<SeqId> = self.live.iter().filter(|(_, l)| l.started.is_some()).map(|(id, _)| *id).collect();
+        for id in started {
+            self.core.abort(id);
+            if let Some(live) = self.live.remove(&id) {
+                let _ = live.events.send(Event::Error(ServeError::Internal(why.to_string())));
+                self.metrics.failed();
+            }
+        }
+        self.on_shard.clear();
+        self.released.clear();
+        self.in_flight = None;
+    }
+
+    /// Starts the next step if the shard is idle and there is work.
+    fn kick(&mut self) {
+        let (Some(shard), true, None) = (&self.shard, self.shard_ready, &self.in_flight) else {
+            return;
+        };
+        let t0 = Instant::now();
+        let now_us = self.now_us();
+        let Some(step) = self.core.schedule(now_us) else {
+            self.publish_load();
+            return;
+        };
+        let mut new_sequences = Vec::new();
+        for s in &step.scheduled {
+            if let Some(live) = self.live.get_mut(&s.id) {
+                if live.started.is_none() {
+                    live.started = Some(t0);
+                    self.metrics.record(metrics::QUEUE, (t0 - live.arrived).as_micros() as u64);
+                }
+                if self.on_shard.insert(s.id) {
+                    new_sequences.push(NewSequence {
+                        id: s.id,
+                        params: live.params.clone(),
+                        prompt: live.prompt.clone(),
+                        eos: self.tokenizer.eos_token_ids.clone(),
+                    });
+                }
+            }
+        }
+        self.metrics.record(metrics::SCHEDULE, t0.elapsed().as_micros() as u64);
+        self.metrics.record(metrics::BATCH_SEQS, step.scheduled.len() as u64);
+        self.metrics.record(metrics::BATCH_TOKENS, step.num_tokens() as u64);
+        let work = ShardWork {
+            step: step.clone(),
+            new_sequences,
+            released: std::mem::take(&mut self.released),
+        };
+        if shard.cast(ShardMsg::Run(Box::new(work))).is_ok() {
+            self.in_flight = Some((step, Instant::now()));
+        }
+        self.publish_load();
+    }
+
+    fn step_done(&mut self, out: StepOutput) {
+        let Some((step, started)) = self.in_flight.take() else { return };
+        self.metrics.record(metrics::ITERATION, started.elapsed().as_micros() as u64);
+        let now = Instant::now();
+        let mut sampled = Vec::with_capacity(out.sampled.len());
+        let mut ended: Vec<(SeqId, Finish, String)> = Vec::new();
+        for s in out.sampled {
+            sampled.push((s.id, s.sampled.token));
+            let Some(live) = self.live.get_mut(&s.id) else { continue };
+            live.generated += 1;
+            match live.last_token {
+                None => {
+                    self.metrics.record(metrics::TTFT, (now - live.arrived).as_micros() as u64);
+                    if let Some(st) = live.started {
+                        self.metrics.record(metrics::PREFILL, (now - st).as_micros() as u64);
+                    }
+                    live.first_token = Some(now);
+                }
+                Some(prev) => self.metrics.record(metrics::ITL, (now - prev).as_micros() as u64),
+            }
+            live.last_token = Some(now);
+            let mut piece = live.detok.push(&self.tokenizer, s.sampled.token).unwrap_or_default();
+            let mut finish = s.finish.map(Finish::from);
+            if !live.stop.is_empty() {
+                let before = live.text.len();
+                live.text.push_str(&piece);
+                let from = before.saturating_sub(live.stop.iter().map(String::len).max().unwrap_or(0));
+                if let Some(cut) = live.stop.iter().filter_map(|st| live.text.get(from..).and_then(|t| t.find(st.as_str())).map(|i| from + i)).min() {
+                    piece = live.text.get(before.min(cut)..cut).unwrap_or_default().to_string();
+                    live.text.truncate(cut);
+                    finish = Some(Finish::Stop);
+                }
+            }
+            let sent = live.events.send(Event::Token(TokenEvent {
+                token: s.sampled.token,
+                text: piece,
+                logprob: s.sampled.logprob,
+                top_logprobs: s.sampled.top_logprobs,
+            }));
+            if sent.is_err() {
+                ended.push((s.id, Finish::Abort, String::new()));
+            } else if let Some(f) = finish {
+                let cut_at_stop = f == Finish::Stop && s.finish.is_none();
+                let tail = if cut_at_stop { String::new() } else { live.detok.flush(&self.tokenizer).unwrap_or_default() };
+                ended.push((s.id, f, tail));
+            }
+        }
+        let finished: Vec<SeqId> = ended.iter().map(|e| e.0).collect();
+        self.core.complete(&step, &sampled, &finished);
+        for (id, f, tail) in ended {
+            self.finish(id, f, tail);
+        }
+    }
+}
+
+fn admit_error(e: AdmitError) -> ServeError {
+    match e {
+        AdmitError::QueueFull(_) => ServeError::Overloaded(e.to_string()),
+        AdmitError::EmptyPrompt => ServeError::bad(e.to_string(), "prompt"),
+        AdmitError::TooLong { .. } | AdmitError::NeverFits { .. } => ServeError::ContextTooLong(e.to_string()),
+        AdmitError::DuplicateId(_) => ServeError::Internal(e.to_string()),
+    }
+}
+
+async fn spawn_shard(myself: &ActorRef<SchedulerMsg>, args: &ShardArgsTemplate, geometry: baton_engine::KvGeometry) -> Result<ActorRef<ShardMsg>, ActorProcessingErr> {
+    let shard_args = ShardArgs {
+        model_dir: args.model_dir.clone(),
+        threads: args.threads,
+        geometry,
+        scheduler: myself.clone(),
+    };
+    let (shard, _) = Actor::spawn_linked(None, Shard, shard_args, myself.get_cell()).await?;
+    Ok(shard)
+}
+
+impl Actor for SchedulerActor {
+    type Msg = SchedulerMsg;
+    type State = State;
+    type Arguments = SchedulerArgs;
+
+    async fn pre_start(&self, myself: ActorRef<SchedulerMsg>, args: SchedulerArgs) -> Result<State, ActorProcessingErr> {
+        let shard = spawn_shard(&myself, &args.shard, args.core.geometry()).await?;
+        Ok(State {
+            core: args.core,
+            live: HashMap::new(),
+            next_id: 1,
+            shard: Some(shard),
+            shard_ready: false,
+            shard_args: args.shard,
+            on_shard: HashSet::new(),
+            released: Vec::new(),
+            in_flight: None,
+            tokenizer: args.tokenizer,
+            metrics: args.metrics,
+            ready: args.ready,
+            epoch: Instant::now(),
+        })
+    }
+
+    async fn handle(&self, _myself: ActorRef<SchedulerMsg>, msg: SchedulerMsg, state: &mut State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SchedulerMsg::Submit { request, events, reply } => {
+                let id = state.next_id;
+                state.next_id += 1;
+                let now_us = state.now_us();
+                let result = state
+                    .core
+                    .add(id, request.prompt.clone(), request.params.max_tokens, now_us)
+                    .map_err(admit_error);
+                if result.is_ok() {
+                    let _ = events.send(Event::Started { prompt_token_ids: request.prompt.clone() });
+                    state.live.insert(
+                        id,
+                        Live {
+                            events,
+                            detok: Detokenizer::default(),
+                            stop: request.stop,
+                            text: String::new(),
+                            prompt: request.prompt,
+                            params: request.params,
+                            generated: 0,
+                            arrived: Instant::now(),
+                            started: None,
+                            first_token: None,
+                            last_token: None,
+                        },
+                    );
+                    tracing::debug!(request_id = %request.request_id, seq = id, "admitted");
+                }
+                let _ = reply.send(result.map(|_| id));
+                state.kick();
+            }
+            SchedulerMsg::Abort(id) => {
+                if state.live.contains_key(&id) {
+                    state.finish(id, Finish::Abort, String::new());
+                    state.publish_load();
+                }
+            }
+            SchedulerMsg::ShardReady => {
+                state.shard_ready = true;
+                state.ready.store(true, Ordering::SeqCst);
+                tracing::info!("shard ready");
+                state.kick();
+            }
+            SchedulerMsg::StepDone(out) => {
+                state.step_done(out);
+                state.kick();
+            }
+            SchedulerMsg::Load(reply) => {
+                let _ = reply.send(state.core.num_running() + state.core.num_waiting());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, myself: ActorRef<SchedulerMsg>, evt: SupervisionEvent, state: &mut State) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorFailed(_, err) => {
+                tracing::error!(error = %err, "shard failed; failing its requests and restarting it");
+                state.ready.store(false, Ordering::SeqCst);
+                state.shard_ready = false;
+                state.fail_started(&format!("the engine shard failed: {err}"));
+                state.shard = Some(spawn_shard(&myself, &state.shard_args, state.core.geometry()).await?);
+                state.publish_load();
+            }
+            SupervisionEvent::ActorTerminated(..) => {
+                state.shard = None;
+                state.shard_ready = false;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,179 @@
+//! The GPU-shard actor: owns one backend and one pipeline stage (here the whole model), runs
+//! forward passes on its own OS thread so the async runtime never blocks, and samples on the
+//! last stage. A panic or engine error in a step makes the actor fail; its supervisor (the
+//! scheduler actor) errors the requests it held and starts a new shard.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use baton_engine::{
+    Checkpoint, CpuBackend, FinishReason, KvGeometry, ModelConfig, Sampled, SamplingParams, SequenceSampler, Stage, StageInput,
+    StageOutput,
+};
+use baton_scheduler::{SeqId, Step};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::scheduler::SchedulerMsg;
+
+/// What a shard needs to start.
+#[derive(Clone)]
+pub struct ShardArgs {
+    pub model_dir: PathBuf,
+    pub threads: usize,
+    pub geometry: KvGeometry,
+    pub scheduler: ActorRef<SchedulerMsg>,
+}
+
+/// A sequence the shard has not seen yet: how to sample it.
+#[derive(Debug, Clone)]
+pub struct NewSequence {
+    pub id: SeqId,
+    pub params: SamplingParams,
+    pub prompt: Vec<u32>,
+    pub eos: Vec<u32>,
+}
+
+/// One step's work.
+#[derive(Debug, Clone)]
+pub struct ShardWork {
+    pub step: Step,
+    pub new_sequences: Vec<NewSequence>,
+    /// Sequences that ended: drop their sampling state.
+    pub released: Vec<SeqId>,
+}
+
+/// One sampled token of a step.
+#[derive(Debug, Clone)]
+pub struct SampledOut {
+    pub id: SeqId,
+    pub sampled: Sampled,
+    pub finish: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    pub sampled: Vec<SampledOut>,
+    pub forward_time: Duration,
+}
+
+pub enum ShardMsg {
+    Run(Box<ShardWork>),
+    /// From the worker thread.
+    Loaded(Result<(), String>),
+    Finished(Result<StepOutput, String>),
+}
+
+pub struct Shard;
+
+pub struct ShardState {
+    work: mpsc::Sender<Box<ShardWork>>,
+    scheduler: ActorRef<SchedulerMsg>,
+}
+
+impl Actor for Shard {
+    type Msg = ShardMsg;
+    type State = ShardState;
+    type Arguments = ShardArgs;
+
+    async fn pre_start(&self, myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
+        let (tx, rx) = mpsc::channel::<Box<ShardWork>>();
+        let me = myself.clone();
+        let scheduler = args.scheduler.clone();
+        std::thread::Builder::new()
+            .name("baton-shard".into())
+            .spawn(move || worker(args, rx, me))?;
+        Ok(ShardState { work: tx, scheduler })
+    }
+
+    async fn handle(&self, _myself: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ShardMsg::Run(work) => {
+                if state.work.send(work).is_err() {
+                    return Err("the shard's worker thread is gone".into());
+                }
+            }
+            ShardMsg::Loaded(Ok(())) => {
+                state.scheduler.cast(SchedulerMsg::ShardReady)?;
+            }
+            ShardMsg::Loaded(Err(e)) => {
+                tracing::error!(error = %e, "shard failed to load its stage");
+                return Err(e.into());
+            }
+            ShardMsg::Finished(Ok(out)) => {
+                state.scheduler.cast(SchedulerMsg::StepDone(out))?;
+            }
+            ShardMsg::Finished(Err(e)) => {
+                tracing::error!(error = %e, "shard step failed; restarting the shard");
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+fn load(args: &ShardArgs) -> Result<Stage<CpuBackend>, String> {
+    let config = ModelConfig::from_dir(&args.model_dir).map_err(|e| e.to_string())?;
+    let ckpt = Checkpoint::open(&args.model_dir).map_err(|e| e.to_string())?;
+    let backend = CpuBackend::new(args.threads).map_err(|e| e.to_string())?;
+    Stage::load(backend, &config, &ckpt, 0..config.num_layers, args.geometry, &mut |_, _| {}).map_err(|e| e.to_string())
+}
+
+/// The shard's thread: loads the stage, then runs steps until the actor goes away.
+fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<ShardMsg>) {
+    let stage = std::panic::catch_unwind(|| load(&args)).map_err(panic_message).and_then(|r| r);
+    let mut stage = match stage {
+        Ok(s) => {
+            let _ = me.cast(ShardMsg::Loaded(Ok(())));
+            s
+        }
+        Err(e) => {
+            let _ = me.cast(ShardMsg::Loaded(Err(e)));
+            return;
+        }
+    };
+    let mut samplers: HashMap<SeqId, SequenceSampler> = HashMap::new();
+    while let Ok(work) = rx.recv() {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_step(&mut stage, &mut samplers, &work)))
+            .map_err(panic_message)
+            .and_then(|r| r);
+        let failed = result.is_err();
+        if me.cast(ShardMsg::Finished(result)).is_err() || failed {
+            return;
+        }
+    }
+}
+
+fn run_step(stage: &mut Stage<CpuBackend>, samplers: &mut HashMap<SeqId, SequenceSampler>, work: &ShardWork) -> Result<StepOutput, String> {
+    for id in &work.released {
+        samplers.remove(id);
+    }
+    for s in &work.new_sequences {
+        samplers.insert(s.id, SequenceSampler::new(s.params.clone(), &s.eos, &s.prompt));
+    }
+    let start = Instant::now();
+    let tokens = work.step.tokens();
+    let out = stage.forward(&work.step.layout, StageInput::Tokens(&tokens)).map_err(|e| e.to_string())?;
+    let forward_time = start.elapsed();
+    let StageOutput::Logits { vocab, data, .. } = out else {
+        return Err("the stage did not produce logits".into());
+    };
+    let mut rows = data.chunks_exact(vocab);
+    let mut sampled = Vec::new();
+    for s in work.step.scheduled.iter().filter(|s| s.samples) {
+        let row = rows.next().ok_or("fewer logit rows than sampling sequences")?;
+        let sampler = samplers.get_mut(&s.id).ok_or_else(|| format!("no sampling state for sequence {}", s.id))?;
+        let out = sampler.sample(row);
+        let finish = sampler.finish_reason(out.token);
+        sampled.push(SampledOut { id: s.id, sampled: out, finish });
+    }
+    Ok(StepOutput { sampled, forward_time })
+}

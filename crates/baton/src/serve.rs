@@ -1,0 +1,97 @@
+//! `baton serve`: the OpenAI-compatible server on this node. With no arguments it serves the
+//! cached demo model on 127.0.0.1:8080.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use baton_serve::{serve, ServeOptions};
+
+use crate::load;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A Hugging Face model directory; default: the demo model of --preset.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Demo model served when --model is not given.
+    #[arg(long, default_value = "bench")]
+    preset: String,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// The model name clients send (default: the directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// CPU threads for the engine (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// KV cache size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    kv_cache_mb: usize,
+    /// Sequences in the running batch at most.
+    #[arg(long, default_value_t = 64)]
+    max_num_seqs: usize,
+    /// Tokens per engine step at most (prefill chunks and decodes together).
+    #[arg(long, default_value_t = 512)]
+    max_batched_tokens: usize,
+    /// Requests allowed to wait; beyond, new requests get 429.
+    #[arg(long, default_value_t = 1024)]
+    max_waiting: usize,
+    /// Context length (default: the model's).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let listen: SocketAddr = args.listen.parse().with_context(|| format!("--listen: {:?} is not HOST:PORT", args.listen))?;
+    let model_dir = match &args.model {
+        Some(d) => d.clone(),
+        None => load::ensure_demo_model(&args.preset, 0)?,
+    };
+    let model_name = args.served_model_name.clone().unwrap_or_else(|| {
+        model_dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
+    });
+    if args.max_num_seqs == 0 || args.max_batched_tokens == 0 {
+        anyhow::bail!("--max-num-seqs and --max-batched-tokens must be positive");
+    }
+    let opts = ServeOptions {
+        model_dir,
+        model_name,
+        listen,
+        threads: args.threads.unwrap_or_else(load::default_threads),
+        kv_cache_bytes: args.kv_cache_mb << 20,
+        max_num_seqs: args.max_num_seqs,
+        max_batched_tokens: args.max_batched_tokens,
+        max_waiting: args.max_waiting,
+        max_model_len: args.max_model_len,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("baton-io")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = async {
+            let ctrl_c = tokio::signal::ctrl_c();
+            #[cfg(unix)]
+            {
+                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        return;
+                    }
+                };
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = ctrl_c.await;
+        };
+        serve(opts, shutdown).await
+    })?;
+    Ok(())
+}
