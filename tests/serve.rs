@@ -1,0 +1,319 @@
+//! `baton serve` as a process, spoken to over real HTTP on loopback: completions and chat,
+//! streaming and not, logprobs, every error status, cancellation freeing KV, 64 concurrent
+//! streams, metrics, and graceful shutdown.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("baton-serve-test-{}-{name}", std::process::id()))
+}
+
+fn tiny_model(name: &str) -> PathBuf {
+    let dir = scratch(name);
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["gen-model", "--preset", "tiny", "--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    dir
+}
+
+/// A running server, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+    model: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(name: &str, extra: &[&str]) -> Server {
+    let model = tiny_model(name);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["serve", "--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--served-model-name", "tiny", "--threads", "2"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line.split("http://").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_else(|| panic!("no address in {line:?}")).to_string();
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in stderr.lines() {});
+    let server = Server { child, addr, model };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http(&server, "GET", "/health", None).0 != 200 {
+        assert!(Instant::now() < deadline, "server never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server
+}
+
+/// One HTTP/1.0 exchange (the body ends when the server closes).
+fn http(s: &Server, method: &str, path: &str, body: Option<&str>) -> (u16, String, String) {
+    let mut conn = TcpStream::connect(&s.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let body = body.unwrap_or("");
+    write!(conn, "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let (status, _, text) = http(s, "POST", path, Some(&body.to_string()));
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
+}
+
+/// The `data:` payloads of an SSE response, `[DONE]` excluded (asserted last).
+fn sse(s: &Server, path: &str, body: &Value) -> Vec<Value> {
+    let (status, head, text) = http(s, "POST", path, Some(&body.to_string()));
+    assert_eq!(status, 200, "{text}");
+    assert!(head.to_lowercase().contains("text/event-stream"), "{head}");
+    let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "stream did not end with [DONE]: {text}");
+    data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect()
+}
+
+fn stats(s: &Server) -> Value {
+    serde_json::from_str(&http(s, "GET", "/v1/stats", None).2).unwrap()
+}
+
+#[test]
+fn completions_match_the_engine_and_streaming_matches_non_streaming() {
+    let s = start("basic", &[]);
+    let req = json!({"model": "tiny", "prompt": "Hello, world", "max_tokens": 12, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    let (status, r) = post(&s, "/v1/completions", &req);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "text_completion");
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert_eq!(r["usage"]["completion_tokens"], 12);
+    let ids = r["choices"][0]["token_ids"].as_array().unwrap().clone();
+    assert_eq!(ids.len(), 12);
+
+    // The same request through `baton generate` (no server) gives the same tokens.
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["generate", "--model", s.model.to_str().unwrap(), "--prompt", "Hello, world", "--max-tokens", "12", "--ignore-eos", "--json"])
+        .output()
+        .unwrap();
+    let g: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(g["token_ids"].as_array().unwrap(), &ids);
+    assert_eq!(g["prompt_token_ids"], r["prompt_token_ids"]);
+
+    // Streaming: same text, chunk by chunk, then the usage chunk.
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    sreq["stream_options"] = json!({"include_usage": true});
+    let chunks = sse(&s, "/v1/completions", &sreq);
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, r["choices"][0]["text"].as_str().unwrap());
+    let streamed_ids: Vec<Value> = chunks.iter().filter_map(|c| c["choices"][0]["token_ids"].as_array()).flatten().cloned().collect();
+    assert_eq!(streamed_ids, ids);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 12);
+    assert_eq!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"], "length");
+
+    // A token-id prompt gives the same continuation.
+    let (_, r2) = post(&s, "/v1/completions", &json!({"prompt": r["prompt_token_ids"], "max_tokens": 12, "temperature": 0, "ignore_eos": true, "return_token_ids": true}));
+    assert_eq!(r2["choices"][0]["token_ids"].as_array().unwrap(), &ids);
+
+    // Logprobs: top-3 per token, chosen token's logprob present.
+    let (_, r3) = post(&s, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 4, "temperature": 0, "logprobs": 3, "ignore_eos": true}));
+    let lp = &r3["choices"][0]["logprobs"];
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 4);
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 3);
+    assert!(lp["token_logprobs"][0].as_f64().unwrap() < 0.0);
+
+    // Seeded sampling reproduces.
+    let seeded = json!({"prompt": "Hi", "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 7, "ignore_eos": true, "return_token_ids": true});
+    let a = post(&s, "/v1/completions", &seeded).1;
+    let b = post(&s, "/v1/completions", &seeded).1;
+    assert_eq!(a["choices"][0]["token_ids"], b["choices"][0]["token_ids"]);
+}
+
+#[test]
+fn chat_completions_render_the_template_and_stream() {
+    let s = start("chat", &[]);
+    let req = json!({"model": "tiny", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                     "max_completion_tokens": 6, "temperature": 0, "ignore_eos": true, "logprobs": true, "top_logprobs": 2});
+    let (status, r) = post(&s, "/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(r["choices"][0]["logprobs"]["content"].as_array().unwrap().len(), 6);
+    assert_eq!(r["choices"][0]["logprobs"]["content"][0]["top_logprobs"].as_array().unwrap().len(), 2);
+    // <|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n
+    assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    let chunks = sse(&s, "/v1/chat/completions", &sreq);
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, r["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+}
+
+#[test]
+fn errors_have_openai_bodies_and_the_right_status() {
+    let s = start("errors", &["--max-model-len", "64"]);
+    let check = |body: &str, path: &str, want: u16, param: Option<&str>| {
+        let (status, _, text) = http(&s, "POST", path, Some(body));
+        assert_eq!(status, want, "{body} -> {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert!(v["error"]["message"].is_string(), "{text}");
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{text}");
+        }
+    };
+    check("{not json", "/v1/completions", 400, None);
+    check(r#"{"prompt": "x", "temperature": -1}"#, "/v1/completions", 400, Some("temperature"));
+    check(r#"{"prompt": "x", "top_p": 2}"#, "/v1/completions", 400, Some("top_p"));
+    check(r#"{"prompt": "x", "max_tokens": "ten"}"#, "/v1/completions", 400, Some("max_tokens"));
+    check(r#"{"prompt": [1, 99999999]}"#, "/v1/completions", 400, Some("prompt"));
+    check(r#"{"prompt": "x", "n": 2}"#, "/v1/completions", 400, Some("n"));
+    check(r#"{"messages": []}"#, "/v1/chat/completions", 400, Some("messages"));
+    check(r#"{"model": "gpt-9", "prompt": "x"}"#, "/v1/completions", 404, Some("model"));
+    let long = "word ".repeat(200);
+    check(&json!({"prompt": long}).to_string(), "/v1/completions", 400, None);
+    check(r#"{"prompt": "x", "max_tokens": 100}"#, "/v1/completions", 400, None);
+    // The server still serves after all of that.
+    assert_eq!(post(&s, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2})).0, 200);
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let s = start("busy", &["--max-num-seqs", "1", "--max-waiting", "1"]);
+    // Hold the one running slot and the one queue slot with long requests.
+    let addr = s.addr.clone();
+    let long = json!({"prompt": "x", "max_tokens": 3000, "ignore_eos": true, "stream": true}).to_string();
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(&addr).unwrap();
+        write!(c, "POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}", long.len()).unwrap();
+        holders.push(c);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, head, body) = http(&s, "POST", "/v1/completions", Some(r#"{"prompt": "y", "max_tokens": 2}"#));
+        if status == 429 {
+            assert!(head.to_lowercase().contains("retry-after: 1"), "{head}");
+            assert!(body.contains("rate_limit_error"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never got 429 (last {status})");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(holders);
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_kv_at_once() {
+    let s = start("cancel", &[]);
+    let body = json!({"prompt": "x", "max_tokens": 3000, "ignore_eos": true, "stream": true}).to_string();
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    write!(c, "POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut got = 0;
+    while got < 2000 {
+        got += c.read(&mut buf).unwrap();
+    }
+    let st = stats(&s);
+    assert_eq!(st["running"], 1, "{st}");
+    assert!(st["kv_cache_usage"].as_f64().unwrap() > 0.0);
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = stats(&s);
+        if st["running"] == 0 && st["kv_cache_usage"].as_f64() == Some(0.0) {
+            assert_eq!(st["requests"]["abort"], 1, "{st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "KV not freed after the client left: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sixty_four_concurrent_streams_all_finish_correctly() {
+    let s = start("concurrent", &[]);
+    let prompts: Vec<String> = (0..8).map(|i| format!("Request number {i} says hello")).collect();
+    // Expected outputs, one request at a time.
+    let expected: Vec<Value> = prompts
+        .iter()
+        .map(|p| post(&s, "/v1/completions", &json!({"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": true, "return_token_ids": true})).1["choices"][0]["token_ids"].clone())
+        .collect();
+    let server = &s;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..64)
+            .map(|i| {
+                let p = prompts[i % 8].clone();
+                scope.spawn(move || {
+                    let chunks = sse(server, "/v1/completions", &json!({"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": true, "stream": true, "return_token_ids": true}));
+                    chunks.iter().filter_map(|c| c["choices"][0]["token_ids"].as_array()).flatten().cloned().collect::<Vec<Value>>()
+                })
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            let got = h.join().unwrap();
+            assert_eq!(Value::Array(got), expected[i % 8], "stream {i} differs from the same request run alone");
+        }
+    });
+    let metrics = http(&s, "GET", "/metrics", None).2;
+    for name in ["baton:time_to_first_token_seconds_bucket", "baton:inter_token_latency_seconds_count", "baton:e2e_request_latency_seconds_sum",
+                 "baton:request_queue_time_seconds", "baton:num_requests_running", "baton:kv_cache_usage_perc", "baton:generation_tokens_total"] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
+    let st = stats(&s);
+    assert_eq!(st["requests"]["length"], 72, "{st}");
+    assert!(st["histograms"]["iteration_sequences"]["max"].as_f64().unwrap() > 1.0, "requests were never batched together");
+}
+
+#[test]
+fn sigterm_finishes_running_requests_then_exits() {
+    let mut s = start("shutdown", &[]);
+    let addr = s.addr.clone();
+    let runner = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(&addr).unwrap();
+        let body = json!({"prompt": "x", "max_tokens": 3000, "ignore_eos": true}).to_string();
+        write!(c, "POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut raw = String::new();
+        c.read_to_string(&mut raw).unwrap();
+        raw
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats(&s)["running"] != 1 {
+        assert!(Instant::now() < deadline, "the long request never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    std::thread::sleep(Duration::from_millis(20));
+    let (status, _, _) = http(&s, "POST", "/v1/completions", Some(r#"{"prompt": "late", "max_tokens": 2}"#));
+    assert_eq!(status, 503, "a request during shutdown must be refused");
+    let raw = runner.join().unwrap();
+    assert!(raw.starts_with("HTTP/1.0 200") || raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.contains("\"completion_tokens\":3000"), "the running request did not finish: {raw}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(code) = s.child.try_wait().unwrap() {
+            assert!(code.success(), "exit status {code}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
