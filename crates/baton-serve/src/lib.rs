@@ -146,6 +146,13 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             }
         }
     };
+    // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm and delayed ACKs hold a
+    // stream's chunks back by ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let result = axum::serve(listener, http::routes(state)).with_graceful_shutdown(graceful).await;
     router.stop(None);
     sched.stop(None);

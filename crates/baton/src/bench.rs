@@ -10,8 +10,19 @@ use serde_json::json;
 
 use crate::load;
 
+/// `baton bench [OPTIONS]` load-tests an OpenAI-compatible server; `baton bench engine` measures
+/// the engine alone.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Command {
+    #[command(subcommand)]
+    sub: Option<Sub>,
+    #[command(flatten)]
+    http: crate::bench_http::HttpArgs,
+}
+
 #[derive(clap::Subcommand)]
-pub enum Command {
+enum Sub {
     /// Engine speed on this machine: decode at several batch sizes, prefill, bandwidth floor.
     Engine(EngineArgs),
 }
@@ -43,8 +54,13 @@ pub struct EngineArgs {
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<()> {
-    match cmd {
-        Command::Engine(args) => engine(args),
+    match cmd.sub {
+        Some(Sub::Engine(args)) => engine(args),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(crate::bench_http::run(cmd.http)),
     }
 }
 

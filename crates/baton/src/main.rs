@@ -2,6 +2,7 @@
 //! OpenAI-compatible API and benchmark; the mesh joins as it lands.
 
 mod bench;
+mod bench_http;
 mod gen_model;
 mod generate;
 mod load;
@@ -24,8 +25,7 @@ enum Command {
     Generate(generate::Args),
     /// Serve a model over the OpenAI-compatible HTTP API (default: the demo model on 127.0.0.1:8080).
     Serve(serve::Args),
-    /// Benchmarks.
-    #[command(subcommand)]
+    /// Load-test an OpenAI-compatible server (`baton bench engine`: the engine alone).
     Bench(bench::Command),
 }
 

@@ -1,0 +1,289 @@
+//! `baton bench`: a load generator for any OpenAI-compatible endpoint (Baton's or another
+//! server's). Fixed concurrency or a Poisson request rate, prompt and output length
+//! distributions, warm-up, then throughput and TTFT / inter-token / end-to-end percentiles from
+//! HDR histograms, written to a file in HdrHistogram's interval-log format.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use baton_engine::rng::Rng;
+use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+use hdrhistogram::serialization::V2Serializer;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+#[derive(clap::Args, Clone)]
+pub struct HttpArgs {
+    /// Base URL of the server.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Model name to send (default: the first one /v1/models lists).
+    #[arg(long)]
+    model: Option<String>,
+    /// Requests to time (after the warm-up).
+    #[arg(long, default_value_t = 64)]
+    num_requests: usize,
+    /// Requests sent first and not timed.
+    #[arg(long, default_value_t = 4)]
+    warmup: usize,
+    /// Requests in flight at once (closed loop). Ignored when --request-rate is given.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Poisson arrivals at this many requests per second (open loop).
+    #[arg(long)]
+    request_rate: Option<f64>,
+    /// Prompt tokens per request (mean).
+    #[arg(long, default_value_t = 64)]
+    input_len: usize,
+    /// Output tokens per request (mean).
+    #[arg(long, default_value_t = 64)]
+    output_len: usize,
+    /// Lengths are drawn uniformly from [len * (1 - r), len * (1 + r)].
+    #[arg(long, default_value_t = 0.0)]
+    range_ratio: f64,
+    /// Largest prompt token id used (prompts are random token ids below it).
+    #[arg(long, default_value_t = 500)]
+    max_token_id: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the histograms here in HdrHistogram's interval-log format.
+    #[arg(long)]
+    hdr_log: Option<PathBuf>,
+    /// Print one JSON object with the results.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Latencies in µs.
+struct Recorded {
+    ttft: Histogram<u64>,
+    itl: Histogram<u64>,
+    e2e: Histogram<u64>,
+    output_tokens: u64,
+    ok: u64,
+    failed: u64,
+    first_error: Option<String>,
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).context("histogram")
+}
+
+struct Spec {
+    prompt: Vec<u32>,
+    max_tokens: usize,
+}
+
+fn draw_len(rng: &mut Rng, mean: usize, ratio: f64) -> usize {
+    let lo = (mean as f64 * (1.0 - ratio)).max(1.0);
+    let hi = (mean as f64 * (1.0 + ratio)).max(lo);
+    (lo + rng.next_f64() * (hi - lo)).round().max(1.0) as usize
+}
+
+/// One streamed request; returns (ttft, inter-token gaps, e2e, output tokens).
+async fn one(client: &reqwest::Client, url: &str, model: &str, spec: &Spec) -> anyhow::Result<(Duration, Vec<Duration>, Duration, u64)> {
+    let body = json!({
+        "model": model, "prompt": spec.prompt, "max_tokens": spec.max_tokens, "min_tokens": spec.max_tokens,
+        "ignore_eos": true, "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
+    });
+    let start = Instant::now();
+    let mut resp = client
+        .post(format!("{url}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        bail!("HTTP {status}: {text}");
+    }
+    let mut buf = String::new();
+    let mut first: Option<Instant> = None;
+    let mut last = start;
+    let mut gaps = Vec::new();
+    let mut tokens = 0u64;
+    let mut usage_tokens = None;
+    while let Some(chunk) = resp.chunk().await? {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            for line in event.lines() {
+                let Some(data) = line.strip_prefix("data: ") else { continue };
+                if data == "[DONE]" {
+                    continue;
+                }
+                let v: Value = serde_json::from_str(data).with_context(|| format!("bad SSE data: {data}"))?;
+                if let Some(err) = v.get("error") {
+                    bail!("server error: {err}");
+                }
+                if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                    usage_tokens = Some(n);
+                }
+                let has_text = v["choices"].as_array().is_some_and(|c| !c.is_empty());
+                if has_text {
+                    let now = Instant::now();
+                    tokens += 1;
+                    match first {
+                        None => first = Some(now),
+                        Some(_) => gaps.push(now - last),
+                    }
+                    last = now;
+                }
+            }
+        }
+    }
+    let first = first.context("the stream carried no token")?;
+    Ok((first - start, gaps, start.elapsed(), usage_tokens.unwrap_or(tokens)))
+}
+
+pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1024).build()?;
+    let url = args.url.trim_end_matches('/').to_string();
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let v: Value = serde_json::from_str(&client.get(format!("{url}/v1/models")).send().await.with_context(|| format!("cannot reach {url}"))?.text().await?)?;
+            v["data"][0]["id"].as_str().context("/v1/models lists no model")?.to_string()
+        }
+    };
+    if args.concurrency == 0 || args.max_token_id < 2 {
+        bail!("--concurrency and --max-token-id must be positive");
+    }
+    let mut rng = Rng::new(args.seed);
+    let total = args.warmup + args.num_requests;
+    let specs: Vec<Spec> = (0..total)
+        .map(|_| {
+            let len = draw_len(&mut rng, args.input_len, args.range_ratio);
+            Spec {
+                prompt: (0..len).map(|_| 1 + (rng.next_u64() % (args.max_token_id as u64 - 1)) as u32).collect(),
+                max_tokens: draw_len(&mut rng, args.output_len, args.range_ratio),
+            }
+        })
+        .collect();
+    let (warm, timed) = specs.split_at(args.warmup);
+    for s in warm {
+        one(&client, &url, &model, s).await.context("warm-up request failed")?;
+    }
+
+    let rec = Arc::new(Mutex::new(Recorded {
+        ttft: histogram()?,
+        itl: histogram()?,
+        e2e: histogram()?,
+        output_tokens: 0,
+        ok: 0,
+        failed: 0,
+        first_error: None,
+    }));
+    let bar = ProgressBar::new(timed.len() as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} requests {elapsed}").map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let specs = Arc::new(timed.iter().map(|s| Spec { prompt: s.prompt.clone(), max_tokens: s.max_tokens }).collect::<Vec<_>>());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let run_one = {
+        let (client, url, model, rec, bar) = (client.clone(), url.clone(), model.clone(), rec.clone(), bar.clone());
+        move |spec_index: usize, specs: Arc<Vec<Spec>>| {
+            let (client, url, model, rec, bar) = (client.clone(), url.clone(), model.clone(), rec.clone(), bar.clone());
+            async move {
+                let r = one(&client, &url, &model, &specs[spec_index]).await;
+                let mut g = rec.lock().await;
+                match r {
+                    Ok((ttft, gaps, e2e, n)) => {
+                        g.ok += 1;
+                        g.output_tokens += n;
+                        g.ttft.saturating_record(ttft.as_micros() as u64);
+                        g.e2e.saturating_record(e2e.as_micros() as u64);
+                        for gap in gaps {
+                            g.itl.saturating_record(gap.as_micros().max(1) as u64);
+                        }
+                    }
+                    Err(e) => {
+                        g.failed += 1;
+                        g.first_error.get_or_insert(e.to_string());
+                    }
+                }
+                bar.inc(1);
+            }
+        }
+    };
+    let mut tasks = Vec::new();
+    match args.request_rate {
+        Some(rate) if rate > 0.0 => {
+            for i in 0..specs.len() {
+                tasks.push(tokio::spawn(run_one(i, specs.clone())));
+                // Exponential inter-arrival times: a Poisson process.
+                let gap = -(1.0 - rng.next_f64()).ln() / rate;
+                tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+            }
+        }
+        Some(_) => bail!("--request-rate must be positive"),
+        None => {
+            for _ in 0..args.concurrency {
+                let (specs, next, run_one) = (specs.clone(), next.clone(), run_one.clone());
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if i >= specs.len() {
+                            break;
+                        }
+                        run_one(i, specs.clone()).await;
+                    }
+                }));
+            }
+        }
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let g = rec.lock().await;
+    if let Some(path) = &args.hdr_log {
+        let mut file = std::fs::File::create(path).with_context(|| format!("--hdr-log: cannot create {}", path.display()))?;
+        let mut ser = V2Serializer::new();
+        let mut w = IntervalLogWriterBuilder::new()
+            .with_max_value_divisor(1e6)
+            .add_comment("baton bench: latencies in microseconds (max values printed in seconds)")
+            .begin_log_with(&mut file, &mut ser)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e:?}", path.display()))?;
+        for (name, h) in [("ttft", &g.ttft), ("itl", &g.itl), ("e2e", &g.e2e)] {
+            let tag = Tag::new(name).context("tag")?;
+            w.write_histogram(h, Duration::ZERO, Duration::from_secs_f64(elapsed), Some(tag))
+                .map_err(|e| anyhow::anyhow!("writing {}: {e:?}", path.display()))?;
+        }
+    }
+    let pct = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let summary = json!({
+        "model": model, "url": url, "requests": g.ok, "failed": g.failed,
+        "concurrency": if args.request_rate.is_some() { Value::Null } else { json!(args.concurrency) },
+        "request_rate": args.request_rate, "input_len": args.input_len, "output_len": args.output_len,
+        "duration_s": elapsed,
+        "requests_per_s": g.ok as f64 / elapsed,
+        "output_tokens_per_s": g.output_tokens as f64 / elapsed,
+        "ttft_ms": {"p50": pct(&g.ttft, 0.5), "p90": pct(&g.ttft, 0.9), "p99": pct(&g.ttft, 0.99), "mean": g.ttft.mean() / 1000.0},
+        "itl_ms": {"p50": pct(&g.itl, 0.5), "p90": pct(&g.itl, 0.9), "p99": pct(&g.itl, 0.99), "mean": g.itl.mean() / 1000.0},
+        "e2e_ms": {"p50": pct(&g.e2e, 0.5), "p90": pct(&g.e2e, 0.9), "p99": pct(&g.e2e, 0.99), "mean": g.e2e.mean() / 1000.0},
+        "first_error": g.first_error,
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!("requests: {} ok, {} failed in {elapsed:.2} s", g.ok, g.failed);
+        println!("throughput: {:.2} requests/s, {:.1} output tokens/s", g.ok as f64 / elapsed, g.output_tokens as f64 / elapsed);
+        for (name, h) in [("TTFT", &g.ttft), ("ITL", &g.itl), ("E2E", &g.e2e)] {
+            println!("{name:>5} ms: p50 {:>9.2}  p90 {:>9.2}  p99 {:>9.2}  mean {:>9.2}", pct(h, 0.5), pct(h, 0.9), pct(h, 0.99), h.mean() / 1000.0);
+        }
+        if let Some(e) = &g.first_error {
+            println!("first error: {e}");
+        }
+    }
+    if g.ok == 0 {
+        bail!("every request failed");
+    }
+    Ok(())
+}
