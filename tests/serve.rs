@@ -2,96 +2,16 @@
 //! streaming and not, logprobs, every error status, cancellation freeing KV, 64 concurrent
 //! streams, metrics, and graceful shutdown.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn scratch(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("baton-serve-test-{}-{name}", std::process::id()))
-}
-
-fn tiny_model(name: &str) -> PathBuf {
-    let dir = scratch(name);
-    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["gen-model", "--preset", "tiny", "--out", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    dir
-}
-
-/// A running server, killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-    model: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(name: &str, extra: &[&str]) -> Server {
-    let model = tiny_model(name);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["serve", "--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--served-model-name", "tiny", "--threads", "2"])
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let addr = line.split("http://").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_else(|| panic!("no address in {line:?}")).to_string();
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in stderr.lines() {});
-    let server = Server { child, addr, model };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http(&server, "GET", "/health", None).0 != 200 {
-        assert!(Instant::now() < deadline, "server never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    server
-}
-
-/// One HTTP/1.0 exchange (the body ends when the server closes).
-fn http(s: &Server, method: &str, path: &str, body: Option<&str>) -> (u16, String, String) {
-    let mut conn = TcpStream::connect(&s.addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let body = body.unwrap_or("");
-    write!(conn, "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-    let mut raw = String::new();
-    conn.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, head.to_string(), body.to_string())
-}
-
-fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
-    let (status, _, text) = http(s, "POST", path, Some(&body.to_string()));
-    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
-}
-
-/// The `data:` payloads of an SSE response, `[DONE]` excluded (asserted last).
-fn sse(s: &Server, path: &str, body: &Value) -> Vec<Value> {
-    let (status, head, text) = http(s, "POST", path, Some(&body.to_string()));
-    assert_eq!(status, 200, "{text}");
-    assert!(head.to_lowercase().contains("text/event-stream"), "{head}");
-    let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
-    assert_eq!(data.last(), Some(&"[DONE]"), "stream did not end with [DONE]: {text}");
-    data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect()
-}
-
-fn stats(s: &Server) -> Value {
-    serde_json::from_str(&http(s, "GET", "/v1/stats", None).2).unwrap()
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::{http, post, sse, start, stats};
 
 #[test]
 fn completions_match_the_engine_and_streaming_matches_non_streaming() {

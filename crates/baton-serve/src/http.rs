@@ -85,10 +85,10 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
 }
 
 /// Sends Abort for a request unless it completed: a client that goes away frees its KV at once.
-struct AbortOnDrop {
-    id: SeqId,
-    scheduler: ActorRef<SchedulerMsg>,
-    done: bool,
+pub(crate) struct AbortOnDrop {
+    pub id: SeqId,
+    pub scheduler: ActorRef<SchedulerMsg>,
+    pub done: bool,
 }
 
 impl Drop for AbortOnDrop {

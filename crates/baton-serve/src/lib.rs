@@ -9,6 +9,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod openai;
+pub mod quic;
 pub mod request;
 pub mod router;
 pub mod scheduler;
@@ -43,6 +44,10 @@ pub struct ServeOptions {
     pub max_waiting: usize,
     /// Context length; default: the model's.
     pub max_model_len: Option<usize>,
+    /// UDP address of the native QUIC client API (None: off).
+    pub quic_listen: Option<SocketAddr>,
+    /// Where to write the QUIC server's self-signed certificate (DER) for clients to trust.
+    pub quic_cert_out: Option<PathBuf>,
 }
 
 /// Why the server could not start (each names what to fix).
@@ -58,6 +63,8 @@ pub enum StartError {
     Actor(&'static str, String),
     #[error("the HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("QUIC client API: {0}")]
+    Quic(String),
 }
 
 pub const BLOCK_SIZE: usize = 16;
@@ -134,6 +141,24 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         next_request: AtomicU64::new(0),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
     });
+    let quic = match opts.quic_listen {
+        None => None,
+        Some(addr) => {
+            let identity = quic::Identity::self_signed(vec!["localhost".into(), addr.ip().to_string()]).map_err(StartError::Quic)?;
+            let ep = quic::endpoint(addr, &identity).map_err(StartError::Quic)?;
+            let bound = ep.local_addr().map_err(|e| StartError::Quic(e.to_string()))?;
+            let cert_path = opts
+                .quic_cert_out
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join(format!("baton-quic-{}.der", bound.port())));
+            identity
+                .write_cert(&cert_path)
+                .map_err(|e| StartError::Quic(format!("cannot write {}: {e}", cert_path.display())))?;
+            eprintln!("baton: QUIC client API on quic://{bound} (server certificate: {})", cert_path.display());
+            tokio::spawn(quic::serve(ep.clone(), state.clone()));
+            Some(ep)
+        }
+    };
     let drain_sched = sched.clone();
     let graceful = async move {
         shutdown.await;
@@ -154,6 +179,9 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         }
     });
     let result = axum::serve(listener, http::routes(state)).with_graceful_shutdown(graceful).await;
+    if let Some(ep) = quic {
+        ep.close(0u32.into(), b"shutting down");
+    }
     router.stop(None);
     sched.stop(None);
     let _ = router_handle.await;

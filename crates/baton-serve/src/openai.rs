@@ -155,9 +155,6 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<ApiRequest, ServeError>
             .ok_or_else(|| ServeError::bad("`stop` must be a string or a list of strings", "stop"))?,
         Some(_) => return Err(ServeError::bad("`stop` must be a string or a list of strings", "stop")),
     };
-    if stop.len() > 4 || stop.iter().any(String::is_empty) {
-        return Err(ServeError::bad("`stop` takes up to 4 non-empty strings", "stop"));
-    }
     let include_usage = match b.get("stream_options") {
         None => false,
         Some(Value::Object(o)) => Body(o).bool("include_usage")?.unwrap_or(false),
@@ -184,13 +181,8 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<ApiRequest, ServeError>
         ignore_eos: b.bool("ignore_eos")?.unwrap_or(false),
         logprobs,
     };
-    params.validate().map_err(|message| {
-        let param = ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs", "max_tokens"]
-            .into_iter()
-            .find(|p| message.starts_with(p))
-            .map(str::to_string);
-        ServeError::BadRequest { message, param }
-    })?;
+    validate_params(&params)?;
+    validate_stop(&stop)?;
     Ok(ApiRequest {
         model,
         prompt,
@@ -201,6 +193,24 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<ApiRequest, ServeError>
         include_usage,
         return_token_ids: b.bool("return_token_ids")?.unwrap_or(false),
     })
+}
+
+/// Range checks shared by every front; the error names the parameter.
+pub fn validate_params(params: &SamplingParams) -> Result<(), ServeError> {
+    params.validate().map_err(|message| {
+        let param = ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "top_logprobs", "max_tokens"]
+            .into_iter()
+            .find(|p| message.starts_with(p))
+            .map(str::to_string);
+        ServeError::BadRequest { message, param }
+    })
+}
+
+pub fn validate_stop(stop: &[String]) -> Result<(), ServeError> {
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(ServeError::bad("`stop` takes up to 4 non-empty strings", "stop"));
+    }
+    Ok(())
 }
 
 fn parse_messages(v: Option<&Value>) -> Result<Vec<ChatMessage>, ServeError> {

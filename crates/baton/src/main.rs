@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_http;
+mod client;
 mod gen_model;
 mod generate;
 mod load;
@@ -25,6 +26,8 @@ enum Command {
     Generate(generate::Args),
     /// Serve a model over the OpenAI-compatible HTTP API (default: the demo model on 127.0.0.1:8080).
     Serve(serve::Args),
+    /// Send one request over the native QUIC protocol and stream the tokens.
+    Client(client::Args),
     /// Load-test an OpenAI-compatible server (`baton bench engine`: the engine alone).
     Bench(bench::Command),
 }
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
         Command::GenModel(args) => gen_model::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Client(args) => client::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

@@ -40,6 +40,16 @@ pub struct Args {
     /// Context length (default: the model's).
     #[arg(long)]
     max_model_len: Option<usize>,
+    /// UDP address of the native QUIC client API.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    quic_listen: String,
+    /// Turn the QUIC client API off.
+    #[arg(long)]
+    no_quic: bool,
+    /// Where to write the QUIC server certificate (DER) that `baton client --cert` trusts
+    /// (default: a file in the temp directory, printed at start).
+    #[arg(long)]
+    quic_cert_out: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -54,7 +64,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.max_num_seqs == 0 || args.max_batched_tokens == 0 {
         anyhow::bail!("--max-num-seqs and --max-batched-tokens must be positive");
     }
+    let quic_listen = if args.no_quic {
+        None
+    } else {
+        Some(args.quic_listen.parse::<SocketAddr>().with_context(|| format!("--quic-listen: {:?} is not HOST:PORT", args.quic_listen))?)
+    };
     let opts = ServeOptions {
+        quic_listen,
+        quic_cert_out: args.quic_cert_out.clone(),
         model_dir,
         model_name,
         listen,
