@@ -20,6 +20,7 @@ use ractor::ActorRef;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use crate::error::ServeError;
 use crate::metrics::Metrics;
@@ -114,7 +115,11 @@ async fn generate(s: Arc<AppState>, endpoint: Endpoint, body: Bytes) -> Response
     let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
     let request_id = format!("{prefix}-{:x}{n:08x}", s.created);
     let span = tracing::info_span!("request", request_id = %request_id);
-    let _enter = span.enter();
+    admit_and_respond(s, endpoint, request, request_id).instrument(span).await
+}
+
+async fn admit_and_respond(s: Arc<AppState>, endpoint: Endpoint, request: ApiRequest, request_id: String) -> Response {
+    tracing::debug!("received");
     let admitted = ractor::call!(s.router, |reply| RouterMsg::Submit {
         request: request.clone(),
         request_id: request_id.clone(),

@@ -106,7 +106,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         scheduler::SchedulerActor,
         scheduler::SchedulerArgs {
             core,
-            shard: scheduler::ShardArgsTemplate { model_dir: opts.model_dir.clone(), threads: opts.threads },
+            shard: scheduler::ShardArgsTemplate { model_dir: opts.model_dir.clone(), threads: opts.threads, fault: None },
             tokenizer: tokenizer.clone(),
             metrics: metrics.clone(),
             ready: ready.clone(),

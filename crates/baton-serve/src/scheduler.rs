@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::error::ServeError;
 use crate::metrics::{self, Metrics};
 use crate::request::{Event, Finish, GenerateRequest, TokenEvent};
-use crate::shard::{NewSequence, Shard, ShardArgs, ShardMsg, ShardWork, StepOutput};
+use crate::shard::{InjectedFault, NewSequence, Shard, ShardArgs, ShardMsg, ShardWork, StepOutput};
 
 pub enum SchedulerMsg {
     Submit {
@@ -44,6 +44,8 @@ pub struct SchedulerArgs {
 pub struct ShardArgsTemplate {
     pub model_dir: std::path::PathBuf,
     pub threads: usize,
+    /// Tests only: make the first shard fail on purpose (restarted shards run clean).
+    pub fault: Option<InjectedFault>,
 }
 
 struct Live {
@@ -238,6 +240,7 @@ async fn spawn_shard(myself: &ActorRef<SchedulerMsg>, args: &ShardArgsTemplate, 
         threads: args.threads,
         geometry,
         scheduler: myself.clone(),
+        fault: args.fault,
     };
     let (shard, _) = Actor::spawn_linked(None, Shard, shard_args, myself.get_cell()).await?;
     Ok(shard)
@@ -330,6 +333,7 @@ impl Actor for SchedulerActor {
                 state.ready.store(false, Ordering::SeqCst);
                 state.shard_ready = false;
                 state.fail_started(&format!("the engine shard failed: {err}"));
+                state.shard_args.fault = None;
                 state.shard = Some(spawn_shard(&myself, &state.shard_args, state.core.geometry()).await?);
                 state.publish_load();
             }

@@ -17,6 +17,12 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::scheduler::SchedulerMsg;
 
+/// A deliberate failure for supervision tests: the worker panics when it reaches this step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InjectedFault {
+    pub panic_at_step: usize,
+}
+
 /// What a shard needs to start.
 #[derive(Clone)]
 pub struct ShardArgs {
@@ -24,6 +30,7 @@ pub struct ShardArgs {
     pub threads: usize,
     pub geometry: KvGeometry,
     pub scheduler: ActorRef<SchedulerMsg>,
+    pub fault: Option<InjectedFault>,
 }
 
 /// A sequence the shard has not seen yet: how to sample it.
@@ -141,8 +148,16 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<Shar
         }
     };
     let mut samplers: HashMap<SeqId, SequenceSampler> = HashMap::new();
+    let mut steps = 0;
     while let Ok(work) = rx.recv() {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_step(&mut stage, &mut samplers, &work)))
+        steps += 1;
+        let fault = args.fault.is_some_and(|f| f.panic_at_step == steps);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if fault {
+                panic!("injected fault at step {steps}");
+            }
+            run_step(&mut stage, &mut samplers, &work)
+        }))
             .map_err(panic_message)
             .and_then(|r| r);
         let failed = result.is_err();

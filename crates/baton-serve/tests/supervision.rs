@@ -1,0 +1,88 @@
+//! Shard supervision: when the shard fails mid-step, every request it held ends with an error
+//! (none hangs), the scheduler starts a new shard, and new requests are served.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_engine::{demo, ModelConfig, SamplingParams, TextTokenizer};
+use baton_scheduler::{Scheduler, SchedulerConfig};
+use baton_serve::metrics::Metrics;
+use baton_serve::request::{Event, GenerateRequest};
+use baton_serve::scheduler::{SchedulerActor, SchedulerArgs, SchedulerMsg, ShardArgsTemplate};
+use baton_serve::shard::InjectedFault;
+use ractor::Actor;
+use tokio::sync::mpsc;
+
+async fn wait_ready(ready: &AtomicBool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "shard never became ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn request(n: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: format!("r{n}"),
+        prompt: vec![1 + n, 2, 3, 4],
+        params: SamplingParams { ignore_eos: true, ..SamplingParams::greedy(40) },
+        stop: Vec::new(),
+    }
+}
+
+/// Submits and returns the request's last event.
+async fn last_event(sched: &ractor::ActorRef<SchedulerMsg>, r: GenerateRequest) -> Event {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    ractor::call!(sched, |reply| SchedulerMsg::Submit { request: r, events: tx, reply }).unwrap().unwrap();
+    let mut last = None;
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("a request hung") {
+        last = Some(ev);
+    }
+    last.expect("no event")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_shard_errors_its_requests_and_restarts() {
+    let dir = std::env::temp_dir().join(format!("baton-supervision-{}", std::process::id()));
+    demo::write_model(&demo::TINY, &dir, 1).unwrap();
+    let config = ModelConfig::from_dir(&dir).unwrap();
+    let tokenizer = Arc::new(TextTokenizer::from_dir(&dir, &config).unwrap());
+    let ready = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(Metrics::new());
+    let core = Scheduler::new(
+        SchedulerConfig { max_num_seqs: 8, max_batched_tokens: 64, max_waiting: 64, max_model_len: 512 },
+        baton_engine::KvGeometry { block_size: 16, num_blocks: 64 },
+    );
+    let (sched, _handle) = Actor::spawn(
+        None,
+        SchedulerActor,
+        SchedulerArgs {
+            core,
+            shard: ShardArgsTemplate { model_dir: dir.clone(), threads: 1, fault: Some(InjectedFault { panic_at_step: 5 }) },
+            tokenizer,
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    wait_ready(&ready).await;
+
+    // Three requests running together; the shard dies at its fifth step.
+    let runs: Vec<_> = (0..3).map(|n| {
+        let sched = sched.clone();
+        tokio::spawn(async move { last_event(&sched, request(n)).await })
+    }).collect();
+    for r in runs {
+        let ev = r.await.unwrap();
+        assert!(matches!(ev, Event::Error(_)), "a request held by the failed shard ended with {ev:?}");
+    }
+    assert!(metrics.stats()["request_failures"].as_u64().unwrap() >= 3);
+
+    // The restarted shard serves new requests to the end.
+    wait_ready(&ready).await;
+    let ev = last_event(&sched, request(9)).await;
+    assert!(matches!(ev, Event::Done { completion_tokens: 40, .. }), "{ev:?}");
+    sched.stop(None);
+}
