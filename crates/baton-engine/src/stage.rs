@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use crate::backend::{AttnShape, Backend, BatchLayout};
+use crate::backend::{AttnShape, Backend, BatchLayout, MatmulJob};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -288,9 +288,15 @@ impl<B: Backend> Stage<B> {
         let mut act = be.zeros(t * im)?;
         for (layer, cache) in self.layers.iter().zip(kv.iter_mut()) {
             be.rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed)?;
-            be.matmul(&normed, t, &layer.q, layer.q_bias.as_ref(), &mut q)?;
-            be.matmul(&normed, t, &layer.k, layer.k_bias.as_ref(), &mut k)?;
-            be.matmul(&normed, t, &layer.v, layer.v_bias.as_ref(), &mut v)?;
+            be.matmul_many(
+                &normed,
+                t,
+                &mut [
+                    MatmulJob { weight: &layer.q, bias: layer.q_bias.as_ref(), out: &mut q },
+                    MatmulJob { weight: &layer.k, bias: layer.k_bias.as_ref(), out: &mut k },
+                    MatmulJob { weight: &layer.v, bias: layer.v_bias.as_ref(), out: &mut v },
+                ],
+            )?;
             be.rope(&batch, &mut q, c.num_heads, c.head_dim)?;
             be.rope(&batch, &mut k, c.num_kv_heads, c.head_dim)?;
             be.write_kv(&batch, cache, &k, &v)?;
@@ -299,8 +305,14 @@ impl<B: Backend> Stage<B> {
             be.add(&mut x, &proj)?;
 
             be.rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut normed)?;
-            be.matmul(&normed, t, &layer.gate, layer.gate_bias.as_ref(), &mut gate)?;
-            be.matmul(&normed, t, &layer.up, layer.up_bias.as_ref(), &mut up)?;
+            be.matmul_many(
+                &normed,
+                t,
+                &mut [
+                    MatmulJob { weight: &layer.gate, bias: layer.gate_bias.as_ref(), out: &mut gate },
+                    MatmulJob { weight: &layer.up, bias: layer.up_bias.as_ref(), out: &mut up },
+                ],
+            )?;
             be.silu_mul(&gate, &up, &mut act)?;
             be.matmul(&act, t, &layer.down, layer.down_bias.as_ref(), &mut proj)?;
             be.add(&mut x, &proj)?;

@@ -87,6 +87,13 @@ pub struct AttnShape {
     pub sliding_window: Option<usize>,
 }
 
+/// One product of a [`Backend::matmul_many`] call.
+pub struct MatmulJob<'a, B: Backend + ?Sized> {
+    pub weight: &'a B::Weight,
+    pub bias: Option<&'a B::Weight>,
+    pub out: &'a mut B::Buffer,
+}
+
 /// What a pipeline stage needs from a device. All buffers are f32; weights keep their dtype.
 pub trait Backend: Send + Sync + 'static {
     /// A weight matrix `[rows, cols]` or vector, resident on the device.
@@ -117,6 +124,13 @@ pub trait Backend: Send + Sync + 'static {
     fn embed(&self, table: &Self::Weight, tokens: &[u32], out: &mut Self::Buffer) -> Result<()>;
     /// `out[rows, n] = x[rows, k] · wᵀ (+ bias)`, where `w` is `[n, k]`.
     fn matmul(&self, x: &Self::Buffer, rows: usize, w: &Self::Weight, bias: Option<&Self::Weight>, out: &mut Self::Buffer) -> Result<()>;
+    /// Several products of the same input; backends may run them as one parallel pass.
+    fn matmul_many(&self, x: &Self::Buffer, rows: usize, jobs: &mut [MatmulJob<'_, Self>]) -> Result<()> {
+        for job in jobs.iter_mut() {
+            self.matmul(x, rows, job.weight, job.bias, job.out)?;
+        }
+        Ok(())
+    }
     /// Row-wise RMS normalisation scaled by `weight`.
     fn rms_norm(&self, x: &Self::Buffer, weight: &Self::Weight, eps: f32, out: &mut Self::Buffer) -> Result<()>;
     /// `x += y`.

@@ -39,31 +39,45 @@ unsafe impl Sync for OutPtr {}
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ`. Must be called inside the backend's thread pool.
 pub fn matmul(x: &[f32], m: usize, w: WeightRef<'_>, out: &mut [f32]) {
-    let (n, k) = (w.rows, w.cols);
-    assert_eq!(x.len(), m * k, "matmul: x has {} values, expected {m}x{k}", x.len());
-    assert_eq!(out.len(), m * n, "matmul: out has {} values, expected {m}x{n}", out.len());
-    assert_eq!(w.bytes.len(), n * w.row_bytes(), "matmul: weight bytes do not match its shape");
-    let threads = rayon::current_num_threads().max(1);
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    if m >= GEMM_MIN_ROWS {
-        let panels = n.div_ceil(PANEL);
-        (0..panels).into_par_iter().for_each_init(Vec::new, |scratch, p| {
-            let r0 = p * PANEL;
-            let r1 = (r0 + PANEL).min(n);
-            // SAFETY: this task writes only columns r0..r1 of `out`.
-            unsafe { gemm_panel(x, m, w, r0, r1, scratch, out_ptr) };
-        });
-    } else {
-        // Enough chunks to balance, each a multiple of 4 rows (the kernel's tile height).
-        let chunk = (n.div_ceil(threads * 8)).next_multiple_of(4).max(16);
-        let chunks = n.div_ceil(chunk);
-        (0..chunks).into_par_iter().for_each(|c| {
-            let r0 = c * chunk;
-            let r1 = (r0 + chunk).min(n);
-            // SAFETY: this task writes only columns r0..r1 of `out`.
-            unsafe { stream_rows(x, m, w, r0, r1, out_ptr) };
-        });
+    matmul_many(x, m, &mut [(w, out)]);
+}
+
+/// Several products of the same input (q/k/v, gate/up) in one parallel pass, so the threads
+/// meet once instead of once per weight.
+pub fn matmul_many(x: &[f32], m: usize, jobs: &mut [(WeightRef<'_>, &mut [f32])]) {
+    let mut outs = Vec::with_capacity(jobs.len());
+    let mut weights = Vec::with_capacity(jobs.len());
+    for (w, out) in jobs.iter_mut() {
+        let (n, k) = (w.rows, w.cols);
+        assert_eq!(x.len(), m * k, "matmul: x has {} values, expected {m}x{k}", x.len());
+        assert_eq!(out.len(), m * n, "matmul: out has {} values, expected {m}x{n}", out.len());
+        assert_eq!(w.bytes.len(), n * w.row_bytes(), "matmul: weight bytes do not match its shape");
+        outs.push(OutPtr(out.as_mut_ptr()));
+        weights.push(*w);
     }
+    let threads = rayon::current_num_threads().max(1);
+    let use_gemm = m >= GEMM_MIN_ROWS;
+    let total_rows: usize = weights.iter().map(|w| w.rows).sum();
+    // Enough chunks to balance, each a multiple of 4 rows (the decode kernel's tile height).
+    let chunk = if use_gemm { PANEL } else { total_rows.div_ceil(threads * 8).next_multiple_of(4).max(16) };
+    let mut tasks = Vec::with_capacity(total_rows.div_ceil(chunk) + weights.len());
+    for (j, w) in weights.iter().enumerate() {
+        let mut r0 = 0;
+        while r0 < w.rows {
+            tasks.push((j, r0, (r0 + chunk).min(w.rows)));
+            r0 += chunk;
+        }
+    }
+    tasks.into_par_iter().for_each_init(Vec::new, |scratch, (j, r0, r1)| {
+        // SAFETY: each task writes only columns r0..r1 of output j; tasks do not overlap.
+        unsafe {
+            if use_gemm {
+                gemm_panel(x, m, weights[j], r0, r1, scratch, outs[j]);
+            } else {
+                stream_rows(x, m, weights[j], r0, r1, outs[j]);
+            }
+        }
+    });
 }
 
 /// Widens weight rows r0..r1 to f32 and multiplies with gemm.

@@ -6,7 +6,7 @@ pub mod matmul;
 
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, BatchLayout};
+use super::{AttnShape, Backend, BatchLayout, MatmulJob};
 use crate::checkpoint::TensorBytes;
 use crate::error::{EngineError, Result};
 use crate::rope::Rope;
@@ -185,6 +185,28 @@ impl Backend for CpuBackend {
             check_len("bias", b.len(), w.rows)?;
             for row in out.chunks_exact_mut(w.rows) {
                 row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            }
+        }
+        Ok(())
+    }
+
+    fn matmul_many(&self, x: &Vec<f32>, rows: usize, jobs: &mut [MatmulJob<'_, Self>]) -> Result<()> {
+        let mut work = Vec::with_capacity(jobs.len());
+        for job in jobs.iter_mut() {
+            let w = job.weight.matrix()?;
+            check_len("matmul input", x.len(), rows * w.cols)?;
+            check_len("matmul output", job.out.len(), rows * w.rows)?;
+            work.push((w, job.out.as_mut_slice()));
+        }
+        self.pool.install(|| matmul::matmul_many(x, rows, &mut work));
+        for job in jobs.iter_mut() {
+            if let Some(b) = job.bias {
+                let b = b.vector()?;
+                let n = job.out.len() / rows.max(1);
+                check_len("bias", b.len(), n)?;
+                for row in job.out.chunks_exact_mut(n) {
+                    row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+                }
             }
         }
         Ok(())
