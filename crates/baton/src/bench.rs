@@ -1,7 +1,6 @@
 //! `baton bench engine`: decode tokens/s at several batch sizes and prefill tokens/s on one
 //! process, beside the memory-bandwidth floor measured on the same machine.
 
-use std::path::PathBuf;
 
 use baton_engine::rng::Rng;
 use baton_engine::Backend;
@@ -29,11 +28,8 @@ enum Sub {
 
 #[derive(clap::Args)]
 pub struct EngineArgs {
-    /// Model directory; default: the cached demo model of --preset.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    #[arg(long, default_value = "bench")]
-    preset: String,
+    #[command(flatten)]
+    model: load::ModelArgs,
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Decode batch sizes, comma-separated.
@@ -65,10 +61,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
 }
 
 fn engine(args: EngineArgs) -> anyhow::Result<()> {
-    let dir = match &args.model {
-        Some(d) => d.clone(),
-        None => load::ensure_demo_model(&args.preset, 0)?,
-    };
+    let dir = args.model.dir()?;
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
     let kv_tokens = (max_batch * (args.prompt_len + args.steps + 8)).max(args.prefill_len + 16);
     let mut m = load::load(&dir, args.threads, kv_tokens, args.prefill_len.max(1))?;

@@ -1,7 +1,6 @@
 //! `baton generate`: one prompt through the engine, streamed to stdout, with its speed.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use baton_engine::{Detokenizer, SamplingParams};
 use serde_json::json;
@@ -10,13 +9,8 @@ use crate::load;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory (config.json, safetensors, tokenizer.json); default: the
-    /// demo model of --preset, generated on first use and cached.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Demo model used when --model is not given.
-    #[arg(long, default_value = "bench")]
-    preset: String,
+    #[command(flatten)]
+    model: load::ModelArgs,
     /// The prompt text.
     #[arg(long, default_value = "The quick brown fox")]
     prompt: String,
@@ -46,10 +40,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let threads = args.threads.unwrap_or_else(load::default_threads);
-    let model = match &args.model {
-        Some(dir) => dir.clone(),
-        None => load::ensure_demo_model(&args.preset, 0)?,
-    };
+    let model = args.model.dir()?;
     let tok = load::tokenizer(&model)?;
     let prompt = tok.encode(&args.prompt)?;
     let mut m = load::load(&model, threads, prompt.len() + args.max_tokens, 512)?;

@@ -68,6 +68,27 @@ pub fn ensure_demo_model(preset: &str, seed: u64) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// `--model DIR`, or the cached demo model of `--preset` (generated on first use).
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// A Hugging Face model directory (config.json, safetensors, tokenizer.json); default: the
+    /// demo model of --preset, generated on first use and cached.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Demo model used when --model is not given: `bench` (SmolLM2-135M's shape) or `tiny`.
+    #[arg(long, default_value = "bench")]
+    pub preset: String,
+}
+
+impl ModelArgs {
+    pub fn dir(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(dir) => Ok(dir.clone()),
+            None => ensure_demo_model(&self.preset, 0),
+        }
+    }
+}
+
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

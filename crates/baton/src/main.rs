@@ -4,6 +4,7 @@
 mod bench;
 mod bench_http;
 mod client;
+mod cluster;
 mod gen_model;
 mod generate;
 mod load;
@@ -28,6 +29,9 @@ enum Command {
     Serve(serve::Args),
     /// Send one request over the native QUIC protocol and stream the tokens.
     Client(client::Args),
+    /// Cluster tools: `init` (certificates), `check` (validate cluster.toml, show placement).
+    #[command(subcommand)]
+    Cluster(cluster::Command),
     /// Load-test an OpenAI-compatible server (`baton bench engine`: the engine alone).
     Bench(bench::Command),
 }
@@ -45,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Client(args) => client::run(args),
+        Command::Cluster(cmd) => cluster::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

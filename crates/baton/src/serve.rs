@@ -11,12 +11,8 @@ use crate::load;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory; default: the demo model of --preset.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Demo model served when --model is not given.
-    #[arg(long, default_value = "bench")]
-    preset: String,
+    #[command(flatten)]
+    model: load::ModelArgs,
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
     /// The model name clients send (default: the directory's name).
@@ -54,10 +50,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let listen: SocketAddr = args.listen.parse().with_context(|| format!("--listen: {:?} is not HOST:PORT", args.listen))?;
-    let model_dir = match &args.model {
-        Some(d) => d.clone(),
-        None => load::ensure_demo_model(&args.preset, 0)?,
-    };
+    let model_dir = args.model.dir()?;
     let model_name = args.served_model_name.clone().unwrap_or_else(|| {
         model_dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
     });

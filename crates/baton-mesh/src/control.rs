@@ -1,0 +1,218 @@
+//! The control plane between nodes: QUIC (quinn) with mutual TLS from the cluster CA. A node
+//! accepts only peers whose certificate the cluster CA signed (checked in the handshake) and
+//! whose certificate names a node of the cluster (checked before any message is read). Messages
+//! are versioned rkyv frames (baton-proto's codec), validated on receipt; a malformed frame
+//! closes that connection and the node keeps serving. Keep-alives keep idle links up.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_proto::{decode, encode, read_frame, write_frame, FrameError, CLOSE_MALFORMED};
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use crate::pki::NodeIdentity;
+
+pub const CONTROL_ALPN: &[u8] = b"baton-control/1";
+pub const CONTROL_VERSION: u16 = 1;
+/// Close code: the peer's certificate names no node of this cluster.
+pub const CLOSE_UNKNOWN_PEER: u32 = 0x43_01;
+
+/// Node-to-node control messages (grows with membership and placement).
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum ControlMessage {
+    Ping { version: u16, nonce: u64 },
+    Pong { version: u16, nonce: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("cannot bind the control endpoint on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("connecting to {peer}: {message}")]
+    Connect { peer: String, message: String },
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("peer refused: {0}")]
+    Refused(String),
+    #[error("unexpected reply: {0}")]
+    Protocol(String),
+}
+
+fn roots(identity: &NodeIdentity) -> Result<rustls::RootCertStore, ControlError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(identity.ca.clone()).map_err(|e| ControlError::Tls(e.to_string()))?;
+    Ok(roots)
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    Arc::new(t)
+}
+
+/// A node's control endpoint: accepts peers and connects to them.
+pub struct ControlNode {
+    endpoint: quinn::Endpoint,
+    identity: NodeIdentity,
+    roster: Arc<Vec<String>>,
+}
+
+/// A mutually authenticated link to a named peer.
+pub struct PeerLink {
+    pub peer: String,
+    pub connection: quinn::Connection,
+}
+
+/// The node name a peer's certificate is valid for, if it is one of `roster`.
+pub fn peer_name(cert: &CertificateDer<'_>, roster: &[String]) -> Option<String> {
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    roster
+        .iter()
+        .find(|name| ServerName::try_from(name.as_str()).is_ok_and(|sn| ee.verify_is_valid_for_subject_name(&sn).is_ok()))
+        .cloned()
+}
+
+impl ControlNode {
+    /// Binds the control endpoint; `roster` lists the cluster's node names.
+    pub fn bind(addr: SocketAddr, identity: NodeIdentity, roster: Vec<String>) -> Result<Self, ControlError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&identity)?), provider.clone())
+            .build()
+            .map_err(|e| ControlError::Tls(e.to_string()))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ControlError::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![identity.cert.clone()], identity.private_key())
+            .map_err(|e| ControlError::Tls(e.to_string()))?;
+        server.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ControlError::Tls(e.to_string()))?
+            .with_root_certificates(roots(&identity)?)
+            .with_client_auth_cert(vec![identity.cert.clone()], identity.private_key())
+            .map_err(|e| ControlError::Tls(e.to_string()))?;
+        client.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+
+        let quic_server = quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(|e| ControlError::Tls(e.to_string()))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
+        server_config.transport_config(transport());
+        let quic_client = quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(|e| ControlError::Tls(e.to_string()))?;
+        let mut client_config = quinn::ClientConfig::new(Arc::new(quic_client));
+        client_config.transport_config(transport());
+        let mut endpoint = quinn::Endpoint::server(server_config, addr).map_err(|source| ControlError::Bind { addr, source })?;
+        endpoint.set_default_client_config(client_config);
+        Ok(ControlNode { endpoint, identity, roster: Arc::new(roster) })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.identity.name
+    }
+
+    /// Connects to node `peer` at `addr`; the peer's certificate must be the cluster's and name
+    /// `peer`.
+    pub async fn connect(&self, addr: SocketAddr, peer: &str) -> Result<PeerLink, ControlError> {
+        let connecting = self
+            .endpoint
+            .connect(addr, peer)
+            .map_err(|e| ControlError::Connect { peer: peer.to_string(), message: e.to_string() })?;
+        let connection = connecting.await?;
+        Ok(PeerLink { peer: peer.to_string(), connection })
+    }
+
+    /// Accepts the next authenticated peer. Peers whose certificate names no node of the
+    /// roster are closed with `CLOSE_UNKNOWN_PEER` here, before any message is read.
+    pub async fn accept(&self) -> Option<Result<PeerLink, ControlError>> {
+        let incoming = self.endpoint.accept().await?;
+        let connection = match incoming.await {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let cert = connection
+            .peer_identity()
+            .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|certs| certs.first().cloned());
+        match cert.and_then(|c| peer_name(&c, &self.roster)) {
+            Some(peer) => Some(Ok(PeerLink { peer, connection })),
+            None => {
+                tracing::warn!(remote = %connection.remote_address(), "refusing a peer whose certificate names no node of this cluster");
+                connection.close(CLOSE_UNKNOWN_PEER.into(), b"unknown node");
+                Some(Err(ControlError::Refused("certificate names no node of this cluster".into())))
+            }
+        }
+    }
+
+    /// Serves peers until the endpoint closes: answers pings. A malformed frame closes that
+    /// peer's connection; others are unaffected.
+    pub async fn serve(self: Arc<Self>) {
+        while let Some(link) = self.accept().await {
+            let Ok(link) = link else { continue };
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = link.connection.accept_bi().await {
+                    let conn = link.connection.clone();
+                    let peer = link.peer.clone();
+                    tokio::spawn(async move {
+                        let msg = match read_frame(&mut recv).await {
+                            Ok(Some(body)) => decode::<ControlMessage>(&body),
+                            Ok(None) => return,
+                            Err(e) => Err(e),
+                        };
+                        match msg {
+                            Ok(ControlMessage::Ping { nonce, .. }) => {
+                                if let Ok(bytes) = encode(&ControlMessage::Pong { version: CONTROL_VERSION, nonce }) {
+                                    let _ = write_frame(&mut send, &bytes).await;
+                                    let _ = send.finish();
+                                }
+                            }
+                            Ok(other) => tracing::debug!(%peer, ?other, "ignoring an unexpected control message"),
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "malformed control frame; closing the connection");
+                                conn.close(CLOSE_MALFORMED.into(), b"malformed frame");
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"bye");
+    }
+}
+
+impl PeerLink {
+    /// One ping round trip.
+    pub async fn ping(&self, nonce: u64) -> Result<Duration, ControlError> {
+        let start = Instant::now();
+        let (mut send, mut recv) = self.connection.open_bi().await?;
+        write_frame(&mut send, &encode(&ControlMessage::Ping { version: CONTROL_VERSION, nonce })?).await?;
+        let _ = send.finish();
+        match read_frame(&mut recv).await? {
+            Some(body) => match decode::<ControlMessage>(&body)? {
+                ControlMessage::Pong { nonce: n, .. } if n == nonce => Ok(start.elapsed()),
+                other => Err(ControlError::Protocol(format!("{other:?}"))),
+            },
+            None => Err(FrameError::Closed.into()),
+        }
+    }
+
+    /// Sends raw bytes on a new stream (for tests of frame validation).
+    pub async fn send_raw(&self, bytes: &[u8]) -> Result<quinn::RecvStream, ControlError> {
+        let (mut send, recv) = self.connection.open_bi().await?;
+        send.write_all(bytes).await?;
+        let _ = send.finish();
+        Ok(recv)
+    }
+}
