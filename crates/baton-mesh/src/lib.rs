@@ -6,3 +6,5 @@ pub mod config;
 pub mod control;
 pub mod pki;
 pub mod placement;
+pub mod stage_service;
+pub mod stage_wire;

@@ -111,7 +111,7 @@ pub enum Frame {
 pub enum FrameError {
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    #[error("frame of {0} bytes exceeds the limit")]
     TooLarge(usize),
     #[error("malformed frame: {0}")]
     Malformed(String),
@@ -145,8 +145,16 @@ where
     rkyv::deserialize::<T, RkyvError>(archived).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+/// Largest frame of tensors (activations) between pipeline stages.
+pub const MAX_TENSOR_FRAME: usize = 256 << 20;
+
 /// Reads one frame's body; `Ok(None)` at a clean end of stream before a frame starts.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
+    read_frame_limited(r, MAX_FRAME).await
+}
+
+/// `read_frame` with a different size limit.
+pub async fn read_frame_limited<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -154,7 +162,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(FrameError::TooLarge(len));
     }
     let mut body = vec![0u8; len];

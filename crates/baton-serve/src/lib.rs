@@ -48,6 +48,8 @@ pub struct ServeOptions {
     pub quic_listen: Option<SocketAddr>,
     /// Where to write the QUIC server's self-signed certificate (DER) for clients to trust.
     pub quic_cert_out: Option<PathBuf>,
+    /// Set when this node heads a multi-node pipeline (the rest of the layers are remote).
+    pub pipeline: Option<Arc<shard::PipelinePlan>>,
 }
 
 /// Why the server could not start (each names what to fix).
@@ -106,7 +108,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         scheduler::SchedulerActor,
         scheduler::SchedulerArgs {
             core,
-            shard: scheduler::ShardArgsTemplate { model_dir: opts.model_dir.clone(), threads: opts.threads, fault: None },
+            shard: scheduler::ShardArgsTemplate { model_dir: opts.model_dir.clone(), threads: opts.threads, fault: None, pipeline: opts.pipeline.clone() },
             tokenizer: tokenizer.clone(),
             metrics: metrics.clone(),
             ready: ready.clone(),

@@ -46,6 +46,8 @@ pub struct ShardArgsTemplate {
     pub threads: usize,
     /// Tests only: make the first shard fail on purpose (restarted shards run clean).
     pub fault: Option<InjectedFault>,
+    /// Set when this node heads a multi-node pipeline.
+    pub pipeline: Option<std::sync::Arc<crate::shard::PipelinePlan>>,
 }
 
 struct Live {
@@ -241,6 +243,7 @@ async fn spawn_shard(myself: &ActorRef<SchedulerMsg>, args: &ShardArgsTemplate, 
         geometry,
         scheduler: myself.clone(),
         fault: args.fault,
+        pipeline: args.pipeline.clone(),
     };
     let (shard, _) = Actor::spawn_linked(None, Shard, shard_args, myself.get_cell()).await?;
     Ok(shard)

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use baton_engine::{
@@ -13,6 +13,8 @@ use baton_engine::{
     StageOutput,
 };
 use baton_scheduler::{SeqId, Step};
+use baton_mesh::stage_service;
+use baton_mesh::stage_wire::{layout_to_wire, sampling_to_wire, StageReply, StageRequest, WireInput, WireNewSequence};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::scheduler::SchedulerMsg;
@@ -23,6 +25,23 @@ pub struct InjectedFault {
     pub panic_at_step: usize,
 }
 
+/// The rest of a pipeline when this shard is its head: the shard runs layers
+/// `0..local_end` itself and sends each step's hidden states down the remote stages in order;
+/// the last one samples.
+pub struct PipelinePlan {
+    pub local_end: usize,
+    pub remotes: Vec<baton_mesh::control::PeerLink>,
+    /// The async runtime the links live on (the shard's thread blocks on it).
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for PipelinePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let peers: Vec<&str> = self.remotes.iter().map(|l| l.peer.as_str()).collect();
+        f.debug_struct("PipelinePlan").field("local_end", &self.local_end).field("remotes", &peers).finish()
+    }
+}
+
 /// What a shard needs to start.
 #[derive(Clone)]
 pub struct ShardArgs {
@@ -31,6 +50,7 @@ pub struct ShardArgs {
     pub geometry: KvGeometry,
     pub scheduler: ActorRef<SchedulerMsg>,
     pub fault: Option<InjectedFault>,
+    pub pipeline: Option<Arc<PipelinePlan>>,
 }
 
 /// A sequence the shard has not seen yet: how to sample it.
@@ -131,7 +151,19 @@ fn load(args: &ShardArgs) -> Result<Stage<CpuBackend>, String> {
     let config = ModelConfig::from_dir(&args.model_dir).map_err(|e| e.to_string())?;
     let ckpt = Checkpoint::open(&args.model_dir).map_err(|e| e.to_string())?;
     let backend = CpuBackend::new(args.threads).map_err(|e| e.to_string())?;
-    Stage::load(backend, &config, &ckpt, 0..config.num_layers, args.geometry, &mut |_, _| {}).map_err(|e| e.to_string())
+    let end = args.pipeline.as_ref().map_or(config.num_layers, |p| p.local_end);
+    let stage = Stage::load(backend, &config, &ckpt, 0..end, args.geometry, &mut |_, _| {}).map_err(|e| e.to_string())?;
+    if let Some(p) = &args.pipeline {
+        let init = StageRequest::Init { block_size: args.geometry.block_size as u32, num_blocks: args.geometry.num_blocks as u32 };
+        for link in &p.remotes {
+            match p.runtime.block_on(stage_service::call(link, &init)) {
+                Ok(StageReply::Ready { .. }) => {}
+                Ok(other) => return Err(format!("stage {} did not initialise: {other:?}", link.peer)),
+                Err(e) => return Err(format!("stage {}: {e}", link.peer)),
+            }
+        }
+    }
+    Ok(stage)
 }
 
 /// The shard's thread: loads the stage, then runs steps until the actor goes away.
@@ -156,7 +188,10 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<Shar
             if fault {
                 panic!("injected fault at step {steps}");
             }
-            run_step(&mut stage, &mut samplers, &work)
+            match &args.pipeline {
+                None => run_step(&mut stage, &mut samplers, &work),
+                Some(p) => run_pipeline_step(&mut stage, p, &work),
+            }
         }))
             .map_err(panic_message)
             .and_then(|r| r);
@@ -191,4 +226,54 @@ fn run_step(stage: &mut Stage<CpuBackend>, samplers: &mut HashMap<SeqId, Sequenc
         sampled.push(SampledOut { id: s.id, sampled: out, finish });
     }
     Ok(StepOutput { sampled, forward_time })
+}
+
+/// One step through the pipeline: the local layers, then each remote stage in turn.
+fn run_pipeline_step(stage: &mut Stage<CpuBackend>, plan: &PipelinePlan, work: &ShardWork) -> Result<StepOutput, String> {
+    let start = Instant::now();
+    let tokens = work.step.tokens();
+    let mut hidden = match stage.forward(&work.step.layout, StageInput::Tokens(&tokens)).map_err(|e| e.to_string())? {
+        StageOutput::Hidden(h) => h,
+        StageOutput::Logits { .. } => return Err("the head stage unexpectedly ends the model".into()),
+    };
+    let chunks = layout_to_wire(&work.step.layout);
+    let ids: Vec<u64> = work.step.scheduled.iter().map(|s| s.id).collect();
+    for (i, link) in plan.remotes.iter().enumerate() {
+        let last = i + 1 == plan.remotes.len();
+        let req = StageRequest::Step {
+            chunks: chunks.clone(),
+            input: WireInput::Hidden(std::mem::take(&mut hidden)),
+            new_sequences: if last {
+                work.new_sequences
+                    .iter()
+                    .map(|s| WireNewSequence { id: s.id, params: sampling_to_wire(&s.params), prompt: s.prompt.clone(), eos: s.eos.clone() })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            released: if last { work.released.clone() } else { Vec::new() },
+            ids: ids.clone(),
+        };
+        match plan.runtime.block_on(stage_service::call(link, &req)).map_err(|e| format!("stage {}: {e}", link.peer))? {
+            StageReply::Hidden(h) if !last => hidden = h,
+            StageReply::Sampled(out) if last => {
+                let sampled = out
+                    .into_iter()
+                    .map(|w| SampledOut {
+                        id: w.id,
+                        sampled: Sampled { token: w.token, logprob: w.logprob, top_logprobs: w.top_logprobs },
+                        finish: match w.finish {
+                            1 => Some(FinishReason::Stop),
+                            2 => Some(FinishReason::Length),
+                            _ => None,
+                        },
+                    })
+                    .collect();
+                return Ok(StepOutput { sampled, forward_time: start.elapsed() });
+            }
+            StageReply::Error(e) => return Err(format!("stage {}: {e}", link.peer)),
+            other => return Err(format!("stage {} answered out of turn: {other:?}", link.peer)),
+        }
+    }
+    Err("the pipeline has no remote stage".into())
 }

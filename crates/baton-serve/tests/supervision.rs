@@ -59,7 +59,7 @@ async fn a_failed_shard_errors_its_requests_and_restarts() {
         SchedulerActor,
         SchedulerArgs {
             core,
-            shard: ShardArgsTemplate { model_dir: dir.clone(), threads: 1, fault: Some(InjectedFault { panic_at_step: 5 }) },
+            shard: ShardArgsTemplate { model_dir: dir.clone(), threads: 1, fault: Some(InjectedFault { panic_at_step: 5 }), pipeline: None },
             tokenizer,
             metrics: metrics.clone(),
             ready: ready.clone(),

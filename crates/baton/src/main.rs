@@ -8,6 +8,7 @@ mod cluster;
 mod gen_model;
 mod generate;
 mod load;
+mod node;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     Serve(serve::Args),
     /// Send one request over the native QUIC protocol and stream the tokens.
     Client(client::Args),
+    /// Run one node of a cluster described by cluster.toml (the node with layer 0 is the head).
+    Node(node::Args),
     /// Cluster tools: `init` (certificates), `check` (validate cluster.toml, show placement).
     #[command(subcommand)]
     Cluster(cluster::Command),
@@ -50,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Client(args) => client::run(args),
         Command::Cluster(cmd) => cluster::run(cmd),
+        Command::Node(args) => node::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

@@ -63,6 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(args.quic_listen.parse::<SocketAddr>().with_context(|| format!("--quic-listen: {:?} is not HOST:PORT", args.quic_listen))?)
     };
     let opts = ServeOptions {
+        pipeline: None,
         quic_listen,
         quic_cert_out: args.quic_cert_out.clone(),
         model_dir,

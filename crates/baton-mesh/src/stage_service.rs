@@ -1,0 +1,139 @@
+//! A pipeline stage served to the head over the control plane: loads its layer range when the
+//! head says how large the KV cache is, then runs each step it is sent (the last stage also
+//! samples) and answers with hidden states or sampled tokens.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use baton_engine::{Checkpoint, CpuBackend, KvGeometry, ModelConfig, SequenceSampler, Stage, StageInput, StageOutput};
+use baton_proto::{decode, encode, read_frame_limited, write_frame, CLOSE_MALFORMED, MAX_TENSOR_FRAME};
+
+use crate::control::{ControlError, ControlNode, PeerLink};
+use crate::stage_wire::{layout_from_wire, sampled_to_wire, sampling_from_wire, StageReply, StageRequest, WireInput};
+
+/// One node's stage, loaded on the head's `Init`.
+pub struct StageService {
+    pub model_dir: PathBuf,
+    pub layers: Range<usize>,
+    pub threads: usize,
+    state: Mutex<Option<Loaded>>,
+}
+
+struct Loaded {
+    stage: Stage<CpuBackend>,
+    samplers: HashMap<u64, SequenceSampler>,
+}
+
+impl StageService {
+    pub fn new(model_dir: PathBuf, layers: Range<usize>, threads: usize) -> Self {
+        StageService { model_dir, layers, threads, state: Mutex::new(None) }
+    }
+
+    fn handle(&self, req: StageRequest) -> StageReply {
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match req {
+            StageRequest::Init { block_size, num_blocks } => {
+                let geometry = KvGeometry { block_size: block_size as usize, num_blocks: num_blocks as usize };
+                let loaded = (|| -> Result<Loaded, String> {
+                    let config = ModelConfig::from_dir(&self.model_dir).map_err(|e| e.to_string())?;
+                    let ckpt = Checkpoint::open(&self.model_dir).map_err(|e| e.to_string())?;
+                    let backend = CpuBackend::new(self.threads).map_err(|e| e.to_string())?;
+                    let stage = Stage::load(backend, &config, &ckpt, self.layers.clone(), geometry, &mut |_, _| {}).map_err(|e| e.to_string())?;
+                    Ok(Loaded { stage, samplers: HashMap::new() })
+                })();
+                match loaded {
+                    Ok(l) => {
+                        *guard = Some(l);
+                        StageReply::Ready { first_layer: self.layers.start as u32, end_layer: self.layers.end as u32 }
+                    }
+                    Err(e) => StageReply::Error(e),
+                }
+            }
+            StageRequest::Step { chunks, input, new_sequences, released, ids } => {
+                let Some(l) = guard.as_mut() else {
+                    return StageReply::Error("the stage was not initialised".into());
+                };
+                for id in released {
+                    l.samplers.remove(&id);
+                }
+                for s in new_sequences {
+                    l.samplers.insert(s.id, SequenceSampler::new(sampling_from_wire(&s.params), &s.eos, &s.prompt));
+                }
+                let layout = layout_from_wire(&chunks);
+                let input = match &input {
+                    WireInput::Tokens(t) => StageInput::Tokens(t),
+                    WireInput::Hidden(h) => StageInput::Hidden(h),
+                };
+                match l.stage.forward(&layout, input) {
+                    Err(e) => StageReply::Error(e.to_string()),
+                    Ok(StageOutput::Hidden(h)) => StageReply::Hidden(h),
+                    Ok(StageOutput::Logits { vocab, data, .. }) => {
+                        let mut rows = data.chunks_exact(vocab);
+                        let mut out = Vec::new();
+                        for (chunk, id) in chunks.iter().zip(&ids) {
+                            if !chunk.wants_logits {
+                                continue;
+                            }
+                            let (Some(row), Some(sampler)) = (rows.next(), l.samplers.get_mut(id)) else {
+                                return StageReply::Error(format!("no logits or sampling state for sequence {id}"));
+                            };
+                            let s = sampler.sample(row);
+                            let finish = sampler.finish_reason(s.token);
+                            out.push(sampled_to_wire(*id, &s, finish));
+                        }
+                        StageReply::Sampled(out)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Serves the stage to whichever cluster peer connects (the pipeline head).
+pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>) {
+    while let Some(link) = node.accept().await {
+        let Ok(link) = link else { continue };
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = link.connection.accept_bi().await {
+                let req = match read_frame_limited(&mut recv, MAX_TENSOR_FRAME).await {
+                    Ok(Some(body)) => decode::<StageRequest>(&body),
+                    Ok(None) => continue,
+                    Err(e) => Err(e),
+                };
+                let req = match req {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(peer = %link.peer, error = %e, "malformed stage frame; closing the connection");
+                        link.connection.close(CLOSE_MALFORMED.into(), b"malformed frame");
+                        break;
+                    }
+                };
+                let svc = svc.clone();
+                let reply = tokio::task::spawn_blocking(move || svc.handle(req))
+                    .await
+                    .unwrap_or_else(|e| StageReply::Error(format!("stage worker: {e}")));
+                match encode(&reply) {
+                    Ok(bytes) => {
+                        let _ = write_frame(&mut send, &bytes).await;
+                        let _ = send.finish();
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot encode a stage reply"),
+                }
+            }
+        });
+    }
+}
+
+/// One request to a remote stage, one reply.
+pub async fn call(link: &PeerLink, req: &StageRequest) -> Result<StageReply, ControlError> {
+    let (mut send, mut recv) = link.connection.open_bi().await?;
+    write_frame(&mut send, &encode(req)?).await?;
+    let _ = send.finish();
+    match read_frame_limited(&mut recv, MAX_TENSOR_FRAME).await? {
+        Some(body) => Ok(decode::<StageReply>(&body)?),
+        None => Err(baton_proto::FrameError::Closed.into()),
+    }
+}

@@ -1,0 +1,143 @@
+//! Messages between a pipeline head and its stages (over the control plane's QUIC streams,
+//! the tensor plane's fallback when UCX is not built in): a step's batch layout and input
+//! (token ids or hidden states) in, hidden states or sampled tokens out.
+
+use baton_engine::{BatchLayout, Sampled, SamplingParams, SeqChunk};
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WireChunk {
+    pub start_pos: u32,
+    pub len: u32,
+    pub block_table: Vec<u32>,
+    pub wants_logits: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WireSampling {
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub repetition_penalty: f32,
+    pub seed: Option<u64>,
+    pub max_tokens: u32,
+    pub min_tokens: u32,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    pub logprobs: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WireNewSequence {
+    pub id: u64,
+    pub params: WireSampling,
+    pub prompt: Vec<u32>,
+    pub eos: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum WireInput {
+    Tokens(Vec<u32>),
+    Hidden(Vec<f32>),
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum StageRequest {
+    /// Allocate the KV cache the head's block ids refer to; answered by `Ready`.
+    Init { block_size: u32, num_blocks: u32 },
+    Step {
+        chunks: Vec<WireChunk>,
+        input: WireInput,
+        /// Only for the last stage, which samples.
+        new_sequences: Vec<WireNewSequence>,
+        released: Vec<u64>,
+        /// Ids of the sequences in `chunks` (sampling order on the last stage).
+        ids: Vec<u64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WireSampled {
+    pub id: u64,
+    pub token: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+    /// 0: none, 1: stop, 2: length.
+    pub finish: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum StageReply {
+    Ready { first_layer: u32, end_layer: u32 },
+    Hidden(Vec<f32>),
+    Sampled(Vec<WireSampled>),
+    Error(String),
+}
+
+pub fn layout_to_wire(l: &BatchLayout) -> Vec<WireChunk> {
+    l.chunks
+        .iter()
+        .map(|c| WireChunk { start_pos: c.start_pos as u32, len: c.len as u32, block_table: c.block_table.clone(), wants_logits: c.wants_logits })
+        .collect()
+}
+
+pub fn layout_from_wire(chunks: &[WireChunk]) -> BatchLayout {
+    BatchLayout {
+        chunks: chunks
+            .iter()
+            .map(|c| SeqChunk { start_pos: c.start_pos as usize, len: c.len as usize, block_table: c.block_table.clone(), wants_logits: c.wants_logits })
+            .collect(),
+    }
+}
+
+pub fn sampling_to_wire(p: &SamplingParams) -> WireSampling {
+    WireSampling {
+        temperature: p.temperature,
+        top_k: p.top_k as u32,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        repetition_penalty: p.repetition_penalty,
+        seed: p.seed,
+        max_tokens: p.max_tokens as u32,
+        min_tokens: p.min_tokens as u32,
+        stop_token_ids: p.stop_token_ids.clone(),
+        ignore_eos: p.ignore_eos,
+        logprobs: p.logprobs.map(|n| n as u32),
+    }
+}
+
+pub fn sampling_from_wire(w: &WireSampling) -> SamplingParams {
+    SamplingParams {
+        temperature: w.temperature,
+        top_k: w.top_k as usize,
+        top_p: w.top_p,
+        min_p: w.min_p,
+        presence_penalty: w.presence_penalty,
+        frequency_penalty: w.frequency_penalty,
+        repetition_penalty: w.repetition_penalty,
+        seed: w.seed,
+        max_tokens: w.max_tokens as usize,
+        min_tokens: w.min_tokens as usize,
+        stop_token_ids: w.stop_token_ids.clone(),
+        ignore_eos: w.ignore_eos,
+        logprobs: w.logprobs.map(|n| n as usize),
+    }
+}
+
+pub fn sampled_to_wire(id: u64, s: &Sampled, finish: Option<baton_engine::FinishReason>) -> WireSampled {
+    WireSampled {
+        id,
+        token: s.token,
+        logprob: s.logprob,
+        top_logprobs: s.top_logprobs.clone(),
+        finish: match finish {
+            None => 0,
+            Some(baton_engine::FinishReason::Stop) => 1,
+            Some(baton_engine::FinishReason::Length) => 2,
+        },
+    }
+}

@@ -1,0 +1,130 @@
+//! `baton node`: runs one node of a cluster.toml. The node holding layer 0 is the pipeline
+//! head: it serves the HTTP and QUIC client APIs, schedules, and sends each step down the other
+//! stages over the mutually authenticated QUIC control plane. The other nodes serve their stage.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use baton_engine::ModelConfig;
+use baton_mesh::config::ClusterConfig;
+use baton_mesh::control::ControlNode;
+use baton_mesh::stage_service::{self, StageService};
+use baton_mesh::{pki, placement};
+use baton_serve::shard::PipelinePlan;
+use baton_serve::{serve, ServeOptions};
+
+use crate::load;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The cluster description.
+    #[arg(long, default_value = "cluster.toml")]
+    cluster: PathBuf,
+    /// This node's name in cluster.toml.
+    #[arg(long)]
+    name: String,
+    /// CPU threads for this node's stage (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// KV cache size in MiB (pipeline head: for the whole model's block table).
+    #[arg(long, default_value_t = 1024)]
+    kv_cache_mb: usize,
+}
+
+fn model_dir(c: &ClusterConfig, cluster_file: &std::path::Path) -> anyhow::Result<PathBuf> {
+    match c.model.strip_prefix("demo:") {
+        Some(preset) => load::ensure_demo_model(preset, 0),
+        None => Ok(cluster_file.parent().unwrap_or(std::path::Path::new(".")).join(&c.model)),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let c = ClusterConfig::from_file(&args.cluster)?;
+    let me = c.node(&args.name).with_context(|| format!("--name: {}: no node named {:?}", args.cluster.display(), args.name))?.clone();
+    if c.replicas != 1 {
+        bail!("{}: `placement.replicas` > 1 is not supported by `baton node` yet", args.cluster.display());
+    }
+    let dir = model_dir(&c, &args.cluster)?;
+    let mc = ModelConfig::from_dir(&dir)?;
+    c.check_layers(&args.cluster, mc.num_layers)?;
+    let plan = placement::plan(&c, mc.num_layers).with_context(|| format!("{}: placement", args.cluster.display()))?;
+    let stages = plan.pipelines[0].stages.clone();
+    let index = stages.iter().position(|(n, _)| n == &me.name).context("this node has no stage in the placement")?;
+    let layers = stages[index].1.clone();
+    let identity = pki::load(&c.tls_dir, &me.name)
+        .with_context(|| format!("this node's certificate (run `baton cluster init {}` first)", args.cluster.display()))?;
+    let roster: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
+    let threads = args.threads.unwrap_or_else(load::default_threads);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("baton-io").build()?;
+    runtime.block_on(async move {
+        let node = Arc::new(ControlNode::bind(me.control, identity, roster)?);
+        eprintln!(
+            "baton: node {} of cluster `{}`: control plane on {} (QUIC, mutual TLS), layers {}..{} of {}; tensors travel over QUIC (UCX is not built in)",
+            me.name, c.name, me.control, layers.start, layers.end, mc.num_layers
+        );
+        if index > 0 {
+            let svc = Arc::new(StageService::new(dir, layers, threads));
+            tokio::select! {
+                _ = stage_service::serve(node.clone(), svc) => {},
+                _ = shutdown_signal() => node.close(),
+            }
+            return Ok(());
+        }
+        // The head: reach every other stage, in pipeline order.
+        let mut remotes = Vec::new();
+        for (name, _) in &stages[1..] {
+            let addr: SocketAddr = c.node(name).map(|n| n.control).context("placement names an unknown node")?;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let link = loop {
+                match node.connect(addr, name).await {
+                    Ok(l) => break l,
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::info!(peer = %name, error = %e, "waiting for a stage");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => bail!("cannot reach stage {name} at {addr}: {e}"),
+                }
+            };
+            remotes.push(link);
+        }
+        let pipeline = (!remotes.is_empty()).then(|| Arc::new(PipelinePlan { local_end: layers.end, remotes, runtime: tokio::runtime::Handle::current() }));
+        let listen = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", args.cluster.display(), me.name))?;
+        let model_name = dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
+        let opts = ServeOptions {
+            model_dir: dir,
+            model_name,
+            listen,
+            threads,
+            kv_cache_bytes: args.kv_cache_mb << 20,
+            max_num_seqs: 64,
+            max_batched_tokens: 512,
+            max_waiting: 1024,
+            max_model_len: None,
+            quic_listen: me.quic,
+            quic_cert_out: None,
+            pipeline,
+        };
+        serve(opts, shutdown_signal()).await?;
+        node.close();
+        Ok(())
+    })
+}
