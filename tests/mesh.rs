@@ -30,11 +30,9 @@ fn free_tcp() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-#[test]
-fn a_three_stage_pipeline_matches_one_node() {
-    let bin = env!("CARGO_BIN_EXE_baton");
-    let model = support::tiny_model("mesh-model");
-    let dir = support::scratch("mesh");
+/// A three-node cluster.toml on free loopback ports; returns (file, head http port, node-b control port).
+fn write_cluster(name: &str, model: &std::path::Path) -> (std::path::PathBuf, u16, u16) {
+    let dir = support::scratch(name);
     std::fs::create_dir_all(&dir).unwrap();
     let (ca, cb, cc, http, quic) = (free_udp(), free_udp(), free_udp(), free_tcp(), free_udp());
     let cfg = dir.join("cluster.toml");
@@ -67,6 +65,40 @@ memory_gb = 1
         ),
     )
     .unwrap();
+    (cfg, http, cb)
+}
+
+#[test]
+fn bootstrap_starts_reports_and_stops_a_local_cluster() {
+    let bin = env!("CARGO_BIN_EXE_baton");
+    let model = support::tiny_model("boot-model");
+    let (cfg, http, _) = write_cluster("boot", &model);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bootstrap.sh");
+    let out = Command::new("bash").arg(&script).arg(&cfg).env("BATON", bin).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stop = || Command::new("bash").arg(&script).arg(&cfg).arg("--stop").env("BATON", bin).output().unwrap();
+    if !out.status.success() {
+        stop();
+        panic!("bootstrap failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(text.contains(&format!("http://127.0.0.1:{http}/v1")), "{text}");
+    assert_eq!(text.matches("stage loaded").count(), 2, "{text}");
+    assert!(text.contains("head") && text.contains("ready"), "{text}");
+    let stopped = stop();
+    assert_eq!(String::from_utf8_lossy(&stopped.stdout).matches("stopped").count(), 3);
+    let server = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{http}"), quic: None, model };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&server.addr).is_ok() {
+        assert!(Instant::now() < deadline, "the head still listens after --stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_three_stage_pipeline_matches_one_node() {
+    let bin = env!("CARGO_BIN_EXE_baton");
+    let model = support::tiny_model("mesh-model");
+    let (cfg, http, cb) = write_cluster("mesh", &model);
     assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).status().unwrap().success());
     let check = Command::new(bin).args(["cluster", "check", cfg.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&check.stdout);

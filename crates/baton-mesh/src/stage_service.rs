@@ -34,6 +34,12 @@ impl StageService {
     fn handle(&self, req: StageRequest) -> StageReply {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match req {
+            StageRequest::Ping { nonce } => StageReply::Pong {
+                nonce,
+                first_layer: self.layers.start as u32,
+                end_layer: self.layers.end as u32,
+                loaded: guard.is_some(),
+            },
             StageRequest::Init { block_size, num_blocks } => {
                 let geometry = KvGeometry { block_size: block_size as usize, num_blocks: num_blocks as usize };
                 let loaded = (|| -> Result<Loaded, String> {

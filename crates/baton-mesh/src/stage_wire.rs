@@ -45,6 +45,8 @@ pub enum WireInput {
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum StageRequest {
+    /// Liveness probe (`baton status`), answered by `Pong`.
+    Ping { nonce: u64 },
     /// Allocate the KV cache the head's block ids refer to; answered by `Ready`.
     Init { block_size: u32, num_blocks: u32 },
     Step {
@@ -70,6 +72,8 @@ pub struct WireSampled {
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum StageReply {
+    /// `loaded`: whether the head has initialised the stage.
+    Pong { nonce: u64, first_layer: u32, end_layer: u32, loaded: bool },
     Ready { first_layer: u32, end_layer: u32 },
     Hidden(Vec<f32>),
     Sampled(Vec<WireSampled>),

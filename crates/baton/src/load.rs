@@ -61,9 +61,16 @@ pub fn ensure_demo_model(preset: &str, seed: u64) -> anyhow::Result<PathBuf> {
     if !dir.join("config.json").exists() {
         let p = demo::preset(preset).with_context(|| format!("unknown preset {preset:?}"))?;
         eprintln!("generating the `{preset}` demo model in {}", dir.display());
-        let tmp = dir.with_extension("partial");
+        // Several processes may start at once (a cluster on one machine): each writes its own
+        // copy and the first rename wins.
+        let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
         demo::write_model(p, &tmp, seed)?;
-        std::fs::rename(&tmp, &dir).with_context(|| format!("moving {} to {}", tmp.display(), dir.display()))?;
+        if let Err(e) = std::fs::rename(&tmp, &dir) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            if !dir.join("config.json").exists() {
+                return Err(e).with_context(|| format!("moving {} to {}", tmp.display(), dir.display()));
+            }
+        }
     }
     Ok(dir)
 }

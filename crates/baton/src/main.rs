@@ -10,6 +10,7 @@ mod generate;
 mod load;
 mod node;
 mod serve;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,8 @@ enum Command {
     Client(client::Args),
     /// Run one node of a cluster described by cluster.toml (the node with layer 0 is the head).
     Node(node::Args),
+    /// Show a cluster's nodes, their layer ranges, their links and the head's load.
+    Status(status::Args),
     /// Cluster tools: `init` (certificates), `check` (validate cluster.toml, show placement).
     #[command(subcommand)]
     Cluster(cluster::Command),
@@ -54,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Client(args) => client::run(args),
         Command::Cluster(cmd) => cluster::run(cmd),
         Command::Node(args) => node::run(args),
+        Command::Status(args) => status::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

@@ -1,0 +1,108 @@
+//! `baton status`: each node of a cluster.toml, its layer range, whether it is reachable (the
+//! head over HTTP, stages over the mutually authenticated control plane) and the head's load.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use baton_engine::ModelConfig;
+use baton_mesh::config::ClusterConfig;
+use baton_mesh::control::ControlNode;
+use baton_mesh::stage_service;
+use baton_mesh::stage_wire::{StageReply, StageRequest};
+use baton_mesh::{pki, placement};
+use serde_json::Value;
+
+use crate::load;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, default_value = "cluster.toml")]
+    cluster: PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(c, "GET {path} HTTP/1.0\r\nHost: baton\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    c.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    Some((head.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let c = ClusterConfig::from_file(&args.cluster)?;
+    let dir = match c.model.strip_prefix("demo:") {
+        Some(p) => load::demo_model_dir(p, 0),
+        None => args.cluster.parent().unwrap_or(std::path::Path::new(".")).join(&c.model),
+    };
+    let layers = ModelConfig::from_dir(&dir).with_context(|| format!("the cluster's model ({})", dir.display()))?.num_layers;
+    let plan = placement::plan(&c, layers)?;
+    let head = &plan.pipelines[0].stages[0].0;
+    let identity = pki::load(&c.tls_dir, head).with_context(|| format!("the head's certificate (run `baton cluster init {}`)", args.cluster.display()))?;
+    let roster: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut rows = Vec::new();
+    for (pi, p) in plan.pipelines.iter().enumerate() {
+        for (si, (name, range)) in p.stages.iter().enumerate() {
+            let Some(node) = c.node(name) else { continue };
+            let state = if si == 0 {
+                match node.http.and_then(|a| get(a, "/v1/stats").map(|r| (a, r))) {
+                    Some((_, (200, body))) => {
+                        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                        let ready = node.http.and_then(|a| get(a, "/health")).is_some_and(|(s, _)| s == 200);
+                        serde_json::json!({"up": true, "ready": ready, "running": v["running"], "waiting": v["waiting"], "kv_cache_usage": v["kv_cache_usage"]})
+                    }
+                    _ => serde_json::json!({"up": false}),
+                }
+            } else {
+                rt.block_on(async {
+                    let bind: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+                    let me = ControlNode::bind(bind, identity.clone(), roster.clone()).ok()?;
+                    let link = tokio::time::timeout(Duration::from_secs(3), me.connect(node.control, name)).await.ok()?.ok()?;
+                    let start = Instant::now();
+                    let reply = tokio::time::timeout(Duration::from_secs(3), stage_service::call(&link, &StageRequest::Ping { nonce: 1 })).await.ok()?.ok()?;
+                    let rtt = start.elapsed().as_secs_f64() * 1e3;
+                    me.close();
+                    match reply {
+                        StageReply::Pong { loaded, .. } => Some(serde_json::json!({"up": true, "loaded": loaded, "ping_ms": rtt})),
+                        _ => None,
+                    }
+                })
+                .unwrap_or_else(|| serde_json::json!({"up": false}))
+            };
+            rows.push(serde_json::json!({"pipeline": pi, "stage": si, "node": name, "control": node.control.to_string(),
+                                         "layers": [range.start, range.end], "role": if si == 0 { "head" } else { "stage" }, "state": state}));
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::json!({"cluster": c.name, "model": c.model, "layers": layers, "nodes": rows}));
+        return Ok(());
+    }
+    println!("cluster `{}`: model {} ({layers} layers), {} pipeline(s)", c.name, c.model, plan.pipelines.len());
+    for r in &rows {
+        let s = &r["state"];
+        let state = if s["up"] != true {
+            "DOWN".to_string()
+        } else if r["role"] == "head" {
+            format!("up, {} | running {} waiting {} kv {:.1}%", if s["ready"] == true { "ready" } else { "loading" }, s["running"], s["waiting"], s["kv_cache_usage"].as_f64().unwrap_or(0.0) * 100.0)
+        } else {
+            format!("up, link {:.2} ms, {}", s["ping_ms"].as_f64().unwrap_or(0.0), if s["loaded"] == true { "stage loaded" } else { "waiting for the head" })
+        };
+        println!(
+            "  {:<10} {:<6} {:<22} layers {:>3}..{:<3} {state}",
+            r["node"].as_str().unwrap_or(""),
+            r["role"].as_str().unwrap_or(""),
+            r["control"].as_str().unwrap_or(""),
+            r["layers"][0],
+            r["layers"][1]
+        );
+    }
+    Ok(())
+}
