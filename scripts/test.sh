@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): installs the official openai Python client into a
-# virtualenv under target/ (once), then runs every Rust test, unit and process-level.
+# The test command (README, .ci/run): installs the official openai Python client and NVIDIA's
+# NVRTC (from PyPI) into a virtualenv under target/ (once), then runs every Rust test, unit and
+# process-level.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=target/pyenv
-if ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import openai, nvidia.cu13" 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check openai
+    # openai: the client-compatibility test; nvidia-cuda-nvrtc: compile-checks kernels/ (no GPU needed).
+    "$venv/bin/pip" install --quiet --disable-pip-version-check openai nvidia-cuda-nvrtc
 fi
 export BATON_TEST_PYTHON="$PWD/$venv/bin/python"
+nvrtc_lib=$("$venv/bin/python" -c "import nvidia.cu13, os; print(os.path.join(list(nvidia.cu13.__path__)[0], 'lib'))")
+export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --release --workspace "$@"
