@@ -30,11 +30,12 @@ fn free_tcp() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A three-node cluster.toml on free loopback ports; returns (file, head http port, node-b control port).
-fn write_cluster(name: &str, model: &std::path::Path) -> (std::path::PathBuf, u16, u16) {
+/// A three-node cluster.toml on free loopback ports; returns (file, head http port, node-b
+/// control port, node-b http port).
+fn write_cluster(name: &str, model: &std::path::Path) -> (std::path::PathBuf, u16, u16, u16) {
     let dir = support::scratch(name);
     std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cb, cc, http, quic) = (free_udp(), free_udp(), free_udp(), free_tcp(), free_udp());
+    let (ca, cb, cc, http, quic, http_b) = (free_udp(), free_udp(), free_udp(), free_tcp(), free_udp(), free_tcp());
     let cfg = dir.join("cluster.toml");
     std::fs::write(
         &cfg,
@@ -55,6 +56,7 @@ memory_gb = 1
 [[nodes]]
 name = "node-b"
 control = "127.0.0.1:{cb}"
+http = "127.0.0.1:{http_b}"
 memory_gb = 1
 [[nodes]]
 name = "node-c"
@@ -65,14 +67,14 @@ memory_gb = 1
         ),
     )
     .unwrap();
-    (cfg, http, cb)
+    (cfg, http, cb, http_b)
 }
 
 #[test]
 fn bootstrap_starts_reports_and_stops_a_local_cluster() {
     let bin = env!("CARGO_BIN_EXE_baton");
     let model = support::tiny_model("boot-model");
-    let (cfg, http, _) = write_cluster("boot", &model);
+    let (cfg, http, _, _) = write_cluster("boot", &model);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bootstrap.sh");
     let out = Command::new("bash").arg(&script).arg(&cfg).env("BATON", bin).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -98,7 +100,7 @@ fn bootstrap_starts_reports_and_stops_a_local_cluster() {
 fn a_three_stage_pipeline_matches_one_node() {
     let bin = env!("CARGO_BIN_EXE_baton");
     let model = support::tiny_model("mesh-model");
-    let (cfg, http, cb) = write_cluster("mesh", &model);
+    let (cfg, http, cb, http_b) = write_cluster("mesh", &model);
     assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).status().unwrap().success());
     let check = Command::new(bin).args(["cluster", "check", cfg.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&check.stdout);
@@ -136,6 +138,17 @@ fn a_three_stage_pipeline_matches_one_node() {
         assert_eq!(got["choices"][0]["token_ids"], want["token_ids"], "prompt {p:?}: the pipeline differs from one node");
         expected.push(want["token_ids"].clone());
     }
+
+    // A request entering at another node (node-b's HTTP) is forwarded to the head.
+    let via_b = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{http_b}"), quic: None, model: model.clone() };
+    let (status, got) = support::post(&via_b, "/v1/completions", &json!({"prompt": prompts[0], "max_tokens": 16, "temperature": 0, "ignore_eos": true, "return_token_ids": true}));
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["token_ids"], expected[0], "a request entering at node-b differs");
+    let chunks = support::sse(&via_b, "/v1/completions", &json!({"prompt": prompts[1], "max_tokens": 16, "temperature": 0, "ignore_eos": true, "stream": true, "return_token_ids": true}));
+    let streamed: Vec<Value> = chunks.iter().filter_map(|c| c["choices"][0]["token_ids"].as_array()).flatten().cloned().collect();
+    assert_eq!(Value::Array(streamed), expected[1]);
+    let (status, err) = support::post(&via_b, "/v1/completions", &json!({"prompt": "x", "temperature": -1}));
+    assert_eq!((status, err["error"]["param"].clone()), (400, json!("temperature")));
 
     // Garbage datagrams at a stage's control port: the mesh keeps serving.
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -65,6 +65,7 @@ pub struct ControlNode {
 }
 
 /// A mutually authenticated link to a named peer.
+#[derive(Clone)]
 pub struct PeerLink {
     pub peer: String,
     pub connection: quinn::Connection,

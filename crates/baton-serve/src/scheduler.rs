@@ -75,7 +75,10 @@ pub struct State {
     /// Sequences whose sampling state the shard holds.
     on_shard: HashSet<SeqId>,
     released: Vec<SeqId>,
-    in_flight: Option<(Step, Instant)>,
+    /// Steps sent to the shard and not completed, oldest first (a pipeline keeps one per stage).
+    in_flight: std::collections::VecDeque<(u64, Step, Instant)>,
+    max_in_flight: usize,
+    next_step: u64,
     tokenizer: Arc<TextTokenizer>,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
@@ -127,19 +130,28 @@ impl State {
         }
         self.on_shard.clear();
         self.released.clear();
-        self.in_flight = None;
+        self.in_flight.clear();
     }
 
-    /// Starts the next step if the shard is idle and there is work.
+    /// Starts steps while the shard has room (one per pipeline stage) and there is work.
     fn kick(&mut self) {
-        let (Some(shard), true, None) = (&self.shard, self.shard_ready, &self.in_flight) else {
-            return;
+        while self.in_flight.len() < self.max_in_flight {
+            if !self.kick_one() {
+                break;
+            }
+        }
+    }
+
+    /// Starts one step; false when none could start.
+    fn kick_one(&mut self) -> bool {
+        let (Some(shard), true) = (&self.shard, self.shard_ready) else {
+            return false;
         };
         let t0 = Instant::now();
         let now_us = self.now_us();
         let Some(step) = self.core.schedule(now_us) else {
             self.publish_load();
-            return;
+            return false;
         };
         let mut new_sequences = Vec::new();
         for s in &step.scheduled {
@@ -161,19 +173,29 @@ impl State {
         self.metrics.record(metrics::SCHEDULE, t0.elapsed().as_micros() as u64);
         self.metrics.record(metrics::BATCH_SEQS, step.scheduled.len() as u64);
         self.metrics.record(metrics::BATCH_TOKENS, step.num_tokens() as u64);
+        let number = self.next_step;
+        self.next_step += 1;
         let work = ShardWork {
+            number,
             step: step.clone(),
             new_sequences,
             released: std::mem::take(&mut self.released),
         };
-        if shard.cast(ShardMsg::Run(Box::new(work))).is_ok() {
-            self.in_flight = Some((step, Instant::now()));
+        let sent = shard.cast(ShardMsg::Run(Box::new(work))).is_ok();
+        if sent {
+            self.in_flight.push_back((number, step, Instant::now()));
         }
         self.publish_load();
+        sent
     }
 
     fn step_done(&mut self, out: StepOutput) {
-        let Some((step, started)) = self.in_flight.take() else { return };
+        let Some((number, step, started)) = self.in_flight.pop_front() else { return };
+        if number != out.number {
+            tracing::error!(expected = number, got = out.number, "steps completed out of order; failing the shard's requests");
+            self.fail_started("the engine shard completed steps out of order");
+            return;
+        }
         self.metrics.record(metrics::ITERATION, started.elapsed().as_micros() as u64);
         let now = Instant::now();
         let mut sampled = Vec::with_capacity(out.sampled.len());
@@ -256,6 +278,7 @@ impl Actor for SchedulerActor {
 
     async fn pre_start(&self, myself: ActorRef<SchedulerMsg>, args: SchedulerArgs) -> Result<State, ActorProcessingErr> {
         let shard = spawn_shard(&myself, &args.shard, args.core.geometry()).await?;
+        let max_in_flight = args.shard.pipeline.as_ref().map_or(1, |p| p.remotes.len() + 1);
         Ok(State {
             core: args.core,
             live: HashMap::new(),
@@ -265,7 +288,9 @@ impl Actor for SchedulerActor {
             shard_args: args.shard,
             on_shard: HashSet::new(),
             released: Vec::new(),
-            in_flight: None,
+            in_flight: std::collections::VecDeque::new(),
+            max_in_flight,
+            next_step: 0,
             tokenizer: args.tokenizer,
             metrics: args.metrics,
             ready: args.ready,

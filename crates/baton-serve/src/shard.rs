@@ -65,6 +65,8 @@ pub struct NewSequence {
 /// One step's work.
 #[derive(Debug, Clone)]
 pub struct ShardWork {
+    /// Steps are numbered in the order they are sent; results come back in the same order.
+    pub number: u64,
     pub step: Step,
     pub new_sequences: Vec<NewSequence>,
     /// Sequences that ended: drop their sampling state.
@@ -81,6 +83,7 @@ pub struct SampledOut {
 
 #[derive(Debug, Clone)]
 pub struct StepOutput {
+    pub number: u64,
     pub sampled: Vec<SampledOut>,
     pub forward_time: Duration,
 }
@@ -180,6 +183,7 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<Shar
         }
     };
     let mut samplers: HashMap<SeqId, SequenceSampler> = HashMap::new();
+    let chain = args.pipeline.as_ref().map(|p| start_chain(p, me.clone()));
     let mut steps = 0;
     while let Ok(work) = rx.recv() {
         steps += 1;
@@ -188,15 +192,20 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<Shar
             if fault {
                 panic!("injected fault at step {steps}");
             }
-            match &args.pipeline {
-                None => run_step(&mut stage, &mut samplers, &work),
-                Some(p) => run_pipeline_step(&mut stage, p, &work),
+            match &chain {
+                None => run_step(&mut stage, &mut samplers, &work).map(Some),
+                // The remote stages answer later, through the chain.
+                Some(chain) => run_head_stage(&mut stage, chain, &work).map(|()| None),
             }
         }))
-            .map_err(panic_message)
-            .and_then(|r| r);
-        let failed = result.is_err();
-        if me.cast(ShardMsg::Finished(result)).is_err() || failed {
+        .map_err(panic_message)
+        .and_then(|r| r);
+        let (failed, message) = match result {
+            Ok(None) => continue,
+            Ok(Some(out)) => (false, ShardMsg::Finished(Ok(out))),
+            Err(e) => (true, ShardMsg::Finished(Err(e))),
+        };
+        if me.cast(message).is_err() || failed {
             return;
         }
     }
@@ -225,55 +234,108 @@ fn run_step(stage: &mut Stage<CpuBackend>, samplers: &mut HashMap<SeqId, Sequenc
         let finish = sampler.finish_reason(out.token);
         sampled.push(SampledOut { id: s.id, sampled: out, finish });
     }
-    Ok(StepOutput { sampled, forward_time })
+    Ok(StepOutput { number: work.number, sampled, forward_time })
 }
 
-/// One step through the pipeline: the local layers, then each remote stage in turn.
-fn run_pipeline_step(stage: &mut Stage<CpuBackend>, plan: &PipelinePlan, work: &ShardWork) -> Result<StepOutput, String> {
-    let start = Instant::now();
+/// One step on its way down the pipeline.
+struct ChainItem {
+    number: u64,
+    chunks: Vec<baton_mesh::stage_wire::WireChunk>,
+    ids: Vec<u64>,
+    hidden: Vec<f32>,
+    new_sequences: Vec<WireNewSequence>,
+    released: Vec<u64>,
+    started: Instant,
+}
+
+/// The remote stages as a chain of in-order workers, one per link, so each stage can work on a
+/// different step (micro-batch) at the same time.
+struct Chain {
+    first: tokio::sync::mpsc::UnboundedSender<ChainItem>,
+}
+
+fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
+    let n = plan.remotes.len();
+    let mut next: Option<tokio::sync::mpsc::UnboundedSender<ChainItem>> = None;
+    for i in (0..n).rev() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ChainItem>();
+        let link = plan.remotes[i].clone();
+        let last = i + 1 == n;
+        let forward_to = next.take();
+        let me = me.clone();
+        plan.runtime.spawn(async move {
+            while let Some(mut item) = rx.recv().await {
+                let req = StageRequest::Step {
+                    chunks: item.chunks.clone(),
+                    input: WireInput::Hidden(std::mem::take(&mut item.hidden)),
+                    new_sequences: if last { std::mem::take(&mut item.new_sequences) } else { Vec::new() },
+                    released: if last { std::mem::take(&mut item.released) } else { Vec::new() },
+                    ids: item.ids.clone(),
+                };
+                let reply = stage_service::call(&link, &req).await.map_err(|e| format!("stage {}: {e}", link.peer));
+                let outcome = match reply {
+                    Ok(StageReply::Hidden(h)) if !last => match &forward_to {
+                        Some(next) => {
+                            item.hidden = h;
+                            if next.send(item).is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        None => Err("the pipeline chain is broken".to_string()),
+                    },
+                    Ok(StageReply::Sampled(out)) if last => Ok(StepOutput {
+                        number: item.number,
+                        sampled: out
+                            .into_iter()
+                            .map(|w| SampledOut {
+                                id: w.id,
+                                sampled: Sampled { token: w.token, logprob: w.logprob, top_logprobs: w.top_logprobs },
+                                finish: match w.finish {
+                                    1 => Some(FinishReason::Stop),
+                                    2 => Some(FinishReason::Length),
+                                    _ => None,
+                                },
+                            })
+                            .collect(),
+                        forward_time: item.started.elapsed(),
+                    }),
+                    Ok(StageReply::Error(e)) => Err(format!("stage {}: {e}", link.peer)),
+                    Ok(other) => Err(format!("stage {} answered out of turn: {other:?}", link.peer)),
+                    Err(e) => Err(e),
+                };
+                let failed = outcome.is_err();
+                if me.cast(ShardMsg::Finished(outcome)).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        next = Some(tx);
+    }
+    let (fallback, _) = tokio::sync::mpsc::unbounded_channel();
+    Chain { first: next.unwrap_or(fallback) }
+}
+
+/// The head's share of a pipeline step: its layers here, then the step goes down the chain.
+fn run_head_stage(stage: &mut Stage<CpuBackend>, chain: &Chain, work: &ShardWork) -> Result<(), String> {
+    let started = Instant::now();
     let tokens = work.step.tokens();
-    let mut hidden = match stage.forward(&work.step.layout, StageInput::Tokens(&tokens)).map_err(|e| e.to_string())? {
+    let hidden = match stage.forward(&work.step.layout, StageInput::Tokens(&tokens)).map_err(|e| e.to_string())? {
         StageOutput::Hidden(h) => h,
         StageOutput::Logits { .. } => return Err("the head stage unexpectedly ends the model".into()),
     };
-    let chunks = layout_to_wire(&work.step.layout);
-    let ids: Vec<u64> = work.step.scheduled.iter().map(|s| s.id).collect();
-    for (i, link) in plan.remotes.iter().enumerate() {
-        let last = i + 1 == plan.remotes.len();
-        let req = StageRequest::Step {
-            chunks: chunks.clone(),
-            input: WireInput::Hidden(std::mem::take(&mut hidden)),
-            new_sequences: if last {
-                work.new_sequences
-                    .iter()
-                    .map(|s| WireNewSequence { id: s.id, params: sampling_to_wire(&s.params), prompt: s.prompt.clone(), eos: s.eos.clone() })
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            released: if last { work.released.clone() } else { Vec::new() },
-            ids: ids.clone(),
-        };
-        match plan.runtime.block_on(stage_service::call(link, &req)).map_err(|e| format!("stage {}: {e}", link.peer))? {
-            StageReply::Hidden(h) if !last => hidden = h,
-            StageReply::Sampled(out) if last => {
-                let sampled = out
-                    .into_iter()
-                    .map(|w| SampledOut {
-                        id: w.id,
-                        sampled: Sampled { token: w.token, logprob: w.logprob, top_logprobs: w.top_logprobs },
-                        finish: match w.finish {
-                            1 => Some(FinishReason::Stop),
-                            2 => Some(FinishReason::Length),
-                            _ => None,
-                        },
-                    })
-                    .collect();
-                return Ok(StepOutput { sampled, forward_time: start.elapsed() });
-            }
-            StageReply::Error(e) => return Err(format!("stage {}: {e}", link.peer)),
-            other => return Err(format!("stage {} answered out of turn: {other:?}", link.peer)),
-        }
-    }
-    Err("the pipeline has no remote stage".into())
+    let item = ChainItem {
+        number: work.number,
+        chunks: layout_to_wire(&work.step.layout),
+        ids: work.step.scheduled.iter().map(|s| s.id).collect(),
+        hidden,
+        new_sequences: work
+            .new_sequences
+            .iter()
+            .map(|s| WireNewSequence { id: s.id, params: sampling_to_wire(&s.params), prompt: s.prompt.clone(), eos: s.eos.clone() })
+            .collect(),
+        released: work.released.clone(),
+        started,
+    };
+    chain.first.send(item).map_err(|_| "the pipeline's stage links are gone".to_string())
 }

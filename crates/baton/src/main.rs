@@ -4,6 +4,7 @@
 mod bench;
 mod bench_http;
 mod client;
+mod forward;
 mod cluster;
 mod gen_model;
 mod generate;

@@ -83,6 +83,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         if index > 0 {
             let svc = Arc::new(StageService::new(dir, layers, threads));
+            let head_http = c.node(&stages[0].0).and_then(|h| h.http);
+            if let (Some(listen), Some(head)) = (me.http, head_http) {
+                tokio::spawn(async move {
+                    if let Err(e) = crate::forward::serve(listen, head, std::future::pending()).await {
+                        eprintln!("baton: {e}");
+                    }
+                });
+            }
             tokio::select! {
                 _ = stage_service::serve(node.clone(), svc) => {},
                 _ = shutdown_signal() => node.close(),
