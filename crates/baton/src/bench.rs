@@ -24,6 +24,8 @@ pub struct Command {
 enum Sub {
     /// Engine speed on this machine: decode at several batch sizes, prefill, bandwidth floor.
     Engine(EngineArgs),
+    /// One activation hop between two nodes over the QUIC control plane, beside memcpy.
+    Hop(crate::bench_hop::HopArgs),
 }
 
 #[derive(clap::Args)]
@@ -52,6 +54,7 @@ pub struct EngineArgs {
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd.sub {
         Some(Sub::Engine(args)) => engine(args),
+        Some(Sub::Hop(args)) => crate::bench_hop::run(args),
         None => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_http;
+mod bench_hop;
 mod client;
 mod forward;
 mod cluster;
