@@ -85,3 +85,22 @@ extern "C" __global__ void add_bias(float* out, const float* bias, int n) {
     float* o = out + (long)blockIdx.x * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] += bias[i];
 }
+
+// f32 -> f16 (activations for cuBLAS f16 products). 1-D grid over n.
+extern "C" __global__ void f32_to_f16_kernel(const float* in, f16_bits* out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { f16_bits h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(in[i])); out[i] = h; }
+}
+
+// x += y. 1-D grid over n.
+extern "C" __global__ void add_inplace(float* x, const float* y, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+// out[i, :] = x[rows[i], :]. grid: len(rows); block: any.
+extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int width) {
+    const float* src = x + (long)rows[blockIdx.x] * width;
+    float* dst = out + (long)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
+}

@@ -1,7 +1,9 @@
-//! The CUDA side of Baton, so far: the kernel sources of kernels/ (the one source for NVRTC at
-//! start-up or nvcc in build.rs), their NVRTC compilation, and a probe for the CUDA driver that
-//! returns an error instead of panicking when libcuda is absent. The `Backend` implementation
-//! over cudarc and cuBLAS is not written yet (see ARCHITECTURE.md).
+//! The CUDA side of Baton: the kernel sources of kernels/ (the one source, compiled with NVRTC
+//! at start-up), a probe for the CUDA driver that returns an error instead of panicking when
+//! libcuda is absent, and [`backend::CudaBackend`], the engine's `Backend` over cudarc and
+//! cuBLAS. Compiled and NVRTC-checked on CPU machines; not yet run on a GPU.
+
+pub mod backend;
 
 use std::path::Path;
 
@@ -20,7 +22,8 @@ pub const KERNELS: &[KernelSource] = &[
         source: include_str!("../../../kernels/elementwise.cu"),
         entries: &[
             "embed_f32", "embed_bf16", "embed_f16", "rms_norm", "add_rms_norm", "rope", "silu_mul", "kv_write",
-            "f32_to_bf16_kernel", "bf16_to_f32_kernel", "f16_to_f32_kernel", "add_bias",
+            "f32_to_bf16_kernel", "bf16_to_f32_kernel", "f16_to_f32_kernel", "add_bias", "f32_to_f16_kernel",
+            "add_inplace", "gather_rows",
         ],
     },
     KernelSource { name: "attention", source: include_str!("../../../kernels/attention.cu"), entries: &["paged_attention"] },

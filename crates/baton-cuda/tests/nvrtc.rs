@@ -29,3 +29,11 @@ fn a_broken_kernel_is_reported() {
     let r = cudarc::nvrtc::compile_ptx_with_opts("extern \"C\" __global__ void broken(float* x { x[0] = 1; }", opts);
     assert!(r.is_err(), "NVRTC accepted a syntax error");
 }
+
+#[test]
+fn selecting_the_cuda_backend_without_a_gpu_is_an_error_not_a_panic() {
+    match baton_cuda::backend::CudaBackend::new(0) {
+        Ok(_) => {} // a machine with a GPU
+        Err(e) => assert!(e.to_string().contains("libcuda") || e.to_string().contains("CUDA"), "{e}"),
+    }
+}

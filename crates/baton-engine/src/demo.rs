@@ -54,7 +54,21 @@ pub const BENCH: Preset = Preset {
     max_position_embeddings: 8192,
 };
 
-pub const PRESETS: [&Preset; 2] = [&TINY, &BENCH];
+/// Llama-3.2-1B's shape, in bf16: for GPU timings.
+pub const LLAMA_1B: Preset = Preset {
+    name: "llama-1b",
+    hidden_size: 2048,
+    num_layers: 16,
+    num_heads: 32,
+    num_kv_heads: 8,
+    intermediate_size: 8192,
+    vocab_size: 128256,
+    tie_word_embeddings: true,
+    rope_theta: 500_000.0,
+    max_position_embeddings: 8192,
+};
+
+pub const PRESETS: [&Preset; 3] = [&TINY, &BENCH, &LLAMA_1B];
 
 pub fn preset(name: &str) -> Option<&'static Preset> {
     PRESETS.iter().copied().find(|p| p.name == name)

@@ -7,7 +7,8 @@ use baton_engine::demo;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Which shape: `tiny` (fast tests) or `bench` (SmolLM2-135M's shape, bf16).
+    /// Which shape: `tiny` (fast tests), `bench` (SmolLM2-135M's shape, bf16) or `llama-1b`
+    /// (Llama-3.2-1B's shape, bf16, for GPU timings).
     #[arg(long)]
     preset: String,
     /// Directory to write (created if needed).
