@@ -70,6 +70,11 @@ fn bad_input_gives_clear_errors() {
     let d = dir.to_str().unwrap();
     ok(&baton(&["gen-model", "--preset", "tiny", "--out", d]));
     fails_with(&baton(&["generate", "--model", d, "--temperature=-1"]), &["temperature"]);
+    // Without a GPU (CI), selecting CUDA is a clear error, never a panic.
+    let cuda = baton(&["generate", "--model", d, "--device", "cuda", "--max-tokens", "2"]);
+    if !cuda.status.success() {
+        fails_with(&cuda, &["CUDA"]);
+    }
     std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
     fails_with(&baton(&["generate", "--model", d]), &["tokenizer.json"]);
 }

@@ -145,3 +145,13 @@ pub fn sampled_to_wire(id: u64, s: &Sampled, finish: Option<baton_engine::Finish
         },
     }
 }
+
+/// The inverse of [`sampled_to_wire`].
+pub fn sampled_from_wire(w: WireSampled) -> (u64, Sampled, Option<baton_engine::FinishReason>) {
+    let finish = match w.finish {
+        1 => Some(baton_engine::FinishReason::Stop),
+        2 => Some(baton_engine::FinishReason::Length),
+        _ => None,
+    };
+    (w.id, Sampled { token: w.token, logprob: w.logprob, top_logprobs: w.top_logprobs }, finish)
+}

@@ -14,7 +14,7 @@ use baton_engine::{
 };
 use baton_scheduler::{SeqId, Step};
 use baton_mesh::stage_service;
-use baton_mesh::stage_wire::{layout_to_wire, sampling_to_wire, StageReply, StageRequest, WireInput, WireNewSequence};
+use baton_mesh::stage_wire::{layout_to_wire, sampled_from_wire, sampling_to_wire, StageReply, StageRequest, WireInput, WireNewSequence};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::scheduler::SchedulerMsg;
@@ -288,14 +288,9 @@ fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
                         number: item.number,
                         sampled: out
                             .into_iter()
-                            .map(|w| SampledOut {
-                                id: w.id,
-                                sampled: Sampled { token: w.token, logprob: w.logprob, top_logprobs: w.top_logprobs },
-                                finish: match w.finish {
-                                    1 => Some(FinishReason::Stop),
-                                    2 => Some(FinishReason::Length),
-                                    _ => None,
-                                },
+                            .map(|w| {
+                                let (id, sampled, finish) = sampled_from_wire(w);
+                                SampledOut { id, sampled, finish }
                             })
                             .collect(),
                         forward_time: item.started.elapsed(),

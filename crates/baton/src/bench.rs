@@ -34,6 +34,9 @@ pub struct EngineArgs {
     model: load::ModelArgs,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Where the engine runs.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: load::Device,
     /// Decode batch sizes, comma-separated.
     #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
     batch: Vec<usize>,
@@ -67,7 +70,11 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
     let dir = args.model.dir()?;
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
     let kv_tokens = (max_batch * (args.prompt_len + args.steps + 8)).max(args.prefill_len + 16);
-    let mut m = load::load(&dir, args.threads, kv_tokens, args.prefill_len.max(1))?;
+    crate::with_backend!(args.device, args.threads, |backend| engine_on(backend, &args, &dir, kv_tokens))
+}
+
+fn engine_on<B: Backend>(backend: B, args: &EngineArgs, dir: &std::path::Path, kv_tokens: usize) -> anyhow::Result<()> {
+    let mut m = load::load(backend, dir, kv_tokens, args.prefill_len.max(1))?;
     let vocab = m.config.vocab_size as u64;
     let mut rng = Rng::new(1);
     let mut prompt = |len: usize| -> Vec<u32> { (0..len).map(|_| (rng.next_u64() % vocab) as u32).collect() };

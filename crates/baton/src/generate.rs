@@ -33,6 +33,9 @@ pub struct Args {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the engine runs.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: load::Device,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -43,7 +46,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = args.model.dir()?;
     let tok = load::tokenizer(&model)?;
     let prompt = tok.encode(&args.prompt)?;
-    let mut m = load::load(&model, threads, prompt.len() + args.max_tokens, 512)?;
+    crate::with_backend!(args.device, threads, |backend| generate_on(backend, &args, &model, &tok, &prompt))
+}
+
+fn generate_on<B: baton_engine::Backend>(backend: B, args: &Args, model: &std::path::Path, tok: &baton_engine::TextTokenizer, prompt: &[u32]) -> anyhow::Result<()> {
+    let mut m = load::load(backend, model, prompt.len() + args.max_tokens, 512)?;
 
     let params = SamplingParams {
         temperature: args.temperature,
@@ -61,9 +68,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let mut stream_err = None;
     let stream = !args.json;
-    let generation = m.runner.generate(&prompt, params, &tok.eos_token_ids, &mut |s| {
+    let generation = m.runner.generate(prompt, params, &tok.eos_token_ids, &mut |s| {
         if stream {
-            match detok.push(&tok, s.token) {
+            match detok.push(tok, s.token) {
                 Ok(piece) => {
                     let _ = stdout.write_all(piece.as_bytes());
                     let _ = stdout.flush();
@@ -87,7 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
         writeln!(stdout, "{out}")?;
     } else {
-        let rest = detok.flush(&tok)?;
+        let rest = detok.flush(tok)?;
         writeln!(stdout, "{rest}")?;
         eprintln!(
             "prompt {} tokens, generated {} ({}); prefill {:.1} tokens/s, decode {:.1} tokens/s",

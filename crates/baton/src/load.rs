@@ -1,15 +1,51 @@
-//! Loading a model directory onto the CPU backend with a progress bar, shared by the commands.
+//! Loading a model directory onto a backend (CPU, or CUDA with the `cuda` feature) with a
+//! progress bar, shared by the commands.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use baton_engine::{demo, Checkpoint, CpuBackend, KvGeometry, LocalRunner, ModelConfig, Stage, TextTokenizer};
+use baton_engine::{demo, Backend, Checkpoint, KvGeometry, LocalRunner, ModelConfig, Stage, TextTokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// A model ready to run in this process.
-pub struct Loaded {
-    pub runner: LocalRunner<CpuBackend>,
+pub struct Loaded<B: Backend> {
+    pub runner: LocalRunner<B>,
     pub config: ModelConfig,
+}
+
+/// Where the engine runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    /// The first NVIDIA GPU (needs the `cuda` feature, on by default, and a driver).
+    Cuda,
+}
+
+/// Runs `$body` with `$b` bound to the selected backend (a macro: the body is generic).
+#[macro_export]
+macro_rules! with_backend {
+    ($device:expr, $threads:expr, |$b:ident| $body:expr) => {
+        match $device {
+            $crate::load::Device::Cpu => {
+                let $b = baton_engine::CpuBackend::new($threads)?;
+                $body
+            }
+            $crate::load::Device::Cuda => {
+                let $b = $crate::load::cuda_backend()?;
+                $body
+            }
+        }
+    };
+}
+
+#[cfg(feature = "cuda")]
+pub fn cuda_backend() -> anyhow::Result<baton_cuda::backend::CudaBackend> {
+    Ok(baton_cuda::backend::CudaBackend::new(0)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_backend() -> anyhow::Result<baton_engine::CpuBackend> {
+    anyhow::bail!("--device cuda: this baton was built without CUDA support (the `cuda` cargo feature)")
 }
 
 /// The model's tokenizer (and its config), required to work with text.
@@ -21,8 +57,8 @@ pub fn tokenizer(dir: &Path) -> anyhow::Result<TextTokenizer> {
     Ok(TextTokenizer::from_dir(dir, &config)?)
 }
 
-/// Loads `dir` whole, with a KV cache of `kv_tokens` token slots.
-pub fn load(dir: &Path, threads: usize, kv_tokens: usize, prefill_chunk: usize) -> anyhow::Result<Loaded> {
+/// Loads `dir` whole onto `backend`, with a KV cache of `kv_tokens` token slots.
+pub fn load<B: Backend>(backend: B, dir: &Path, kv_tokens: usize, prefill_chunk: usize) -> anyhow::Result<Loaded<B>> {
     let config = ModelConfig::from_dir(dir)?;
     let ckpt = Checkpoint::open(dir)?;
     let bar = ProgressBar::new(0).with_style(
@@ -36,7 +72,6 @@ pub fn load(dir: &Path, threads: usize, kv_tokens: usize, prefill_chunk: usize) 
         block_size,
         num_blocks: kv_tokens.div_ceil(block_size),
     };
-    let backend = CpuBackend::new(threads)?;
     let stage = Stage::load(backend, &config, &ckpt, 0..config.num_layers, geometry, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
