@@ -264,7 +264,7 @@ async fn spawn_shard(myself: &ActorRef<SchedulerMsg>, args: &ShardArgsTemplate, 
         threads: args.threads,
         geometry,
         scheduler: myself.clone(),
-        fault: args.fault,
+        fault: args.fault.clone(),
         pipeline: args.pipeline.clone(),
     };
     let (shard, _) = Actor::spawn_linked(None, Shard, shard_args, myself.get_cell()).await?;

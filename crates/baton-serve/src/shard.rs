@@ -19,10 +19,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::scheduler::SchedulerMsg;
 
-/// A deliberate failure for supervision tests: the worker panics when it reaches this step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A deliberate failure for supervision tests: the worker panics at its next step once this
+/// file exists (the test decides when, so the failure hits the requests it means to).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InjectedFault {
-    pub panic_at_step: usize,
+    pub trigger: PathBuf,
 }
 
 /// The rest of a pipeline when this shard is its head: the shard runs layers
@@ -187,7 +188,7 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<Shar
     let mut steps = 0;
     while let Ok(work) = rx.recv() {
         steps += 1;
-        let fault = args.fault.is_some_and(|f| f.panic_at_step == steps);
+        let fault = args.fault.as_ref().is_some_and(|f| f.trigger.exists());
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if fault {
                 panic!("injected fault at step {steps}");

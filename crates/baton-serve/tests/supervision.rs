@@ -26,7 +26,7 @@ fn request(n: u32) -> GenerateRequest {
     GenerateRequest {
         request_id: format!("r{n}"),
         prompt: vec![1 + n, 2, 3, 4],
-        params: SamplingParams { ignore_eos: true, ..SamplingParams::greedy(40) },
+        params: SamplingParams { ignore_eos: true, ..SamplingParams::greedy(400) },
         stop: Vec::new(),
     }
 }
@@ -50,16 +50,18 @@ async fn a_failed_shard_errors_its_requests_and_restarts() {
     let tokenizer = Arc::new(TextTokenizer::from_dir(&dir, &config).unwrap());
     let ready = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::new());
+    let trigger = dir.join("fail-now");
+    let _ = std::fs::remove_file(&trigger);
     let core = Scheduler::new(
         SchedulerConfig { max_num_seqs: 8, max_batched_tokens: 64, max_waiting: 64, max_model_len: 512 },
-        baton_engine::KvGeometry { block_size: 16, num_blocks: 64 },
+        baton_engine::KvGeometry { block_size: 16, num_blocks: 128 },
     );
     let (sched, _handle) = Actor::spawn(
         None,
         SchedulerActor,
         SchedulerArgs {
             core,
-            shard: ShardArgsTemplate { model_dir: dir.clone(), threads: 1, fault: Some(InjectedFault { panic_at_step: 5 }), pipeline: None },
+            shard: ShardArgsTemplate { model_dir: dir.clone(), threads: 1, fault: Some(InjectedFault { trigger: trigger.clone() }), pipeline: None },
             tokenizer,
             metrics: metrics.clone(),
             ready: ready.clone(),
@@ -69,11 +71,19 @@ async fn a_failed_shard_errors_its_requests_and_restarts() {
     .unwrap();
     wait_ready(&ready).await;
 
-    // Three requests running together; the shard dies at its fifth step.
-    let runs: Vec<_> = (0..3).map(|n| {
-        let sched = sched.clone();
-        tokio::spawn(async move { last_event(&sched, request(n)).await })
-    }).collect();
+    // Three long requests; once all three run, the shard dies at its next step.
+    let runs: Vec<_> = (0..3)
+        .map(|n| {
+            let sched = sched.clone();
+            tokio::spawn(async move { last_event(&sched, request(n)).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metrics.stats()["running"] != 3 {
+        assert!(Instant::now() < deadline, "the requests never ran together");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    std::fs::write(&trigger, b"now").unwrap();
     for r in runs {
         let ev = r.await.unwrap();
         assert!(matches!(ev, Event::Error(_)), "a request held by the failed shard ended with {ev:?}");
@@ -82,7 +92,8 @@ async fn a_failed_shard_errors_its_requests_and_restarts() {
 
     // The restarted shard serves new requests to the end.
     wait_ready(&ready).await;
+    std::fs::remove_file(&trigger).unwrap();
     let ev = last_event(&sched, request(9)).await;
-    assert!(matches!(ev, Event::Done { completion_tokens: 40, .. }), "{ev:?}");
+    assert!(matches!(ev, Event::Done { completion_tokens: 400, .. }), "{ev:?}");
     sched.stop(None);
 }
