@@ -13,10 +13,16 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/baton-gpu-check}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt" || true
-# NVRTC comes with the CUDA install or PyTorch's wheels; put it on the loader path.
-nvrtc=$(python3 -c "import nvidia.cuda_nvrtc, os; print(os.path.join(list(nvidia.cuda_nvrtc.__path__)[0], 'lib'))" 2>/dev/null \
-    || python3 -c "import nvidia.cu13, os; print(os.path.join(list(nvidia.cu13.__path__)[0], 'lib'))" 2>/dev/null || true)
-export LD_LIBRARY_PATH="${nvrtc:+$nvrtc:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+# NVRTC and cuBLAS: a CUDA install, or the nvidia-* wheels PyTorch brings (every nvidia/*/lib).
+nvlibs=$(python3 - <<'PY' 2>/dev/null || true
+import glob, os, site
+dirs = []
+for sp in site.getsitepackages():
+    dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "lib")))
+print(":".join(dirs))
+PY
+)
+export LD_LIBRARY_PATH="${nvlibs:+$nvlibs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 for preset in bench llama-1b; do
     [ -f "$out/$preset/config.json" ] || target/release/baton gen-model --preset "$preset" --out "$out/$preset"
 done
