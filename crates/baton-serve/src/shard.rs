@@ -31,6 +31,9 @@ pub struct InjectedFault {
 /// the last one samples.
 pub struct PipelinePlan {
     pub local_end: usize,
+    /// Steps (micro-batches) in flight at once: one per stage lets every stage work; fewer
+    /// makes bigger batches, better when the stages share the same cores.
+    pub max_in_flight: usize,
     pub remotes: Vec<baton_mesh::control::PeerLink>,
     /// The async runtime the links live on (the shard's thread blocks on it).
     pub runtime: tokio::runtime::Handle,

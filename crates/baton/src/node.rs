@@ -32,6 +32,10 @@ pub struct Args {
     /// KV cache size in MiB (pipeline head: for the whole model's block table).
     #[arg(long, default_value_t = 1024)]
     kv_cache_mb: usize,
+    /// Pipeline head: steps (micro-batches) in flight at once; default one per stage. 1 runs the
+    /// stages one after another with bigger batches (better when they share the same cores).
+    #[arg(long)]
+    micro_batches: Option<usize>,
 }
 
 fn model_dir(c: &ClusterConfig, cluster_file: &std::path::Path) -> anyhow::Result<PathBuf> {
@@ -114,7 +118,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             remotes.push(link);
         }
-        let pipeline = (!remotes.is_empty()).then(|| Arc::new(PipelinePlan { local_end: layers.end, remotes, runtime: tokio::runtime::Handle::current() }));
+        let max_in_flight = args.micro_batches.unwrap_or(stages.len()).max(1);
+        let pipeline = (!remotes.is_empty())
+            .then(|| Arc::new(PipelinePlan { local_end: layers.end, max_in_flight, remotes, runtime: tokio::runtime::Handle::current() }));
         let listen = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", args.cluster.display(), me.name))?;
         let model_name = dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
         let opts = ServeOptions {
