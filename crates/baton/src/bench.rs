@@ -4,7 +4,7 @@
 
 use baton_engine::rng::Rng;
 use baton_engine::Backend;
-use rayon_free::read_bandwidth;
+use bandwidth::read_bandwidth;
 use serde_json::json;
 
 use crate::load;
@@ -132,7 +132,7 @@ fn engine_on<B: Backend>(backend: B, args: &EngineArgs, dir: &std::path::Path, k
     Ok(())
 }
 
-mod rayon_free {
+mod bandwidth {
     //! Read bandwidth measured the way decode reads weights: every thread streams its share of a
     //! buffer larger than the caches.
 

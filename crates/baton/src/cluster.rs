@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use baton_engine::{demo, ModelConfig};
 use baton_mesh::config::ClusterConfig;
 use baton_mesh::{pki, placement};
 
@@ -21,17 +20,6 @@ pub enum Command {
     },
 }
 
-/// Layers of the model the cluster serves (a demo preset or a model directory).
-fn num_layers(c: &ClusterConfig, config_path: &std::path::Path) -> anyhow::Result<usize> {
-    if let Some(name) = c.model.strip_prefix("demo:") {
-        return demo::preset(name)
-            .map(|p| p.num_layers)
-            .with_context(|| format!("{}: `model.path`: unknown demo preset {name:?}", config_path.display()));
-    }
-    let dir = config_path.parent().unwrap_or(std::path::Path::new(".")).join(&c.model);
-    Ok(ModelConfig::from_dir(&dir)?.num_layers)
-}
-
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Init { config } => {
@@ -41,7 +29,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let c = ClusterConfig::from_file(&config)?;
-            let layers = num_layers(&c, &config)?;
+            let layers = crate::load::ClusterModel::of(&c, &config)?.num_layers()?;
             c.check_layers(&config, layers)?;
             let plan = placement::plan(&c, layers).with_context(|| format!("{}: placement", config.display()))?;
             println!("cluster `{}`: {} nodes, model {} ({layers} layers)", c.name, c.nodes.len(), c.model);

@@ -131,6 +131,39 @@ impl ModelArgs {
     }
 }
 
+/// What a cluster.toml's `model.path` names: a demo preset (`demo:NAME`) or a model directory
+/// (relative to the file).
+pub enum ClusterModel {
+    Demo(&'static demo::Preset),
+    Dir(PathBuf),
+}
+
+impl ClusterModel {
+    pub fn of(c: &baton_mesh::config::ClusterConfig, cluster_file: &Path) -> anyhow::Result<Self> {
+        match c.model.strip_prefix("demo:") {
+            Some(name) => demo::preset(name)
+                .map(ClusterModel::Demo)
+                .with_context(|| format!("{}: `model.path`: unknown demo preset {name:?}", cluster_file.display())),
+            None => Ok(ClusterModel::Dir(cluster_file.parent().unwrap_or(Path::new(".")).join(&c.model))),
+        }
+    }
+
+    pub fn num_layers(&self) -> anyhow::Result<usize> {
+        match self {
+            ClusterModel::Demo(p) => Ok(p.num_layers),
+            ClusterModel::Dir(d) => Ok(ModelConfig::from_dir(d)?.num_layers),
+        }
+    }
+
+    /// The model directory; a demo model is generated (and cached) on first use.
+    pub fn dir(&self) -> anyhow::Result<PathBuf> {
+        match self {
+            ClusterModel::Demo(p) => ensure_demo_model(p.name, 0),
+            ClusterModel::Dir(d) => Ok(d.clone()),
+        }
+    }
+}
+
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

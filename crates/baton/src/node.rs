@@ -38,35 +38,13 @@ pub struct Args {
     micro_batches: Option<usize>,
 }
 
-fn model_dir(c: &ClusterConfig, cluster_file: &std::path::Path) -> anyhow::Result<PathBuf> {
-    match c.model.strip_prefix("demo:") {
-        Some(preset) => load::ensure_demo_model(preset, 0),
-        None => Ok(cluster_file.parent().unwrap_or(std::path::Path::new(".")).join(&c.model)),
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = ctrl_c => {},
-                _ = term.recv() => {},
-            }
-            return;
-        }
-    }
-    let _ = ctrl_c.await;
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     let c = ClusterConfig::from_file(&args.cluster)?;
     let me = c.node(&args.name).with_context(|| format!("--name: {}: no node named {:?}", args.cluster.display(), args.name))?.clone();
     if c.replicas != 1 {
         bail!("{}: `placement.replicas` > 1 is not supported by `baton node` yet", args.cluster.display());
     }
-    let dir = model_dir(&c, &args.cluster)?;
+    let dir = load::ClusterModel::of(&c, &args.cluster)?.dir()?;
     let mc = ModelConfig::from_dir(&dir)?;
     c.check_layers(&args.cluster, mc.num_layers)?;
     let plan = placement::plan(&c, mc.num_layers).with_context(|| format!("{}: placement", args.cluster.display()))?;
@@ -97,7 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             tokio::select! {
                 _ = stage_service::serve(node.clone(), svc) => {},
-                _ = shutdown_signal() => node.close(),
+                _ = crate::serve::shutdown_signal() => node.close(),
             }
             return Ok(());
         }
@@ -137,7 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             quic_cert_out: None,
             pipeline,
         };
-        serve(opts, shutdown_signal()).await?;
+        serve(opts, crate::serve::shutdown_signal()).await?;
         node.close();
         Ok(())
     })

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use baton_engine::ModelConfig;
 use baton_mesh::config::ClusterConfig;
 use baton_mesh::control::ControlNode;
 use baton_mesh::stage_service;
@@ -38,11 +37,7 @@ fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let c = ClusterConfig::from_file(&args.cluster)?;
-    let dir = match c.model.strip_prefix("demo:") {
-        Some(p) => load::demo_model_dir(p, 0),
-        None => args.cluster.parent().unwrap_or(std::path::Path::new(".")).join(&c.model),
-    };
-    let layers = ModelConfig::from_dir(&dir).with_context(|| format!("the cluster's model ({})", dir.display()))?.num_layers;
+    let layers = load::ClusterModel::of(&c, &args.cluster)?.num_layers().context("the cluster's model")?;
     let plan = placement::plan(&c, layers)?;
     let head = &plan.pipelines[0].stages[0].0;
     let identity = pki::load(&c.tls_dir, head).with_context(|| format!("the head's certificate (run `baton cluster init {}`)", args.cluster.display()))?;
