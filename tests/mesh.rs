@@ -1,6 +1,8 @@
-//! A three-node pipeline on loopback, each node a real `baton node` process: requests entering
-//! the head give token for token what one node gives, 32 concurrent streams all finish
-//! correctly, and garbage sent to a node's control port leaves the mesh serving.
+//! A three-node pipeline on loopback, each node a real `baton node` process, once per tensor
+//! plane (UCX over TCP, UCX over shared memory, the QUIC fallback): requests entering at every
+//! node give token for token what one node gives, 32 concurrent streams all finish correctly,
+//! long prompts take the RMA path on UCX, and garbage sent to a node's control port leaves the
+//! mesh serving.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -31,11 +33,11 @@ fn free_tcp() -> u16 {
 }
 
 /// A three-node cluster.toml on free loopback ports; returns (file, head http port, node-b
-/// control port, node-b http port).
-fn write_cluster(name: &str, model: &std::path::Path) -> (std::path::PathBuf, u16, u16, u16) {
+/// control port, node-b http port, node-c http port).
+fn write_cluster(name: &str, model: &std::path::Path) -> (std::path::PathBuf, u16, u16, u16, u16) {
     let dir = support::scratch(name);
     std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cb, cc, http, quic, http_b) = (free_udp(), free_udp(), free_udp(), free_tcp(), free_udp(), free_tcp());
+    let (ca, cb, cc, http, quic, http_b, http_c) = (free_udp(), free_udp(), free_udp(), free_tcp(), free_udp(), free_tcp(), free_tcp());
     let cfg = dir.join("cluster.toml");
     std::fs::write(
         &cfg,
@@ -61,20 +63,21 @@ memory_gb = 1
 [[nodes]]
 name = "node-c"
 control = "127.0.0.1:{cc}"
+http = "127.0.0.1:{http_c}"
 memory_gb = 1
 "#,
             model = model.display()
         ),
     )
     .unwrap();
-    (cfg, http, cb, http_b)
+    (cfg, http, cb, http_b, http_c)
 }
 
 #[test]
 fn bootstrap_starts_reports_and_stops_a_local_cluster() {
     let bin = env!("CARGO_BIN_EXE_baton");
     let model = support::tiny_model("boot-model");
-    let (cfg, http, _, _) = write_cluster("boot", &model);
+    let (cfg, http, _, _, _) = write_cluster("boot", &model);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bootstrap.sh");
     let out = Command::new("bash").arg(&script).arg(&cfg).env("BATON", bin).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -96,36 +99,87 @@ fn bootstrap_starts_reports_and_stops_a_local_cluster() {
     }
 }
 
+/// The tensor plane a run uses: `--tensor-plane` and UCX_TLS for every node.
+struct Plane {
+    name: &'static str,
+    arg: &'static str,
+    ucx_tls: Option<&'static str>,
+}
+
 #[test]
-fn a_three_stage_pipeline_matches_one_node() {
+fn a_three_stage_pipeline_over_ucx_tcp_matches_one_node() {
+    three_stage_pipeline_matches_one_node(Plane { name: "ucx-tcp", arg: "ucx", ucx_tls: Some("tcp") });
+}
+
+#[test]
+fn a_three_stage_pipeline_over_ucx_shared_memory_matches_one_node() {
+    three_stage_pipeline_matches_one_node(Plane { name: "ucx-shm", arg: "ucx", ucx_tls: Some("shm") });
+}
+
+#[test]
+fn a_three_stage_pipeline_over_the_quic_fallback_matches_one_node() {
+    three_stage_pipeline_matches_one_node(Plane { name: "quic", arg: "quic", ucx_tls: None });
+}
+
+/// `baton status --json`'s row for `node`.
+fn status_row(cfg: &std::path::Path, node: &str) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_baton")).args(["status", "--cluster", cfg.to_str().unwrap(), "--json"]).output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status --json: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    v["nodes"].as_array().unwrap().iter().find(|r| r["node"] == node).cloned().unwrap_or(Value::Null)
+}
+
+fn three_stage_pipeline_matches_one_node(plane: Plane) {
     let bin = env!("CARGO_BIN_EXE_baton");
-    let model = support::tiny_model("mesh-model");
-    let (cfg, http, cb, http_b) = write_cluster("mesh", &model);
+    let model = support::tiny_model(&format!("mesh-model-{}", plane.name));
+    let (cfg, http, cb, http_b, http_c) = write_cluster(&format!("mesh-{}", plane.name), &model);
     assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).status().unwrap().success());
     let check = Command::new(bin).args(["cluster", "check", cfg.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&check.stdout);
     assert!(text.contains("node-a") && text.contains("layers 0..2") && text.contains("layers 3..4"), "{text}");
 
     let mut nodes = Nodes(Vec::new());
+    let mut logs = Vec::new();
     for name in ["node-c", "node-b", "node-a"] {
-        let mut child = Command::new(bin)
-            .args(["node", "--cluster", cfg.to_str().unwrap(), "--name", name, "--threads", "1", "--kv-cache-mb", "64"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.args(["node", "--cluster", cfg.to_str().unwrap(), "--name", name, "--threads", "1", "--kv-cache-mb", "64", "--tensor-plane", plane.arg]);
+        match plane.ucx_tls {
+            Some(tls) => cmd.env("UCX_TLS", tls),
+            None => cmd.env_remove("UCX_TLS"),
+        };
+        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
         let stderr = BufReader::new(child.stderr.take().unwrap());
-        std::thread::spawn(move || for _ in stderr.lines() {});
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
         nodes.0.push(child);
+        logs.push((name, rx));
     }
     let server = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{http}"), quic: None, model: model.clone() };
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(&server.addr).is_err() || support::http(&server, "GET", "/health", None).0 != 200 {
-        assert!(Instant::now() < deadline, "the pipeline head never became ready");
+        if Instant::now() > deadline {
+            let said: Vec<String> = logs.iter().flat_map(|(n, rx)| rx.try_iter().map(move |l| format!("{n}: {l}"))).collect();
+            panic!("the pipeline head never became ready:\n{}", said.join("\n"));
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Every node says which tensor plane it runs; the head says which one each link uses.
+    let said: Vec<String> = logs.iter().flat_map(|(n, rx)| rx.try_iter().map(move |l| format!("{n}: {l}"))).collect();
+    let said = said.join("\n");
+    let (plane_line, link_line) = match plane.ucx_tls {
+        Some(tls) => (format!("tensor plane: UCX 1.22.0 (transports: {tls})"), "activations over ucx"),
+        None => ("tensor plane: QUIC streams on the control plane (chosen with --tensor-plane quic)".to_string(), "activations over quic"),
+    };
+    assert_eq!(said.matches(&plane_line).count(), 3, "{said}");
+    assert_eq!(said.matches(link_line).count(), 2, "{said}");
 
-    // Token for token what one node gives (`baton generate`, no server).
-    let prompts = ["Hello, world", "The quick brown fox jumps over the lazy dog", "1 2 3"];
+    // Token for token what one node gives (`baton generate`, no server). The long prompt's
+    // prefill carries more than 64 KiB of hidden states: the RMA path on UCX.
+    let long = "the quick brown fox jumps over the lazy dog and runs far away ".repeat(8);
+    let prompts = ["Hello, world", "The quick brown fox jumps over the lazy dog", "1 2 3", long.as_str()];
     let mut expected = Vec::new();
     for p in prompts {
         let out = Command::new(bin)
@@ -139,11 +193,16 @@ fn a_three_stage_pipeline_matches_one_node() {
         expected.push(want["token_ids"].clone());
     }
 
-    // A request entering at another node (node-b's HTTP) is forwarded to the head.
+    // Requests entering at the other nodes (their HTTP) are forwarded to the head.
     let via_b = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{http_b}"), quic: None, model: model.clone() };
-    let (status, got) = support::post(&via_b, "/v1/completions", &json!({"prompt": prompts[0], "max_tokens": 16, "temperature": 0, "ignore_eos": true, "return_token_ids": true}));
-    assert_eq!(status, 200, "{got}");
-    assert_eq!(got["choices"][0]["token_ids"], expected[0], "a request entering at node-b differs");
+    let via_c = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{http_c}"), quic: None, model: model.clone() };
+    for (node, via) in [("node-b", &via_b), ("node-c", &via_c)] {
+        for (p, want) in prompts.iter().zip(&expected) {
+            let (status, got) = support::post(via, "/v1/completions", &json!({"prompt": p, "max_tokens": 16, "temperature": 0, "ignore_eos": true, "return_token_ids": true}));
+            assert_eq!(status, 200, "{got}");
+            assert_eq!(&got["choices"][0]["token_ids"], want, "a request entering at {node} differs");
+        }
+    }
     let chunks = support::sse(&via_b, "/v1/completions", &json!({"prompt": prompts[1], "max_tokens": 16, "temperature": 0, "ignore_eos": true, "stream": true, "return_token_ids": true}));
     let streamed: Vec<Value> = chunks.iter().filter_map(|c| c["choices"][0]["token_ids"].as_array()).flatten().cloned().collect();
     assert_eq!(Value::Array(streamed), expected[1]);
@@ -158,10 +217,11 @@ fn a_three_stage_pipeline_matches_one_node() {
 
     // 32 concurrent streams through the pipeline.
     let server_ref = &server;
+    let n = prompts.len();
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..32)
             .map(|i| {
-                let p = prompts[i % 3];
+                let p = prompts[i % n];
                 scope.spawn(move || {
                     let chunks = support::sse(server_ref, "/v1/completions", &json!({"prompt": p, "max_tokens": 16, "temperature": 0, "ignore_eos": true, "stream": true, "return_token_ids": true}));
                     chunks.iter().filter_map(|c| c["choices"][0]["token_ids"].as_array()).flatten().cloned().collect::<Vec<Value>>()
@@ -169,7 +229,23 @@ fn a_three_stage_pipeline_matches_one_node() {
             })
             .collect();
         for (i, h) in handles.into_iter().enumerate() {
-            assert_eq!(Value::Array(h.join().unwrap()), expected[i % 3], "stream {i}");
+            assert_eq!(Value::Array(h.join().unwrap()), expected[i % n], "stream {i}");
         }
     });
+
+    // `baton status` shows the three stages and each stage's tensor plane; on UCX every step
+    // came over it, and the long prompts' hidden states came by RMA.
+    for node in ["node-b", "node-c"] {
+        let row = status_row(&cfg, node);
+        let state = &row["state"];
+        assert_eq!(state["loaded"], true, "{row}");
+        let steps = state["ucx_steps"].as_u64().unwrap_or(0);
+        let window = state["rma_window_steps"].as_u64().unwrap_or(0);
+        if plane.ucx_tls.is_some() {
+            assert!(state["tensor_plane"].as_str().is_some_and(|t| t.starts_with("UCX")), "{row}");
+            assert!(steps > 32 && window > 0, "{node}: {steps} steps over UCX, {window} by RMA: {row}");
+        } else {
+            assert_eq!((steps, window), (0, 0), "{row}");
+        }
+    }
 }

@@ -43,6 +43,9 @@ pub enum ControlError {
     Refused(String),
     #[error("unexpected reply: {0}")]
     Protocol(String),
+    #[cfg(feature = "ucx")]
+    #[error("tensor plane: {0}")]
+    Ucx(#[from] baton_ucx::UcxError),
 }
 
 fn roots(identity: &NodeIdentity) -> Result<rustls::RootCertStore, ControlError> {

@@ -1,6 +1,7 @@
-//! A pipeline stage served to the head over the control plane: loads its layer range when the
-//! head says how large the KV cache is, then runs each step it is sent (the last stage also
-//! samples) and answers with hidden states or sampled tokens.
+//! A pipeline stage served to the head: agrees on the tensor plane (`Attach`, over the control
+//! plane), loads its layer range when the head says how large the KV cache is, then runs each
+//! step it is sent, over UCX or QUIC (the last stage also samples), and answers with hidden
+//! states or sampled tokens.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -12,12 +13,16 @@ use baton_proto::{decode, encode, read_frame_limited, write_frame, CLOSE_MALFORM
 
 use crate::control::{ControlError, ControlNode, PeerLink};
 use crate::stage_wire::{layout_from_wire, sampled_to_wire, sampling_from_wire, StageReply, StageRequest, WireInput};
+use crate::tensor_plane::TensorPlane;
 
 /// One node's stage, loaded on the head's `Init`.
 pub struct StageService {
     pub model_dir: PathBuf,
     pub layers: Range<usize>,
     pub threads: usize,
+    plane: Arc<TensorPlane>,
+    #[cfg(feature = "ucx")]
+    ucx: Arc<crate::tensor_plane::ucx::StageUcx>,
     state: Mutex<Option<Loaded>>,
 }
 
@@ -27,8 +32,41 @@ struct Loaded {
 }
 
 impl StageService {
-    pub fn new(model_dir: PathBuf, layers: Range<usize>, threads: usize) -> Self {
-        StageService { model_dir, layers, threads, state: Mutex::new(None) }
+    pub fn new(model_dir: PathBuf, layers: Range<usize>, threads: usize, plane: Arc<TensorPlane>) -> Self {
+        StageService {
+            model_dir,
+            layers,
+            threads,
+            plane,
+            #[cfg(feature = "ucx")]
+            ucx: Arc::default(),
+            state: Mutex::new(None),
+        }
+    }
+
+    /// Steps that came over UCX, and those of them whose hidden states came by RMA.
+    fn ucx_counts(&self) -> (u64, u64) {
+        #[cfg(feature = "ucx")]
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            (self.ucx.steps.load(Relaxed), self.ucx.window_steps.load(Relaxed))
+        }
+        #[cfg(not(feature = "ucx"))]
+        (0, 0)
+    }
+
+    /// `Attach`: the stage's UCX address and window when both ends have UCX, none otherwise.
+    async fn attach(&self, head: &str, tensor_address: Option<Vec<u8>>, window_bytes: u64) -> StageReply {
+        #[cfg(feature = "ucx")]
+        if let (Some(u), Some(addr)) = (self.plane.ucx(), tensor_address) {
+            return match self.ucx.attach(u, head, addr, window_bytes).await {
+                Ok(window) => StageReply::Attached { tensor_address: self.plane.address(), window },
+                Err(e) => StageReply::Error(format!("attaching the tensor plane: {e}")),
+            };
+        }
+        #[cfg(not(feature = "ucx"))]
+        let _ = (head, tensor_address, window_bytes);
+        StageReply::Attached { tensor_address: None, window: None }
     }
 
     fn handle(&self, req: StageRequest) -> StageReply {
@@ -39,7 +77,11 @@ impl StageService {
                 first_layer: self.layers.start as u32,
                 end_layer: self.layers.end as u32,
                 loaded: guard.is_some(),
+                tensor_plane: self.plane.describe().to_string(),
+                ucx_steps: self.ucx_counts().0,
+                window_steps: self.ucx_counts().1,
             },
+            StageRequest::Attach { .. } => StageReply::Error("Attach is handled by the serving loop".into()),
             StageRequest::Init { block_size, num_blocks } => {
                 let geometry = KvGeometry { block_size: block_size as usize, num_blocks: num_blocks as usize };
                 let loaded = (|| -> Result<Loaded, String> {
@@ -71,6 +113,7 @@ impl StageService {
                 let input = match &input {
                     WireInput::Tokens(t) => StageInput::Tokens(t),
                     WireInput::Hidden(h) => StageInput::Hidden(h),
+                    WireInput::Window { .. } => return StageReply::Error("window input reached the stage unresolved".into()),
                 };
                 match l.stage.forward(&layout, input) {
                     Err(e) => StageReply::Error(e.to_string()),
@@ -97,8 +140,17 @@ impl StageService {
     }
 }
 
-/// Serves the stage to whichever cluster peer connects (the pipeline head).
+/// Serves the stage to whichever cluster peer connects (the pipeline head), over the control
+/// plane and, when it is on, UCX.
 pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>) {
+    #[cfg(feature = "ucx")]
+    if let Some(requests) = svc.plane.ucx().and_then(|u| u.take_requests()) {
+        let s = svc.clone();
+        tokio::spawn(crate::tensor_plane::ucx::serve_requests(requests, svc.ucx.clone(), move |req| {
+            let s = s.clone();
+            tokio::task::spawn_blocking(move || s.handle(req))
+        }));
+    }
     while let Some(link) = node.accept().await {
         let Ok(link) = link else { continue };
         let svc = svc.clone();
@@ -117,10 +169,15 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>) {
                         break;
                     }
                 };
-                let svc = svc.clone();
-                let reply = tokio::task::spawn_blocking(move || svc.handle(req))
-                    .await
-                    .unwrap_or_else(|e| StageReply::Error(format!("stage worker: {e}")));
+                let reply = match req {
+                    StageRequest::Attach { tensor_address, window_bytes } => svc.attach(&link.peer, tensor_address, window_bytes).await,
+                    req => {
+                        let svc = svc.clone();
+                        tokio::task::spawn_blocking(move || svc.handle(req))
+                            .await
+                            .unwrap_or_else(|e| StageReply::Error(format!("stage worker: {e}")))
+                    }
+                };
                 match encode(&reply) {
                     Ok(bytes) => {
                         let _ = write_frame(&mut send, &bytes).await;
@@ -133,7 +190,7 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>) {
     }
 }
 
-/// One request to a remote stage, one reply.
+/// One request to a remote stage, one reply, over the control plane's QUIC streams.
 pub async fn call(link: &PeerLink, req: &StageRequest) -> Result<StageReply, ControlError> {
     let (mut send, mut recv) = link.connection.open_bi().await?;
     write_frame(&mut send, &encode(req)?).await?;

@@ -1,6 +1,6 @@
-//! Messages between a pipeline head and its stages (over the control plane's QUIC streams,
-//! the tensor plane's fallback when UCX is not built in): a step's batch layout and input
-//! (token ids or hidden states) in, hidden states or sampled tokens out.
+//! Messages between a pipeline head and its stages (as UCX active messages on the tensor plane,
+//! or over the control plane's QUIC streams): a step's batch layout and input (token ids or
+//! hidden states) in, hidden states or sampled tokens out.
 
 use baton_engine::{BatchLayout, Sampled, SamplingParams, SeqChunk};
 
@@ -41,6 +41,17 @@ pub struct WireNewSequence {
 pub enum WireInput {
     Tokens(Vec<u32>),
     Hidden(Vec<f32>),
+    /// `len` bytes of little-endian f32 hidden states the head put at the start of this stage's
+    /// RMA window (and flushed) before sending the step.
+    Window { len: u64 },
+}
+
+/// A stage's RMA window, as the head needs it to put hidden states there.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WireWindow {
+    pub base: u64,
+    pub len: u64,
+    pub rkey: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -49,6 +60,9 @@ pub enum StageRequest {
     Ping { nonce: u64 },
     /// Allocate the KV cache the head's block ids refer to; answered by `Ready`.
     Init { block_size: u32, num_blocks: u32 },
+    /// The head's tensor-plane address (its UCX worker), if it has one, and how large an RMA
+    /// window it would like for hidden states; answered by `Attached`.
+    Attach { tensor_address: Option<Vec<u8>>, window_bytes: u64 },
     Step {
         chunks: Vec<WireChunk>,
         input: WireInput,
@@ -73,7 +87,11 @@ pub struct WireSampled {
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum StageReply {
     /// `loaded`: whether the head has initialised the stage.
-    Pong { nonce: u64, first_layer: u32, end_layer: u32, loaded: bool },
+    /// `ucx_steps`: steps that arrived over UCX; `window_steps`: of those, steps whose hidden
+    /// states came by RMA into the stage's window.
+    Pong { nonce: u64, first_layer: u32, end_layer: u32, loaded: bool, tensor_plane: String, ucx_steps: u64, window_steps: u64 },
+    /// The stage's UCX worker address and RMA window, when both ends have UCX.
+    Attached { tensor_address: Option<Vec<u8>>, window: Option<WireWindow> },
     Ready { first_layer: u32, end_layer: u32 },
     Hidden(Vec<f32>),
     Sampled(Vec<WireSampled>),

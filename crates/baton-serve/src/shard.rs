@@ -13,7 +13,6 @@ use baton_engine::{
     StageOutput,
 };
 use baton_scheduler::{SeqId, Step};
-use baton_mesh::stage_service;
 use baton_mesh::stage_wire::{layout_to_wire, sampled_from_wire, sampling_to_wire, StageReply, StageRequest, WireInput, WireNewSequence};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
@@ -34,14 +33,14 @@ pub struct PipelinePlan {
     /// Steps (micro-batches) in flight at once: one per stage lets every stage work; fewer
     /// makes bigger batches, better when the stages share the same cores.
     pub max_in_flight: usize,
-    pub remotes: Vec<baton_mesh::control::PeerLink>,
+    pub remotes: Vec<baton_mesh::tensor_plane::StageLink>,
     /// The async runtime the links live on (the shard's thread blocks on it).
     pub runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for PipelinePlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let peers: Vec<&str> = self.remotes.iter().map(|l| l.peer.as_str()).collect();
+        let peers: Vec<&str> = self.remotes.iter().map(|l| l.peer()).collect();
         f.debug_struct("PipelinePlan").field("local_end", &self.local_end).field("remotes", &peers).finish()
     }
 }
@@ -163,10 +162,10 @@ fn load(args: &ShardArgs) -> Result<Stage<CpuBackend>, String> {
     if let Some(p) = &args.pipeline {
         let init = StageRequest::Init { block_size: args.geometry.block_size as u32, num_blocks: args.geometry.num_blocks as u32 };
         for link in &p.remotes {
-            match p.runtime.block_on(stage_service::call(link, &init)) {
+            match p.runtime.block_on(link.call(init.clone())) {
                 Ok(StageReply::Ready { .. }) => {}
-                Ok(other) => return Err(format!("stage {} did not initialise: {other:?}", link.peer)),
-                Err(e) => return Err(format!("stage {}: {e}", link.peer)),
+                Ok(other) => return Err(format!("stage {} did not initialise: {other:?}", link.peer())),
+                Err(e) => return Err(format!("stage {}: {e}", link.peer())),
             }
         }
     }
@@ -276,7 +275,7 @@ fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
                     released: if last { std::mem::take(&mut item.released) } else { Vec::new() },
                     ids: item.ids.clone(),
                 };
-                let reply = stage_service::call(&link, &req).await.map_err(|e| format!("stage {}: {e}", link.peer));
+                let reply = link.call(req).await.map_err(|e| format!("stage {}: {e}", link.peer()));
                 let outcome = match reply {
                     Ok(StageReply::Hidden(h)) if !last => match &forward_to {
                         Some(next) => {
@@ -299,8 +298,8 @@ fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
                             .collect(),
                         forward_time: item.started.elapsed(),
                     }),
-                    Ok(StageReply::Error(e)) => Err(format!("stage {}: {e}", link.peer)),
-                    Ok(other) => Err(format!("stage {} answered out of turn: {other:?}", link.peer)),
+                    Ok(StageReply::Error(e)) => Err(format!("stage {}: {e}", link.peer())),
+                    Ok(other) => Err(format!("stage {} answered out of turn: {other:?}", link.peer())),
                     Err(e) => Err(e),
                 };
                 let failed = outcome.is_err();

@@ -1,6 +1,7 @@
 //! `baton node`: runs one node of a cluster.toml. The node holding layer 0 is the pipeline
 //! head: it serves the HTTP and QUIC client APIs, schedules, and sends each step down the other
-//! stages over the mutually authenticated QUIC control plane. The other nodes serve their stage.
+//! stages over the tensor plane (UCX, or QUIC streams), having agreed on it over the mutually
+//! authenticated QUIC control plane. The other nodes serve their stage.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use baton_engine::ModelConfig;
 use baton_mesh::config::ClusterConfig;
 use baton_mesh::control::ControlNode;
 use baton_mesh::stage_service::{self, StageService};
+use baton_mesh::tensor_plane::{PlaneChoice, StageLink, TensorPlane};
 use baton_mesh::{pki, placement};
 use baton_serve::shard::PipelinePlan;
 use baton_serve::{serve, ServeOptions};
@@ -36,6 +38,18 @@ pub struct Args {
     /// stages one after another with bigger batches (better when they share the same cores).
     #[arg(long)]
     micro_batches: Option<usize>,
+    /// What carries activations between stages: `ucx` (the default when built in; transports
+    /// from UCX_TLS) or `quic` (the control plane's streams). Head and stages must agree.
+    #[arg(long, value_parser = parse_plane)]
+    tensor_plane: Option<PlaneChoice>,
+}
+
+fn parse_plane(s: &str) -> Result<PlaneChoice, String> {
+    match s {
+        "ucx" => Ok(PlaneChoice::Ucx),
+        "quic" => Ok(PlaneChoice::Quic),
+        other => Err(format!("{other:?} is not a tensor plane (ucx, quic)")),
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -59,12 +73,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("baton-io").build()?;
     runtime.block_on(async move {
         let node = Arc::new(ControlNode::bind(me.control, identity, roster)?);
+        let plane = Arc::new(TensorPlane::start(args.tensor_plane.unwrap_or_else(PlaneChoice::default_for_build), &me.name).await?);
         eprintln!(
-            "baton: node {} of cluster `{}`: control plane on {} (QUIC, mutual TLS), layers {}..{} of {}; tensors travel over QUIC (UCX is not built in)",
-            me.name, c.name, me.control, layers.start, layers.end, mc.num_layers
+            "baton: node {} of cluster `{}`: control plane on {} (QUIC, mutual TLS), layers {}..{} of {}; tensor plane: {}",
+            me.name,
+            c.name,
+            me.control,
+            layers.start,
+            layers.end,
+            mc.num_layers,
+            plane.describe()
         );
         if index > 0 {
-            let svc = Arc::new(StageService::new(dir, layers, threads));
+            let svc = Arc::new(StageService::new(dir, layers, threads, plane.clone()));
             let head_http = c.node(&stages[0].0).and_then(|h| h.http);
             if let (Some(listen), Some(head)) = (me.http, head_http) {
                 tokio::spawn(async move {
@@ -79,7 +100,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        // The head: reach every other stage, in pipeline order.
+        // The head: reach every other stage, in pipeline order, and agree on the tensor plane.
+        // The stages' RMA windows hold one step's hidden states at the head's token budget.
+        let max_batched_tokens = 512;
+        let window_bytes = max_batched_tokens * mc.hidden_size * 4;
         let mut remotes = Vec::new();
         for (name, _) in &stages[1..] {
             let addr: SocketAddr = c.node(name).map(|n| n.control).context("placement names an unknown node")?;
@@ -94,6 +118,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     Err(e) => bail!("cannot reach stage {name} at {addr}: {e}"),
                 }
             };
+            let link = StageLink::attach(link, &plane, window_bytes).await.with_context(|| format!("stage {name}: attaching the tensor plane"))?;
+            eprintln!("baton: stage {name}: activations over {}", link.transport());
             remotes.push(link);
         }
         let max_in_flight = args.micro_batches.unwrap_or(stages.len()).max(1);
@@ -108,7 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             threads,
             kv_cache_bytes: args.kv_cache_mb << 20,
             max_num_seqs: 64,
-            max_batched_tokens: 512,
+            max_batched_tokens,
             max_waiting: 1024,
             max_model_len: None,
             quic_listen: me.quic,

@@ -66,7 +66,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     let rtt = start.elapsed().as_secs_f64() * 1e3;
                     me.close();
                     match reply {
-                        StageReply::Pong { loaded, .. } => Some(serde_json::json!({"up": true, "loaded": loaded, "ping_ms": rtt})),
+                        StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, .. } => Some(serde_json::json!({
+                            "up": true, "loaded": loaded, "ping_ms": rtt, "tensor_plane": tensor_plane,
+                            "ucx_steps": ucx_steps, "rma_window_steps": window_steps
+                        })),
                         _ => None,
                     }
                 })
@@ -88,7 +91,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else if r["role"] == "head" {
             format!("up, {} | running {} waiting {} kv {:.1}%", if s["ready"] == true { "ready" } else { "loading" }, s["running"], s["waiting"], s["kv_cache_usage"].as_f64().unwrap_or(0.0) * 100.0)
         } else {
-            format!("up, link {:.2} ms, {}", s["ping_ms"].as_f64().unwrap_or(0.0), if s["loaded"] == true { "stage loaded" } else { "waiting for the head" })
+            format!(
+                "up, link {:.2} ms, {}, tensors over {}",
+                s["ping_ms"].as_f64().unwrap_or(0.0),
+                if s["loaded"] == true { "stage loaded" } else { "waiting for the head" },
+                s["tensor_plane"].as_str().unwrap_or("?")
+            )
         };
         println!(
             "  {:<10} {:<6} {:<22} layers {:>3}..{:<3} {state}",
