@@ -238,9 +238,10 @@ pub(crate) mod ucx {
                 if let WireInput::Hidden(h) = input {
                     let bytes = h.len() * 4;
                     if bytes >= RMA_THRESHOLD && bytes <= window.len() {
-                        let raw: Vec<u8> = h.iter().flat_map(|x| x.to_le_bytes()).collect();
-                        self.ep.put(raw, window, 0).await?;
-                        self.ep.flush().await?;
+                        put_hidden(&self.ep, window, h).await?;
+                        if !window.is_mapped() {
+                            self.ep.flush().await?;
+                        }
                         *input = WireInput::Window { len: bytes as u64 };
                     }
                 }
@@ -252,6 +253,18 @@ pub(crate) mod ucx {
             self.ep.send(AM_STAGE_REQUEST, id.to_le_bytes().to_vec(), encode(&req)?).await?;
             let body = rx.await.map_err(|_| ControlError::Protocol("the UCX reply dispatcher stopped".into()))?;
             Ok(decode::<StageReply>(frame_body(&body)?)?)
+        }
+    }
+
+    /// Puts hidden states, as little-endian f32 bytes, at the start of the stage's window.
+    async fn put_hidden(ep: &Endpoint, window: &RemoteRegion, hidden: &[f32]) -> Result<(), baton_ucx::UcxError> {
+        if cfg!(target_endian = "little") {
+            // SAFETY: f32 has no padding and u8 no alignment: any f32 slice is a valid byte
+            // slice of four times its length, and on a little-endian host these are the wire bytes.
+            let bytes = unsafe { std::slice::from_raw_parts(hidden.as_ptr() as *const u8, hidden.len() * 4) };
+            ep.put_slice(bytes, window, 0).await
+        } else {
+            ep.put(hidden.iter().flat_map(|x| x.to_le_bytes()).collect(), window, 0).await
         }
     }
 

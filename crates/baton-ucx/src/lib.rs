@@ -220,19 +220,35 @@ impl Endpoint {
     /// Writes `data` into the peer's window at `offset`. Completion means the local buffer is
     /// free again; [`Endpoint::flush`] makes the write visible at the peer.
     pub async fn put(&self, data: Vec<u8>, window: &RemoteRegion, offset: usize) -> Result<(), UcxError> {
-        if window.ep != self.inner.id {
-            return Err(UcxError::Invalid("the window was unpacked on another endpoint".into()));
-        }
-        if offset.checked_add(data.len()).is_none_or(|end| end > window.len) {
-            return Err(UcxError::Invalid(format!(
-                "a put of {} bytes at offset {offset} overruns the peer's {}-byte window",
-                data.len(),
-                window.len
-            )));
-        }
+        self.check_put(data.len(), window, offset)?;
         let ep = self.inner.id;
         let (rkey, remote_addr) = (window.id, window.base + offset as u64);
         self.inner.shared.call(|reply| Command::Put { ep, rkey, remote_addr, data, reply }).await
+    }
+
+    /// [`Endpoint::put`] from a borrowed buffer. When the peer's window is mapped into this
+    /// process (shared memory) this is one memcpy on the caller's thread, complete on return;
+    /// otherwise the bytes are copied once and put through UCX.
+    pub async fn put_slice(&self, data: &[u8], window: &RemoteRegion, offset: usize) -> Result<(), UcxError> {
+        self.check_put(data.len(), window, offset)?;
+        if let Some(local) = window.mapped {
+            // SAFETY: the range lies inside the peer's window (checked), which UCX keeps mapped
+            // here until the rkey is destroyed, after `window` (borrowed here) is dropped. What
+            // the peer reads is ordered by the caller's protocol (a message after the put).
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), (local as *mut u8).add(offset), data.len()) };
+            return Ok(());
+        }
+        self.put(data.to_vec(), window, offset).await
+    }
+
+    fn check_put(&self, len: usize, window: &RemoteRegion, offset: usize) -> Result<(), UcxError> {
+        if window.ep != self.inner.id {
+            return Err(UcxError::Invalid("the window was unpacked on another endpoint".into()));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > window.len) {
+            return Err(UcxError::Invalid(format!("a put of {len} bytes at offset {offset} overruns the peer's {}-byte window", window.len)));
+        }
+        Ok(())
     }
 
     /// Completes every operation issued on this endpoint at the peer.
@@ -245,9 +261,9 @@ impl Endpoint {
     pub async fn window(&self, desc: &WindowDescriptor) -> Result<RemoteRegion, UcxError> {
         let id = self.inner.shared.id();
         let ep = self.inner.id;
-        let packed = desc.rkey.clone();
-        self.inner.shared.call(|reply| Command::UnpackRkey { id, ep, packed, reply }).await?;
-        Ok(RemoteRegion { id, ep, base: desc.base, len: desc.len as usize, shared: self.inner.shared.clone(), _ep: self.inner.clone() })
+        let (packed, base) = (desc.rkey.clone(), desc.base);
+        let mapped = self.inner.shared.call(|reply| Command::UnpackRkey { id, ep, packed, base, reply }).await?;
+        Ok(RemoteRegion { id, ep, base: desc.base, len: desc.len as usize, mapped, shared: self.inner.shared.clone(), _ep: self.inner.clone() })
     }
 }
 
@@ -311,6 +327,8 @@ pub struct RemoteRegion {
     ep: u64,
     base: u64,
     len: usize,
+    /// Where the window is mapped into this process (shared memory), if it is.
+    mapped: Option<usize>,
     shared: Arc<Shared>,
     /// The rkey must be destroyed before its endpoint closes.
     _ep: Arc<EpInner>,
@@ -323,6 +341,11 @@ impl std::fmt::Debug for RemoteRegion {
 }
 
 impl RemoteRegion {
+    /// Whether puts into this window are plain memcpys (it is mapped into this process).
+    pub fn is_mapped(&self) -> bool {
+        self.mapped.is_some()
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

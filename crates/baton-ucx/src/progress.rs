@@ -36,7 +36,8 @@ pub(crate) enum Command {
     Register { id: u64, len: usize, reply: Reply<(u64, Vec<u8>)> },
     Read { id: u64, offset: usize, len: usize, reply: Reply<Vec<u8>> },
     Unregister { id: u64 },
-    UnpackRkey { id: u64, ep: u64, packed: Vec<u8>, reply: Reply<()> },
+    /// Answers where the window is mapped in this process, if it is.
+    UnpackRkey { id: u64, ep: u64, packed: Vec<u8>, base: u64, reply: Reply<Option<usize>> },
     DestroyRkey { id: u64 },
     Shutdown,
 }
@@ -52,10 +53,18 @@ struct Listener {
     worker: sys::ucp_worker_h,
 }
 
-/// A registered window: memory this thread owns, and its UCX registration.
+/// A registered window: memory UCX allocated for it, mapped until `memh` is unmapped.
 struct Window {
-    memory: Box<[u8]>,
+    base: *const u8,
+    len: usize,
     memh: sys::ucp_mem_h,
+}
+
+/// A peer's window unpacked here; `mapped`: its remote base and where it is mapped in this
+/// process, when the transport lets us write it directly (shared memory).
+struct RemoteKey {
+    rkey: sys::ucp_rkey_h,
+    mapped: Option<(u64, *mut u8)>,
 }
 
 /// What a send, put or flush owns until UCX completes it.
@@ -87,7 +96,9 @@ struct State {
     failed: HashMap<u64, String>,
     listeners: HashMap<u16, Box<Listener>>,
     windows: HashMap<u64, Window>,
-    rkeys: HashMap<u64, sys::ucp_rkey_h>,
+    rkeys: HashMap<u64, RemoteKey>,
+    /// UCX_TLS named shared-memory transports only when the worker started.
+    shared_memory_only: bool,
 }
 
 fn check(op: &'static str, status: sys::ucs_status_t) -> Result<(), UcxError> {
@@ -143,6 +154,7 @@ impl State {
             listeners: HashMap::new(),
             windows: HashMap::new(),
             rkeys: HashMap::new(),
+            shared_memory_only: shared_memory_only(),
         })
     }
 
@@ -217,9 +229,17 @@ impl State {
                     Ok(raw) => raw,
                     Err(e) => return drop(reply.send(Err(e))),
                 };
-                let Some(&rk) = self.rkeys.get(&rkey) else {
+                let Some(rk) = self.rkeys.get(&rkey) else {
                     return drop(reply.send(Err(UcxError::Invalid("the remote window is gone".into()))));
                 };
+                if let Some((base, local)) = rk.mapped {
+                    // Shared memory mapped here: the put is one memcpy, complete at once.
+                    // SAFETY: the caller checked the range against the window, which stays mapped
+                    // in this process until the rkey is destroyed (on this thread).
+                    unsafe { ptr::copy_nonoverlapping(data.as_ptr(), local.add((remote_addr - base) as usize), data.len()) };
+                    return drop(reply.send(Ok(())));
+                }
+                let rk = rk.rkey;
                 let (dp, dl) = (data.as_ptr(), data.len());
                 let ctx = Box::new(SendCtx { op: "put", _header: Vec::new(), _data: data, reply });
                 submit_send(ctx, |param| {
@@ -242,34 +262,44 @@ impl State {
             }
             Command::Read { id, offset, len, reply } => {
                 let r = match self.windows.get(&id) {
-                    Some(w) => match w.memory.get(offset..offset.saturating_add(len)) {
-                        Some(bytes) => Ok(bytes.to_vec()),
-                        None => Err(UcxError::Invalid(format!("a read of {len} bytes at {offset} overruns the window"))),
-                    },
+                    Some(w) if offset.checked_add(len).is_some_and(|end| end <= w.len) => {
+                        let mut out = vec![0u8; len];
+                        // SAFETY: the range lies inside the mapped window (checked above), which
+                        // stays mapped until this thread unmaps it; copying raw bytes makes no
+                        // claim about what a peer may be writing there.
+                        unsafe { ptr::copy_nonoverlapping(w.base.add(offset), out.as_mut_ptr(), len) };
+                        Ok(out)
+                    }
+                    Some(_) => Err(UcxError::Invalid(format!("a read of {len} bytes at {offset} overruns the window"))),
                     None => Err(UcxError::Invalid("the window is gone".into())),
                 };
                 let _ = reply.send(r);
             }
             Command::Unregister { id } => {
                 if let Some(w) = self.windows.remove(&id) {
-                    // SAFETY: the registration was made on this context; the memory is freed after.
+                    // SAFETY: registered on this context; unmapping frees the memory, which nothing
+                    // reads afterwards.
                     unsafe { sys::ucp_mem_unmap(self.context, w.memh) };
                 }
             }
-            Command::UnpackRkey { id, ep, packed, reply } => {
+            Command::UnpackRkey { id, ep, packed, base, reply } => {
                 let r = self.endpoint(ep).and_then(|raw| {
                     let mut rkey: sys::ucp_rkey_h = ptr::null_mut();
                     // SAFETY: a live endpoint; UCX parses (and copies out of) the packed key.
                     check("rkey unpack", unsafe { sys::ucp_ep_rkey_unpack(raw, packed.as_ptr() as *const c_void, &mut rkey) })?;
-                    self.rkeys.insert(id, rkey);
-                    Ok(())
+                    let mut local: *mut c_void = ptr::null_mut();
+                    // SAFETY: a valid rkey; UCX says whether the window is mapped into this process.
+                    let mapped = (unsafe { sys::ucp_rkey_ptr(rkey, base, &mut local) } == sys::ucs_status_t_UCS_OK && !local.is_null())
+                        .then_some((base, local as *mut u8));
+                    self.rkeys.insert(id, RemoteKey { rkey, mapped });
+                    Ok(mapped.map(|(_, p)| p as usize))
                 });
                 let _ = reply.send(r);
             }
             Command::DestroyRkey { id } => {
                 if let Some(rk) = self.rkeys.remove(&id) {
                     // SAFETY: unpacked here, destroyed once.
-                    unsafe { sys::ucp_rkey_destroy(rk) };
+                    unsafe { sys::ucp_rkey_destroy(rk.rkey) };
                 }
             }
             Command::Shutdown => {}
@@ -285,7 +315,7 @@ impl State {
         // link still notices a dead peer).
         let mut raw: sys::ucp_ep_h = ptr::null_mut();
         let mut status = sys::ucs_status_t_UCS_ERR_UNREACHABLE;
-        let modes: &[sys::ucp_err_handling_mode_t] = if shared_memory_only() {
+        let modes: &[sys::ucp_err_handling_mode_t] = if self.shared_memory_only {
             &[sys::ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_NONE]
         } else {
             &[sys::ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_PEER, sys::ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_NONE]
@@ -312,34 +342,44 @@ impl State {
     }
 
     fn register(&mut self, id: u64, len: usize) -> Result<(u64, Vec<u8>), UcxError> {
-        let mut memory = vec![0u8; len].into_boxed_slice();
+        // UCX allocates the window itself, so each transport can place it where peers reach it
+        // best (a shared-memory segment peers map and write with a plain memcpy; pinned pages
+        // for RDMA).
         let mut p: sys::ucp_mem_map_params_t = zeroed();
         p.field_mask = (sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_ADDRESS
-            | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH) as u64;
-        p.address = memory.as_mut_ptr() as *mut c_void;
+            | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH
+            | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_FLAGS) as u64;
+        p.address = ptr::null_mut();
         p.length = len;
+        p.flags = sys::UCP_MEM_MAP_ALLOCATE;
         let mut memh: sys::ucp_mem_h = ptr::null_mut();
-        // SAFETY: the memory is owned by the window kept below, unmapped before it is freed.
+        // SAFETY: UCX allocates and registers `len` bytes, freed by ucp_mem_unmap.
         check("mem map", unsafe { sys::ucp_mem_map(self.context, &p, &mut memh) })?;
+        let mut attr: sys::ucp_mem_attr_t = zeroed();
+        attr.field_mask = (sys::ucp_mem_attr_field_UCP_MEM_ATTR_FIELD_ADDRESS | sys::ucp_mem_attr_field_UCP_MEM_ATTR_FIELD_LENGTH) as u64;
         let mut buf: *mut c_void = ptr::null_mut();
         let mut size = 0usize;
         // SAFETY: a valid registration; the packed key is copied, then released.
         let packed = unsafe {
-            match check("rkey pack", sys::ucp_rkey_pack(self.context, memh, &mut buf, &mut size)) {
-                Ok(()) => {
-                    let v = std::slice::from_raw_parts(buf as *const u8, size).to_vec();
-                    sys::ucp_rkey_buffer_release(buf);
-                    v
-                }
-                Err(e) => {
-                    sys::ucp_mem_unmap(self.context, memh);
-                    return Err(e);
-                }
+            let r = check("mem query", sys::ucp_mem_query(memh, &mut attr))
+                .and_then(|()| {
+                    if attr.length < len || attr.address.is_null() {
+                        Err(UcxError::Invalid("UCX allocated a short window".into()))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .and_then(|()| check("rkey pack", sys::ucp_rkey_pack(self.context, memh, &mut buf, &mut size)));
+            if let Err(e) = r {
+                sys::ucp_mem_unmap(self.context, memh);
+                return Err(e);
             }
+            let v = std::slice::from_raw_parts(buf as *const u8, size).to_vec();
+            sys::ucp_rkey_buffer_release(buf);
+            v
         };
-        let base = memory.as_ptr() as u64;
-        self.windows.insert(id, Window { memory, memh });
-        Ok((base, packed))
+        self.windows.insert(id, Window { base: attr.address as *const u8, len, memh });
+        Ok((attr.address as u64, packed))
     }
 
     /// Endpoints UCX reported as failed: closed, and remembered so later calls say why.
@@ -354,10 +394,15 @@ impl State {
         }
     }
 
-    fn progress(&mut self) {
+    /// Progresses until UCX has nothing more to do; whether anything happened.
+    fn progress(&mut self) -> bool {
+        let mut any = false;
         // SAFETY: the worker is used only from this thread.
-        while unsafe { sys::ucp_worker_progress(self.worker) } != 0 {}
+        while unsafe { sys::ucp_worker_progress(self.worker) } != 0 {
+            any = true;
+        }
         self.reap_failures();
+        any
     }
 
     /// Closes everything, waits (boundedly) for UCX to finish, then destroys the worker and the
@@ -365,7 +410,7 @@ impl State {
     fn shutdown(mut self, gate: &RwLock<bool>) {
         for (_, rk) in self.rkeys.drain() {
             // SAFETY: unpacked here, destroyed once.
-            unsafe { sys::ucp_rkey_destroy(rk) };
+            unsafe { sys::ucp_rkey_destroy(rk.rkey) };
         }
         let mut closing = Vec::new();
         for (_, ep) in self.endpoints.drain() {
@@ -398,7 +443,7 @@ impl State {
         // Nobody may signal the worker past this point.
         let _gate = gate.write().unwrap_or_else(|p| p.into_inner());
         for (_, w) in self.windows.drain() {
-            // SAFETY: registered on this context; the memory is freed after the unmap.
+            // SAFETY: registered on this context; nothing reads the window afterwards.
             unsafe { sys::ucp_mem_unmap(self.context, w.memh) };
         }
         // SAFETY: everything made on the worker is closed; send and receive contexts whose
@@ -531,6 +576,10 @@ unsafe extern "C" fn recv_done(request: *mut c_void, status: sys::ucs_status_t, 
     unsafe { sys::ucp_request_free(request) };
 }
 
+/// How long the progress thread keeps polling after the last command or event before it
+/// sleeps on the event fd.
+const SPIN: Duration = Duration::from_micros(50);
+
 /// The thread's body: start UCX, report the worker (or the error), then serve commands until
 /// `Shutdown` or until every handle is gone.
 pub(crate) fn run(rx: mpsc::Receiver<Command>, ready: mpsc::Sender<Result<(WorkerPtr, Vec<u8>), UcxError>>, gate: Arc<RwLock<bool>>) {
@@ -552,15 +601,29 @@ pub(crate) fn run(rx: mpsc::Receiver<Command>, ready: mpsc::Sender<Result<(Worke
             return state.shutdown(&gate);
         }
     }
+    let mut last_activity = Instant::now();
     'serve: loop {
         loop {
             match rx.try_recv() {
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => break 'serve,
-                Ok(cmd) => state.handle(cmd),
+                Ok(cmd) => {
+                    state.handle(cmd);
+                    last_activity = Instant::now();
+                }
                 Err(TryRecvError::Empty) => break,
             }
         }
-        state.progress();
+        if state.progress() {
+            last_activity = Instant::now();
+        }
+        // Stay awake a little after activity: a reply or the next message usually follows
+        // within microseconds, and waking from the event fd costs tens of them.
+        if last_activity.elapsed() < SPIN {
+            // Yield rather than spin hot: the thread that will produce the next command may
+            // need this core.
+            std::thread::yield_now();
+            continue;
+        }
         // SAFETY: the worker is used only from this thread.
         let armed = unsafe { sys::ucp_worker_arm(state.worker) };
         if armed == sys::ucs_status_t_UCS_ERR_BUSY {
@@ -575,6 +638,7 @@ pub(crate) fn run(rx: mpsc::Receiver<Command>, ready: mpsc::Sender<Result<(Worke
             Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => break,
             Ok(cmd) => {
                 state.handle(cmd);
+                last_activity = Instant::now();
                 continue;
             }
             Err(TryRecvError::Empty) => {}

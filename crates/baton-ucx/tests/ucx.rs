@@ -59,6 +59,19 @@ async fn exercise(tls: &str) -> Result<(), UcxError> {
     let back = window.read(4096, payload.len()).await?;
     assert!(back == payload, "{tls}: the window does not hold what was put");
     assert!(matches!(ep.put(vec![0; 16], &remote, (1 << 20) - 8).await, Err(UcxError::Invalid(_))), "{tls}: an overrun put was accepted");
+
+    // From a borrowed buffer: over shared memory the window is mapped here and the put is a
+    // memcpy; over TCP it goes through UCX.
+    match tls {
+        "shm" => assert!(remote.is_mapped(), "shm: the peer's window is not mapped into this process"),
+        "tcp" => assert!(!remote.is_mapped(), "tcp: a window cannot be mapped across TCP"),
+        _ => {}
+    }
+    let second = pattern(300 << 10, 5);
+    within("put_slice", ep.put_slice(&second, &remote, 100)).await?;
+    within("flush", ep.flush()).await?;
+    assert!(window.read(100, second.len()).await? == second, "{tls}: put_slice did not land");
+    assert!(matches!(ep.put_slice(&second, &remote, 1 << 20).await, Err(UcxError::Invalid(_))), "{tls}: an overrun put_slice was accepted");
     assert!(matches!(window.read(1 << 20, 1).await, Err(UcxError::Invalid(_))));
     drop(remote);
     drop(ep);

@@ -24,7 +24,7 @@ pub struct Command {
 enum Sub {
     /// Engine speed on this machine: decode at several batch sizes, prefill, bandwidth floor.
     Engine(EngineArgs),
-    /// One activation hop between two nodes over the QUIC control plane, beside memcpy.
+    /// One activation hop over QUIC and (when built in) UCX shared memory and TCP, beside memcpy.
     Hop(crate::bench_hop::HopArgs),
 }
 
