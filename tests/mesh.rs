@@ -249,3 +249,100 @@ fn three_stage_pipeline_matches_one_node(plane: Plane) {
         }
     }
 }
+
+/// Two replicas of a two-stage pipeline: requests entering at a non-head node are spread over
+/// both heads by load, and each answers what one node gives.
+#[test]
+fn two_replicas_share_requests_entering_at_a_stage_node() {
+    let bin = env!("CARGO_BIN_EXE_baton");
+    let model = support::tiny_model("replica-model");
+    let dir = support::scratch("replicas");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (h0, s0, h1) = (free_tcp(), free_tcp(), free_tcp());
+    let cfg = dir.join("cluster.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[cluster]
+name = "replicas"
+[model]
+path = "{model}"
+[placement]
+mode = "auto"
+replicas = 2
+[[nodes]]
+name = "r0-head"
+control = "127.0.0.1:{}"
+http = "127.0.0.1:{h0}"
+memory_gb = 1
+[[nodes]]
+name = "r0-tail"
+control = "127.0.0.1:{}"
+http = "127.0.0.1:{s0}"
+memory_gb = 1
+[[nodes]]
+name = "r1-head"
+control = "127.0.0.1:{}"
+http = "127.0.0.1:{h1}"
+memory_gb = 1
+replica = 1
+[[nodes]]
+name = "r1-tail"
+control = "127.0.0.1:{}"
+memory_gb = 1
+replica = 1
+"#,
+            free_udp(),
+            free_udp(),
+            free_udp(),
+            free_udp(),
+            model = model.display()
+        ),
+    )
+    .unwrap();
+    assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).status().unwrap().success());
+    let mut nodes = Nodes(Vec::new());
+    for name in ["r0-tail", "r1-tail", "r0-head", "r1-head"] {
+        let child = Command::new(bin)
+            .args(["node", "--cluster", cfg.to_str().unwrap(), "--name", name, "--threads", "1", "--kv-cache-mb", "64"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        nodes.0.push(child);
+    }
+    let server = |port: u16| support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{port}"), quic: None, model: model.clone() };
+    let (head0, head1, entry) = (server(h0), server(h1), server(s0));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for s in [&head0, &head1, &entry] {
+        while std::net::TcpStream::connect(&s.addr).is_err() || support::http(s, "GET", "/health", None).0 != 200 {
+            assert!(Instant::now() < deadline, "{} never became ready", s.addr);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let prompt = "Hello, world";
+    let out = Command::new(bin)
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-tokens", "24", "--ignore-eos", "--json"])
+        .output()
+        .unwrap();
+    let want: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entry_ref = &entry;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                scope.spawn(move || {
+                    support::post(entry_ref, "/v1/completions", &json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true, "return_token_ids": true}))
+                })
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            let (status, got) = h.join().unwrap();
+            assert_eq!(status, 200, "{got}");
+            assert_eq!(got["choices"][0]["token_ids"], want["token_ids"], "request {i}");
+        }
+    });
+    let served = |s: &support::Server| support::stats(s)["generation_tokens_total"].as_u64().unwrap_or(0);
+    let (a, b) = (served(&head0), served(&head1));
+    assert_eq!(a + b, 16 * 24, "every generated token is counted by exactly one head");
+    assert!(a >= 4 * 24 && b >= 4 * 24, "requests were not spread over the replicas: {a} and {b} tokens");
+}

@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod pki;
 pub mod placement;
+pub mod routing;
 pub mod stage_service;
 pub mod stage_wire;
 pub mod tensor_plane;

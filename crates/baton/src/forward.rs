@@ -1,17 +1,39 @@
-//! The HTTP front of a node that is not a pipeline head: every request is forwarded to the head
-//! and its response (streamed or not) relayed back unchanged, so clients can use any node.
+//! The HTTP front of a node that is not a pipeline head: every request is forwarded to a
+//! pipeline head, the least loaded one when the cluster runs several replicas (the routing core,
+//! `baton_mesh::routing`, fed by polling each head's `/v1/stats`), and its response (streamed or
+//! not) relayed back unchanged, so clients can use any node.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use baton_mesh::routing::HeadLoads;
+use tokio_stream::StreamExt;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-struct Head {
-    base: String,
+struct Front {
+    heads: Vec<String>,
+    loads: Mutex<HeadLoads>,
     client: reqwest::Client,
+}
+
+impl Front {
+    fn loads(&self) -> std::sync::MutexGuard<'_, HeadLoads> {
+        self.loads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Marks a forwarded request finished when dropped (with the relayed body, or on failure).
+struct Outstanding(Arc<Front>, usize);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.loads().finished(self.1);
+    }
 }
 
 fn unavailable(msg: String) -> Response {
@@ -21,20 +43,33 @@ fn unavailable(msg: String) -> Response {
     r
 }
 
-async fn forward(State(head): State<Arc<Head>>, req: Request) -> Response {
+async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, 64 << 20).await {
         Ok(b) => b,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")).into_response(),
     };
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut out = head.client.request(parts.method, format!("{}{path}", head.base)).body(bytes);
-    if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
-        out = out.header(header::CONTENT_TYPE, ct);
-    }
-    let resp = match out.send().await {
-        Ok(r) => r,
-        Err(e) => return unavailable(format!("the pipeline head ({}) is unreachable: {e}", head.base)),
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let mut tried = Vec::new();
+    let (resp, outstanding) = loop {
+        let Some(i) = front.loads().pick(Instant::now(), &tried) else {
+            return unavailable(format!("no pipeline head is reachable (tried {})", tried.iter().map(|&i| front.heads[i].as_str()).collect::<Vec<_>>().join(", ")));
+        };
+        let outstanding = Outstanding(front.clone(), i);
+        let mut out = front.client.request(parts.method.clone(), format!("{}{path}", front.heads[i])).body(bytes.clone());
+        if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
+            out = out.header(header::CONTENT_TYPE, ct);
+        }
+        match out.send().await {
+            Ok(r) => break (r, outstanding),
+            // Never delivered: another head may take it.
+            Err(e) if e.is_connect() => {
+                tracing::warn!(head = %front.heads[i], error = %e, "a pipeline head is unreachable");
+                front.loads().unreachable(i, Instant::now());
+                tried.push(i);
+            }
+            Err(e) => return unavailable(format!("the pipeline head ({}) failed: {e}", front.heads[i])),
+        }
     };
     let mut builder = Response::builder().status(resp.status().as_u16());
     for name in [header::CONTENT_TYPE, header::RETRY_AFTER, header::CACHE_CONTROL] {
@@ -42,17 +77,41 @@ async fn forward(State(head): State<Arc<Head>>, req: Request) -> Response {
             builder = builder.header(name, v.as_bytes());
         }
     }
-    builder
-        .body(Body::from_stream(resp.bytes_stream()))
-        .unwrap_or_else(|e| unavailable(format!("relaying the head's answer: {e}")))
+    let body = resp.bytes_stream().map(move |chunk| {
+        let _ = &outstanding;
+        chunk
+    });
+    builder.body(Body::from_stream(body)).unwrap_or_else(|e| unavailable(format!("relaying the head's answer: {e}")))
 }
 
-/// Serves `listen`, forwarding everything to the head's HTTP address.
-pub async fn serve(listen: SocketAddr, head: SocketAddr, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+/// Feeds the routing core: each head's running + waiting requests, every 200 ms.
+async fn poll_loads(front: Arc<Front>) {
+    loop {
+        for (i, base) in front.heads.iter().enumerate() {
+            let got = front.client.get(format!("{base}/v1/stats")).timeout(Duration::from_secs(1)).send().await;
+            let load = match got {
+                Ok(r) => r.bytes().await.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).map(|v| {
+                    v["running"].as_u64().unwrap_or(0) + v["waiting"].as_u64().unwrap_or(0)
+                }),
+                Err(_) => None,
+            };
+            match load {
+                Some(l) => front.loads().report(i, l, Instant::now()),
+                None => front.loads().unreachable(i, Instant::now()),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Serves `listen`, forwarding everything to the pipeline heads' HTTP addresses.
+pub async fn serve(listen: SocketAddr, heads: Vec<SocketAddr>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    eprintln!("baton: forwarding http://{listen} to the pipeline head at http://{head}");
-    let state = Arc::new(Head { base: format!("http://{head}"), client: reqwest::Client::new() });
-    let app = axum::Router::new().fallback(forward).with_state(state);
+    let bases: Vec<String> = heads.iter().map(|h| format!("http://{h}")).collect();
+    eprintln!("baton: forwarding http://{listen} to the pipeline head(s) {}, by load", bases.join(", "));
+    let front = Arc::new(Front { loads: Mutex::new(HeadLoads::new(bases.len())), heads: bases, client: reqwest::Client::new() });
+    tokio::spawn(poll_loads(front.clone()));
+    let app = axum::Router::new().fallback(forward).with_state(front);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }

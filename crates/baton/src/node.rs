@@ -55,15 +55,18 @@ fn parse_plane(s: &str) -> Result<PlaneChoice, String> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let c = ClusterConfig::from_file(&args.cluster)?;
     let me = c.node(&args.name).with_context(|| format!("--name: {}: no node named {:?}", args.cluster.display(), args.name))?.clone();
-    if c.replicas != 1 {
-        bail!("{}: `placement.replicas` > 1 is not supported by `baton node` yet", args.cluster.display());
-    }
     let dir = load::ClusterModel::of(&c, &args.cluster)?.dir()?;
     let mc = ModelConfig::from_dir(&dir)?;
     c.check_layers(&args.cluster, mc.num_layers)?;
     let plan = placement::plan(&c, mc.num_layers).with_context(|| format!("{}: placement", args.cluster.display()))?;
-    let stages = plan.pipelines[0].stages.clone();
-    let index = stages.iter().position(|(n, _)| n == &me.name).context("this node has no stage in the placement")?;
+    // This node's pipeline (replica) and its stage in it.
+    let (stages, index) = plan
+        .pipelines
+        .iter()
+        .find_map(|p| p.stages.iter().position(|(n, _)| n == &me.name).map(|i| (p.stages.clone(), i)))
+        .context("this node has no stage in the placement")?;
+    // Every replica's head, where requests entering at a non-head node go.
+    let heads: Vec<SocketAddr> = plan.pipelines.iter().filter_map(|p| p.stages.first()).filter_map(|(n, _)| c.node(n).and_then(|n| n.http)).collect();
     let layers = stages[index].1.clone();
     let identity = pki::load(&c.tls_dir, &me.name)
         .with_context(|| format!("this node's certificate (run `baton cluster init {}` first)", args.cluster.display()))?;
@@ -86,10 +89,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         if index > 0 {
             let svc = Arc::new(StageService::new(dir, layers, threads, plane.clone()));
-            let head_http = c.node(&stages[0].0).and_then(|h| h.http);
-            if let (Some(listen), Some(head)) = (me.http, head_http) {
+            if let Some(listen) = me.http.filter(|_| !heads.is_empty()) {
                 tokio::spawn(async move {
-                    if let Err(e) = crate::forward::serve(listen, head, std::future::pending()).await {
+                    if let Err(e) = crate::forward::serve(listen, heads, std::future::pending()).await {
                         eprintln!("baton: {e}");
                     }
                 });
