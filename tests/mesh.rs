@@ -32,12 +32,21 @@ fn free_tcp() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A three-node cluster.toml on free loopback ports; returns (file, head http port, node-b
-/// control port, node-b http port, node-c http port).
-fn write_cluster(name: &str, model: &std::path::Path) -> (std::path::PathBuf, u16, u16, u16, u16) {
+/// Ports of a test cluster.
+struct Ports {
+    http: u16,
+    quic: u16,
+    control_b: u16,
+    http_b: u16,
+    quic_b: u16,
+    http_c: u16,
+}
+
+/// A three-node cluster.toml on free loopback ports.
+fn write_cluster(name: &str, model: &std::path::Path) -> (std::path::PathBuf, Ports) {
     let dir = support::scratch(name);
     std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cb, cc, http, quic, http_b, http_c) = (free_udp(), free_udp(), free_udp(), free_tcp(), free_udp(), free_tcp(), free_tcp());
+    let (ca, cb, cc, http, quic, http_b, quic_b, http_c) = (free_udp(), free_udp(), free_udp(), free_tcp(), free_udp(), free_tcp(), free_udp(), free_tcp());
     let cfg = dir.join("cluster.toml");
     std::fs::write(
         &cfg,
@@ -59,6 +68,7 @@ memory_gb = 1
 name = "node-b"
 control = "127.0.0.1:{cb}"
 http = "127.0.0.1:{http_b}"
+quic = "127.0.0.1:{quic_b}"
 memory_gb = 1
 [[nodes]]
 name = "node-c"
@@ -70,14 +80,15 @@ memory_gb = 1
         ),
     )
     .unwrap();
-    (cfg, http, cb, http_b, http_c)
+    (cfg, Ports { http, quic, control_b: cb, http_b, quic_b, http_c })
 }
 
 #[test]
 fn bootstrap_starts_reports_and_stops_a_local_cluster() {
     let bin = env!("CARGO_BIN_EXE_baton");
     let model = support::tiny_model("boot-model");
-    let (cfg, http, _, _, _) = write_cluster("boot", &model);
+    let (cfg, ports) = write_cluster("boot", &model);
+    let http = ports.http;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bootstrap.sh");
     let out = Command::new("bash").arg(&script).arg(&cfg).env("BATON", bin).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -131,7 +142,8 @@ fn status_row(cfg: &std::path::Path, node: &str) -> Value {
 fn three_stage_pipeline_matches_one_node(plane: Plane) {
     let bin = env!("CARGO_BIN_EXE_baton");
     let model = support::tiny_model(&format!("mesh-model-{}", plane.name));
-    let (cfg, http, cb, http_b, http_c) = write_cluster(&format!("mesh-{}", plane.name), &model);
+    let (cfg, ports) = write_cluster(&format!("mesh-{}", plane.name), &model);
+    let Ports { http, quic, control_b: cb, http_b, quic_b, http_c } = ports;
     assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).status().unwrap().success());
     let check = Command::new(bin).args(["cluster", "check", cfg.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&check.stdout);
@@ -208,6 +220,44 @@ fn three_stage_pipeline_matches_one_node(plane: Plane) {
     assert_eq!(Value::Array(streamed), expected[1]);
     let (status, err) = support::post(&via_b, "/v1/completions", &json!({"prompt": "x", "temperature": -1}));
     assert_eq!((status, err["error"]["param"].clone()), (400, json!("temperature")));
+
+    // The QUIC API at the head and relayed by node-b (clients trust the cluster CA and name the
+    // node): the same tokens; garbage through the relay closes only that client's connection.
+    let ca = std::fs::read(cfg.parent().unwrap().join("cluster-tls/ca.der")).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        for (node, port) in [("node-a", quic), ("node-b", quic_b)] {
+            let addr = format!("127.0.0.1:{port}").parse().unwrap();
+            let c = baton_client::Client::connect(addr, node, &ca).await.unwrap_or_else(|e| panic!("QUIC to {node}: {e}"));
+            for (p, want) in prompts.iter().zip(&expected) {
+                let mut r = baton_client::GenerateRequest::new(baton_client::Prompt::Text(p.to_string()));
+                r.max_tokens = Some(16);
+                r.temperature = 0.0;
+                r.ignore_eos = true;
+                let mut g = c.generate(&r).await.unwrap();
+                let mut ids = Vec::new();
+                while let Some(frame) = g.next().await.unwrap() {
+                    if let baton_proto::Frame::Token { id, .. } = frame {
+                        ids.push(json!(id));
+                    }
+                }
+                assert_eq!(&Value::Array(ids), want, "QUIC at {node}: prompt {p:?}");
+            }
+        }
+        let addr = format!("127.0.0.1:{quic_b}").parse().unwrap();
+        let bad = baton_client::Client::connect(addr, "node-b", &ca).await.unwrap();
+        let mut g = bad.send_raw(&[16, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]).await.unwrap();
+        assert!(g.next().await.is_err(), "garbage through the relay was answered");
+        let good = baton_client::Client::connect(addr, "node-b", &ca).await.unwrap();
+        let mut r = baton_client::GenerateRequest::new(baton_client::Prompt::Text("still here".into()));
+        r.max_tokens = Some(3);
+        let mut g = good.generate(&r).await.unwrap();
+        let mut n = 0;
+        while let Some(f) = g.next().await.unwrap() {
+            n += matches!(f, baton_proto::Frame::Token { .. }) as usize;
+        }
+        assert_eq!(n, 3);
+    });
 
     // Garbage datagrams at a stage's control port: the mesh keeps serving.
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

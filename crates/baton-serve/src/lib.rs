@@ -48,6 +48,9 @@ pub struct ServeOptions {
     pub quic_listen: Option<SocketAddr>,
     /// Where to write the QUIC server's self-signed certificate (DER) for clients to trust.
     pub quic_cert_out: Option<PathBuf>,
+    /// The QUIC API's certificate and key; `None` makes a self-signed one (written to
+    /// `quic_cert_out` for clients to trust). Cluster nodes present their cluster certificate.
+    pub quic_identity: Option<quic::Identity>,
     /// Set when this node heads a multi-node pipeline (the rest of the layers are remote).
     pub pipeline: Option<Arc<shard::PipelinePlan>>,
 }
@@ -145,6 +148,14 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     });
     let quic = match opts.quic_listen {
         None => None,
+        Some(addr) if opts.quic_identity.is_some() => {
+            let identity = opts.quic_identity.as_ref().ok_or_else(|| StartError::Quic("no identity".into()))?;
+            let ep = quic::endpoint(addr, identity).map_err(StartError::Quic)?;
+            let bound = ep.local_addr().map_err(|e| StartError::Quic(e.to_string()))?;
+            eprintln!("baton: QUIC client API on quic://{bound} (certificate signed by the cluster CA)");
+            tokio::spawn(quic::serve(ep.clone(), state.clone()));
+            Some(ep)
+        }
         Some(addr) => {
             let identity = quic::Identity::self_signed(vec!["localhost".into(), addr.ip().to_string()]).map_err(StartError::Quic)?;
             let ep = quic::endpoint(addr, &identity).map_err(StartError::Quic)?;

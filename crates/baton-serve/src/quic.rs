@@ -20,10 +20,18 @@ use crate::router::{Admitted, RouterMsg};
 
 pub const ALPN: &[u8] = b"baton/1";
 
-/// A self-signed server identity for the client API; the certificate (DER) is what clients trust.
+/// The client API's server identity: self-signed (the certificate, DER, is what clients trust)
+/// or a cluster node's certificate (clients trust the cluster CA).
+#[derive(Clone)]
 pub struct Identity {
     pub cert_der: Vec<u8>,
     pub key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").finish_non_exhaustive()
+    }
 }
 
 impl Identity {

@@ -1,7 +1,8 @@
-//! The HTTP front of a node that is not a pipeline head: every request is forwarded to a
+//! The front of a node that is not a pipeline head: every HTTP request is forwarded to a
 //! pipeline head, the least loaded one when the cluster runs several replicas (the routing core,
 //! `baton_mesh::routing`, fed by polling each head's `/v1/stats`), and its response (streamed or
-//! not) relayed back unchanged, so clients can use any node.
+//! not) relayed back unchanged, so clients can use any node. (The QUIC API's relay,
+//! `quic_relay`, picks heads through the same [`Front`].)
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -15,20 +16,38 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-struct Front {
-    heads: Vec<String>,
+/// A pipeline head as entry nodes reach it.
+#[derive(Debug, Clone)]
+pub struct HeadAddr {
+    pub name: String,
+    pub http: SocketAddr,
+    pub quic: Option<SocketAddr>,
+}
+
+/// The heads and what this node knows of their load.
+pub struct Front {
+    pub heads: Vec<HeadAddr>,
+    bases: Vec<String>,
     loads: Mutex<HeadLoads>,
     client: reqwest::Client,
 }
 
 impl Front {
-    fn loads(&self) -> std::sync::MutexGuard<'_, HeadLoads> {
+    /// Starts polling the heads' load.
+    pub fn start(heads: Vec<HeadAddr>) -> Arc<Front> {
+        let bases = heads.iter().map(|h| format!("http://{}", h.http)).collect();
+        let front = Arc::new(Front { loads: Mutex::new(HeadLoads::new(heads.len())), heads, bases, client: reqwest::Client::new() });
+        tokio::spawn(poll_loads(front.clone()));
+        front
+    }
+
+    pub fn loads(&self) -> std::sync::MutexGuard<'_, HeadLoads> {
         self.loads.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 /// Marks a forwarded request finished when dropped (with the relayed body, or on failure).
-struct Outstanding(Arc<Front>, usize);
+pub struct Outstanding(pub Arc<Front>, pub usize);
 
 impl Drop for Outstanding {
     fn drop(&mut self) {
@@ -53,10 +72,10 @@ async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
     let mut tried = Vec::new();
     let (resp, outstanding) = loop {
         let Some(i) = front.loads().pick(Instant::now(), &tried) else {
-            return unavailable(format!("no pipeline head is reachable (tried {})", tried.iter().map(|&i| front.heads[i].as_str()).collect::<Vec<_>>().join(", ")));
+            return unavailable(format!("no pipeline head is reachable (tried {})", tried.iter().map(|&i| front.bases[i].as_str()).collect::<Vec<_>>().join(", ")));
         };
         let outstanding = Outstanding(front.clone(), i);
-        let mut out = front.client.request(parts.method.clone(), format!("{}{path}", front.heads[i])).body(bytes.clone());
+        let mut out = front.client.request(parts.method.clone(), format!("{}{path}", front.bases[i])).body(bytes.clone());
         if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
             out = out.header(header::CONTENT_TYPE, ct);
         }
@@ -64,11 +83,11 @@ async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
             Ok(r) => break (r, outstanding),
             // Never delivered: another head may take it.
             Err(e) if e.is_connect() => {
-                tracing::warn!(head = %front.heads[i], error = %e, "a pipeline head is unreachable");
+                tracing::warn!(head = %front.bases[i], error = %e, "a pipeline head is unreachable");
                 front.loads().unreachable(i, Instant::now());
                 tried.push(i);
             }
-            Err(e) => return unavailable(format!("the pipeline head ({}) failed: {e}", front.heads[i])),
+            Err(e) => return unavailable(format!("the pipeline head ({}) failed: {e}", front.bases[i])),
         }
     };
     let mut builder = Response::builder().status(resp.status().as_u16());
@@ -87,7 +106,7 @@ async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
 /// Feeds the routing core: each head's running + waiting requests, every 200 ms.
 async fn poll_loads(front: Arc<Front>) {
     loop {
-        for (i, base) in front.heads.iter().enumerate() {
+        for (i, base) in front.bases.iter().enumerate() {
             let got = front.client.get(format!("{base}/v1/stats")).timeout(Duration::from_secs(1)).send().await;
             let load = match got {
                 Ok(r) => r.bytes().await.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).map(|v| {
@@ -105,12 +124,9 @@ async fn poll_loads(front: Arc<Front>) {
 }
 
 /// Serves `listen`, forwarding everything to the pipeline heads' HTTP addresses.
-pub async fn serve(listen: SocketAddr, heads: Vec<SocketAddr>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(listen: SocketAddr, front: Arc<Front>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    let bases: Vec<String> = heads.iter().map(|h| format!("http://{h}")).collect();
-    eprintln!("baton: forwarding http://{listen} to the pipeline head(s) {}, by load", bases.join(", "));
-    let front = Arc::new(Front { loads: Mutex::new(HeadLoads::new(bases.len())), heads: bases, client: reqwest::Client::new() });
-    tokio::spawn(poll_loads(front.clone()));
+    eprintln!("baton: forwarding http://{listen} to the pipeline head(s) {}, by load", front.bases.join(", "));
     let app = axum::Router::new().fallback(forward).with_state(front);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())

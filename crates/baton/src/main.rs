@@ -11,6 +11,7 @@ mod gen_model;
 mod generate;
 mod load;
 mod node;
+mod quic_relay;
 mod serve;
 mod status;
 

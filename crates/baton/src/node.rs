@@ -18,6 +18,7 @@ use baton_mesh::{pki, placement};
 use baton_serve::shard::PipelinePlan;
 use baton_serve::{serve, ServeOptions};
 
+use crate::forward::{Front, HeadAddr};
 use crate::load;
 
 #[derive(clap::Args)]
@@ -66,7 +67,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .find_map(|p| p.stages.iter().position(|(n, _)| n == &me.name).map(|i| (p.stages.clone(), i)))
         .context("this node has no stage in the placement")?;
     // Every replica's head, where requests entering at a non-head node go.
-    let heads: Vec<SocketAddr> = plan.pipelines.iter().filter_map(|p| p.stages.first()).filter_map(|(n, _)| c.node(n).and_then(|n| n.http)).collect();
+    let heads: Vec<HeadAddr> = plan
+        .pipelines
+        .iter()
+        .filter_map(|p| p.stages.first())
+        .filter_map(|(n, _)| c.node(n))
+        .filter_map(|n| n.http.map(|http| HeadAddr { name: n.name.clone(), http, quic: n.quic }))
+        .collect();
     let layers = stages[index].1.clone();
     let identity = pki::load(&c.tls_dir, &me.name)
         .with_context(|| format!("this node's certificate (run `baton cluster init {}` first)", args.cluster.display()))?;
@@ -75,7 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("baton-io").build()?;
     runtime.block_on(async move {
-        let node = Arc::new(ControlNode::bind(me.control, identity, roster)?);
+        let node = Arc::new(ControlNode::bind(me.control, identity.clone(), roster)?);
         let plane = Arc::new(TensorPlane::start(args.tensor_plane.unwrap_or_else(PlaneChoice::default_for_build), &me.name).await?);
         eprintln!(
             "baton: node {} of cluster `{}`: control plane on {} (QUIC, mutual TLS), layers {}..{} of {}; tensor plane: {}",
@@ -89,12 +96,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         if index > 0 {
             let svc = Arc::new(StageService::new(dir, layers, threads, plane.clone()));
-            if let Some(listen) = me.http.filter(|_| !heads.is_empty()) {
-                tokio::spawn(async move {
-                    if let Err(e) = crate::forward::serve(listen, heads, std::future::pending()).await {
-                        eprintln!("baton: {e}");
-                    }
-                });
+            // Requests entering here (HTTP or QUIC) go to a head.
+            if !heads.is_empty() && (me.http.is_some() || me.quic.is_some()) {
+                let front = Front::start(heads);
+                if let Some(listen) = me.http {
+                    let front = front.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = crate::forward::serve(listen, front, std::future::pending()).await {
+                            eprintln!("baton: {e}");
+                        }
+                    });
+                }
+                if let Some(listen) = me.quic {
+                    let identity = identity.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = crate::quic_relay::serve(listen, front, &identity).await {
+                            eprintln!("baton: QUIC relay: {e}");
+                        }
+                    });
+                }
             }
             tokio::select! {
                 _ = stage_service::serve(node.clone(), svc) => {},
@@ -141,6 +161,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             max_model_len: None,
             quic_listen: me.quic,
             quic_cert_out: None,
+            quic_identity: Some(baton_serve::quic::Identity { cert_der: identity.cert.to_vec(), key_der: identity.key.secret_pkcs8_der().to_vec() }),
             pipeline,
         };
         serve(opts, crate::serve::shutdown_signal()).await?;

@@ -66,6 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         pipeline: None,
         quic_listen,
         quic_cert_out: args.quic_cert_out.clone(),
+        quic_identity: None,
         model_dir,
         model_name,
         listen,
