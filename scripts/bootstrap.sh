@@ -3,10 +3,13 @@
 #
 # Nodes whose control address is on loopback start here as local processes (logs and pid files
 # under .baton/ beside cluster.toml). Other nodes start over ssh: the script copies cluster.toml
-# and that node's certificates to ~/baton-cluster/ on the host and runs `baton node` there
-# (`baton` must be on the remote PATH; remote start is untested so far). The cluster's
-# certificates are made first if missing. The script waits until the pipeline head answers
-# /health, then prints the endpoint, the logs and `baton status`.
+# and that node's certificates to ~/baton-cluster/ on the host and runs `baton node` there (the
+# model path in cluster.toml must exist there too). The cluster's certificates are made first if
+# missing. The script waits until the pipeline head answers /health, then prints the endpoint,
+# the logs and `baton status`. UCX_TLS and the rest of the environment reach local nodes as is.
+# Environment: BATON (local binary), BATON_REMOTE_BATON (remote binary, default `baton` on the
+# remote PATH), BATON_SSH / BATON_SCP (default ssh / scp), BATON_REMOTE_NODES (names of nodes to
+# start over ssh even on a loopback address, e.g. to try the remote path against localhost).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cfg=cluster.toml
@@ -14,7 +17,7 @@ stop=0
 for arg in "$@"; do
     case $arg in
         --stop) stop=1 ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) cfg=$arg ;;
     esac
 done
@@ -23,36 +26,44 @@ cfg=$(cd "$(dirname "$cfg")" && pwd)/$(basename "$cfg")
 state=$(dirname "$cfg")/.baton
 mkdir -p "$state/logs"
 baton=${BATON:-$root/target/release/baton}
+remote_baton=${BATON_REMOTE_BATON:-baton}
+ssh=${BATON_SSH:-ssh}
+scp=${BATON_SCP:-scp}
 if [ ! -x "$baton" ]; then
     echo "bootstrap: building baton (cargo build --release -p baton)"
     (cd "$root" && cargo build --release -q -p baton)
 fi
 
-# name host http tls_dir, one line per node, from cluster.toml (Python 3.11's tomllib).
+# name host http tls_dir tls_dir_as_written, one line per node, from cluster.toml (Python
+# 3.11's tomllib).
 nodes=$(python3 - "$cfg" <<'PY'
 import os, sys, tomllib
 path = sys.argv[1]
 c = tomllib.load(open(path, "rb"))
-tls = c.get("tls", {}).get("dir", "cluster-tls")
-tls = tls if os.path.isabs(tls) else os.path.join(os.path.dirname(path), tls)
+written = c.get("tls", {}).get("dir", "cluster-tls")
+tls = written if os.path.isabs(written) else os.path.join(os.path.dirname(path), written)
 for n in c.get("nodes", []):
     host = n["control"].rsplit(":", 1)[0].strip("[]")
-    print(n["name"], host, n.get("http", "-"), tls)
+    print(n["name"], host, n.get("http", "-"), tls, written)
 PY
 )
 head=$("$baton" cluster check "$cfg" | awk '/layers +0\.\./ {print $1; exit}')
 [ -n "$head" ] || { echo "bootstrap: no node holds layer 0" >&2; exit 2; }
-is_local() { case $1 in 127.*|localhost|::1) return 0 ;; *) return 1 ;; esac; }
+# is_local NAME HOST
+is_local() {
+    case " ${BATON_REMOTE_NODES//,/ } " in *" $1 "*) return 1 ;; esac
+    case $2 in 127.*|localhost|::1) return 0 ;; *) return 1 ;; esac
+}
 
 if [ "$stop" = 1 ]; then
-    while read -r name host _ _; do
-        if is_local "$host"; then
+    while read -r name host _ _ _; do
+        if is_local "$name" "$host"; then
             if [ -f "$state/$name.pid" ]; then
                 kill "$(cat "$state/$name.pid")" 2>/dev/null && echo "stopped $name" || echo "$name was not running"
                 rm -f "$state/$name.pid"
             fi
         else
-            ssh "$host" "pkill -f 'baton node --cluster .* --name $name'" && echo "stopped $name on $host" || true
+            $ssh "$host" "pkill -f 'node --cluster cluster.toml --name $name\$'" && echo "stopped $name on $host" || true
         fi
     done <<< "$nodes"
     exit 0
@@ -62,16 +73,20 @@ tls=$(echo "$nodes" | head -n1 | awk '{print $4}')
 [ -f "$tls/ca.der" ] || "$baton" cluster init "$cfg"
 
 start() {
-    local name=$1 host=$2 tls=$4
-    if is_local "$host"; then
+    local name=$1 host=$2 tls=$4 written=$5
+    if is_local "$name" "$host"; then
         nohup "$baton" node --cluster "$cfg" --name "$name" > "$state/logs/$name.log" 2>&1 &
         echo $! > "$state/$name.pid"
         echo "started $name (pid $!, log $state/logs/$name.log)"
     else
-        ssh "$host" "mkdir -p ~/baton-cluster/cluster-tls"
-        scp -q "$cfg" "$host:baton-cluster/cluster.toml"
-        scp -q "$tls/ca.der" "$tls/$name.der" "$tls/$name.key.der" "$host:baton-cluster/cluster-tls/"
-        ssh "$host" "cd ~/baton-cluster && nohup baton node --cluster cluster.toml --name $name > $name.log 2>&1 &"
+        # The certificates go where the copied cluster.toml says: its [tls] dir, relative to
+        # ~/baton-cluster unless absolute.
+        local remote_tls=$written
+        case $written in /*) ;; *) remote_tls=baton-cluster/$written ;; esac
+        $ssh "$host" "mkdir -p ~/baton-cluster $remote_tls && chmod 700 $remote_tls"
+        $scp -q "$cfg" "$host:baton-cluster/cluster.toml"
+        $scp -q "$tls/ca.der" "$tls/$name.der" "$tls/$name.key.der" "$host:$remote_tls/"
+        $ssh "$host" "cd ~/baton-cluster && nohup $remote_baton node --cluster cluster.toml --name $name > $name.log 2>&1 < /dev/null &"
         echo "started $name on $host (log ~/baton-cluster/$name.log there)"
     fi
 }

@@ -83,29 +83,70 @@ memory_gb = 1
     (cfg, Ports { http, quic, control_b: cb, http_b, quic_b, http_c })
 }
 
+/// bootstrap.sh starts node-a and node-c as local processes and node-b "remotely": through
+/// stand-ins for ssh and scp that run in a scratch home directory on this machine, which
+/// exercises the remote path (copying cluster.toml and the node's certificates, starting and
+/// stopping it there) without a second host.
 #[test]
-fn bootstrap_starts_reports_and_stops_a_local_cluster() {
+fn bootstrap_starts_reports_and_stops_a_cluster_with_a_remote_node() {
     let bin = env!("CARGO_BIN_EXE_baton");
     let model = support::tiny_model("boot-model");
     let (cfg, ports) = write_cluster("boot", &model);
     let http = ports.http;
+    let home = cfg.parent().unwrap().join("remote-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let fake_ssh = cfg.parent().unwrap().join("fake-ssh");
+    let fake_scp = cfg.parent().unwrap().join("fake-scp");
+    std::fs::write(&fake_ssh, "#!/bin/sh\nshift\ncd \"$FAKE_HOME\" && HOME=\"$FAKE_HOME\" exec sh -c \"$*\"\n").unwrap();
+    std::fs::write(
+        &fake_scp,
+        "#!/bin/sh\n[ \"$1\" = -q ] && shift\nfor a; do last=$a; done\ndest=${last#*:}\ncase $dest in /*) ;; *) dest=$FAKE_HOME/$dest ;; esac\nwhile [ $# -gt 1 ]; do cp \"$1\" \"$dest\" || exit 1; shift; done\n",
+    )
+    .unwrap();
+    for f in [&fake_ssh, &fake_scp] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bootstrap.sh");
-    let out = Command::new("bash").arg(&script).arg(&cfg).env("BATON", bin).output().unwrap();
+    let run = |extra: &[&str]| {
+        Command::new("bash")
+            .arg(&script)
+            .arg(&cfg)
+            .args(extra)
+            .env("BATON", bin)
+            .env("BATON_REMOTE_BATON", bin)
+            .env("BATON_REMOTE_NODES", "node-b")
+            .env("BATON_SSH", &fake_ssh)
+            .env("BATON_SCP", &fake_scp)
+            .env("FAKE_HOME", &home)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
     let text = String::from_utf8_lossy(&out.stdout);
-    let stop = || Command::new("bash").arg(&script).arg(&cfg).arg("--stop").env("BATON", bin).output().unwrap();
     if !out.status.success() {
-        stop();
+        run(&["--stop"]);
         panic!("bootstrap failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
     }
+    assert!(text.contains("started node-b on 127.0.0.1"), "{text}");
     assert!(text.contains(&format!("http://127.0.0.1:{http}/v1")), "{text}");
     assert_eq!(text.matches("stage loaded").count(), 2, "{text}");
     assert!(text.contains("head") && text.contains("ready"), "{text}");
-    let stopped = stop();
-    assert_eq!(String::from_utf8_lossy(&stopped.stdout).matches("stopped").count(), 3);
+    assert!(home.join("baton-cluster/cluster-tls/node-b.key.der").exists(), "node-b's key was not copied");
+    assert!(!home.join("baton-cluster/cluster-tls/node-a.key.der").exists(), "another node's key was copied");
     let server = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{http}"), quic: None, model };
+    let (status, got) = support::post(&server, "/v1/completions", &json!({"prompt": "Hello", "max_tokens": 4}));
+    assert_eq!(status, 200, "{got}");
+    let log = std::fs::read_to_string(home.join("baton-cluster/node-b.log")).unwrap_or_default();
+    assert!(log.contains("node node-b of cluster"), "the remote node's log: {log}");
+
+    let stopped = run(&["--stop"]);
+    let said = String::from_utf8_lossy(&stopped.stdout);
+    assert_eq!(said.matches("stopped").count(), 3, "{said}");
+    assert!(said.contains("stopped node-b on 127.0.0.1"), "{said}");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&server.addr).is_ok() {
-        assert!(Instant::now() < deadline, "the head still listens after --stop");
+    while std::net::TcpStream::connect(&server.addr).is_ok() || std::net::TcpStream::connect(format!("127.0.0.1:{}", ports.http_b)).is_ok() {
+        assert!(Instant::now() < deadline, "a node still listens after --stop");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
