@@ -437,3 +437,44 @@ replica = 1
     assert_eq!(a + b, 16 * 24, "every generated token is counted by exactly one head");
     assert!(a >= 4 * 24 && b >= 4 * 24, "requests were not spread over the replicas: {a} and {b} tokens");
 }
+
+/// A stage that dies mid-request: the request fails with an OpenAI-style error within seconds
+/// (UCX over TCP notices the peer is gone), the head stays up and says it is not ready, and it
+/// does not spin retrying.
+#[test]
+fn a_dead_stage_fails_requests_instead_of_hanging() {
+    let bin = env!("CARGO_BIN_EXE_baton");
+    let model = support::tiny_model("dead-stage-model");
+    let (cfg, ports) = write_cluster("dead-stage", &model);
+    assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
+    let mut nodes = Nodes(Vec::new());
+    for name in ["node-c", "node-b", "node-a"] {
+        let child = Command::new(bin)
+            .args(["node", "--cluster", cfg.to_str().unwrap(), "--name", name, "--threads", "1", "--kv-cache-mb", "64", "--tensor-plane", "ucx"])
+            .env("UCX_TLS", "tcp")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        nodes.0.push(child);
+    }
+    let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{}", ports.http), quic: None, model };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(&head.addr).is_err() || support::http(&head, "GET", "/health", None).0 != 200 {
+        assert!(Instant::now() < deadline, "the pipeline head never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let head_ref = &head;
+    // (A hang would hit the client's read timeout and fail the test.)
+    let (status, body) = std::thread::scope(|scope| {
+        let req = scope.spawn(move || support::post(head_ref, "/v1/completions", &json!({"prompt": "Hello", "max_tokens": 4000, "ignore_eos": true})));
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = nodes.0[0].kill(); // node-c, the last stage
+        req.join().unwrap()
+    });
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["type"], "internal_error", "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("node-c")), "{body}");
+    assert_eq!(support::http(&head, "GET", "/health", None).0, 503);
+    assert_eq!(support::http(&head, "GET", "/v1/models", None).0, 200, "the head stopped serving");
+    assert!(nodes.0[2].try_wait().unwrap().is_none(), "the head exited");
+}

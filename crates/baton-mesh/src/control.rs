@@ -54,9 +54,12 @@ fn roots(identity: &NodeIdentity) -> Result<rustls::RootCertStore, ControlError>
     Ok(roots)
 }
 
+/// Keep-alives every 2 s and a 10 s idle timeout: idle links stay up, and a peer that died
+/// (a stage whose process is gone) fails its link within 10 s even when nothing else notices.
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(10_000))));
     Arc::new(t)
 }
 

@@ -29,6 +29,15 @@ pub enum SchedulerMsg {
     StepDone(StepOutput),
     /// Replies with (running + waiting) requests.
     Load(RpcReplyPort<usize>),
+    /// Start a new shard after a failure (sent to itself after a backoff).
+    RestartShard,
+}
+
+/// The delay before restarting a shard after `failures` failures in a row without it becoming
+/// ready: 100 ms doubling to 10 s, so a shard that cannot load (a pipeline stage that is gone)
+/// is retried without spinning.
+pub fn restart_backoff(failures: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(100u64.saturating_mul(1 << failures.clamp(1, 8) - 1).min(10_000))
 }
 
 pub struct SchedulerArgs {
@@ -83,6 +92,8 @@ pub struct State {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     epoch: Instant,
+    /// Shard failures since it was last ready.
+    failures: u32,
 }
 
 pub struct SchedulerActor;
@@ -296,10 +307,11 @@ impl Actor for SchedulerActor {
             metrics: args.metrics,
             ready: args.ready,
             epoch: Instant::now(),
+            failures: 0,
         })
     }
 
-    async fn handle(&self, _myself: ActorRef<SchedulerMsg>, msg: SchedulerMsg, state: &mut State) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, myself: ActorRef<SchedulerMsg>, msg: SchedulerMsg, state: &mut State) -> Result<(), ActorProcessingErr> {
         match msg {
             SchedulerMsg::Submit { request, events, reply } => {
                 let id = state.next_id;
@@ -340,6 +352,7 @@ impl Actor for SchedulerActor {
             }
             SchedulerMsg::ShardReady => {
                 state.shard_ready = true;
+                state.failures = 0;
                 state.ready.store(true, Ordering::SeqCst);
                 tracing::info!("shard ready");
                 state.kick();
@@ -350,6 +363,11 @@ impl Actor for SchedulerActor {
             }
             SchedulerMsg::Load(reply) => {
                 let _ = reply.send(state.core.num_running() + state.core.num_waiting());
+            }
+            SchedulerMsg::RestartShard => {
+                if state.shard.is_none() {
+                    state.shard = Some(spawn_shard(&myself, &state.shard_args, state.core.geometry()).await?);
+                }
             }
         }
         Ok(())
@@ -363,7 +381,11 @@ impl Actor for SchedulerActor {
                 state.shard_ready = false;
                 state.fail_started(&format!("the engine shard failed: {err}"));
                 state.shard_args.fault = None;
-                state.shard = Some(spawn_shard(&myself, &state.shard_args, state.core.geometry()).await?);
+                state.shard = None;
+                state.failures += 1;
+                let delay = restart_backoff(state.failures);
+                tracing::info!(delay_ms = delay.as_millis() as u64, "restarting the shard");
+                myself.send_after(delay, || SchedulerMsg::RestartShard);
                 state.publish_load();
             }
             SupervisionEvent::ActorTerminated(..) => {
@@ -373,5 +395,18 @@ impl Actor for SchedulerActor {
             _ => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::restart_backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn restarts_back_off_from_100_ms_to_10_s() {
+        let ms: Vec<u128> = (1..=9).map(|n| restart_backoff(n).as_millis()).collect();
+        assert_eq!(ms, vec![100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]);
+        assert!(restart_backoff(u32::MAX) <= Duration::from_secs(10));
     }
 }
