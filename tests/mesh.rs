@@ -438,11 +438,11 @@ replica = 1
     assert!(a >= 4 * 24 && b >= 4 * 24, "requests were not spread over the replicas: {a} and {b} tokens");
 }
 
-/// A stage that dies mid-request: the request fails with an OpenAI-style error within seconds
-/// (UCX over TCP notices the peer is gone), the head stays up and says it is not ready, and it
-/// does not spin retrying.
+/// A stage that dies mid-request: the request fails with an OpenAI-style error (UCX over TCP
+/// notices the peer is gone), the head stays up and says it is not ready; when the stage's
+/// process is started again the head re-attaches it and the pipeline serves again.
 #[test]
-fn a_dead_stage_fails_requests_instead_of_hanging() {
+fn a_dead_stage_fails_requests_and_its_pipeline_recovers_when_it_returns() {
     let bin = env!("CARGO_BIN_EXE_baton");
     let model = support::tiny_model("dead-stage-model");
     let (cfg, ports) = write_cluster("dead-stage", &model);
@@ -477,4 +477,25 @@ fn a_dead_stage_fails_requests_instead_of_hanging() {
     assert_eq!(support::http(&head, "GET", "/health", None).0, 503);
     assert_eq!(support::http(&head, "GET", "/v1/models", None).0, 200, "the head stopped serving");
     assert!(nodes.0[2].try_wait().unwrap().is_none(), "the head exited");
+
+    // node-c comes back: the head re-attaches it and serves again, token for token.
+    nodes.0[0] = Command::new(bin)
+        .args(["node", "--cluster", cfg.to_str().unwrap(), "--name", "node-c", "--threads", "1", "--kv-cache-mb", "64", "--tensor-plane", "ucx"])
+        .env("UCX_TLS", "tcp")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while support::http(&head, "GET", "/health", None).0 != 200 {
+        assert!(Instant::now() < deadline, "the pipeline did not recover after node-c restarted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = Command::new(bin)
+        .args(["generate", "--model", head.model.to_str().unwrap(), "--prompt", "Hello", "--max-tokens", "8", "--ignore-eos", "--json"])
+        .output()
+        .unwrap();
+    let want: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (status, got) = support::post(&head, "/v1/completions", &json!({"prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": true, "return_token_ids": true}));
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["token_ids"], want["token_ids"]);
 }

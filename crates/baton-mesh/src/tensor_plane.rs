@@ -123,6 +123,11 @@ impl StageLink {
         &self.control.peer
     }
 
+    /// Whether the control link is gone (the stage died or closed it).
+    pub fn is_closed(&self) -> bool {
+        self.control.connection.close_reason().is_some()
+    }
+
     /// "ucx" or "quic".
     pub fn transport(&self) -> &'static str {
         #[cfg(feature = "ucx")]

@@ -290,7 +290,7 @@ impl Actor for SchedulerActor {
 
     async fn pre_start(&self, myself: ActorRef<SchedulerMsg>, args: SchedulerArgs) -> Result<State, ActorProcessingErr> {
         let shard = spawn_shard(&myself, &args.shard, args.core.geometry()).await?;
-        let max_in_flight = args.shard.pipeline.as_ref().map_or(1, |p| p.max_in_flight.clamp(1, p.remotes.len() + 1));
+        let max_in_flight = args.shard.pipeline.as_ref().map_or(1, |p| p.max_in_flight.clamp(1, p.stages() + 1));
         Ok(State {
             core: args.core,
             live: HashMap::new(),

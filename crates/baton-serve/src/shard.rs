@@ -13,6 +13,7 @@ use baton_engine::{
     StageOutput,
 };
 use baton_scheduler::{SeqId, Step};
+use baton_mesh::tensor_plane::StageLink;
 use baton_mesh::stage_wire::{layout_to_wire, sampled_from_wire, sampling_to_wire, StageReply, StageRequest, WireInput, WireNewSequence};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
@@ -33,14 +34,31 @@ pub struct PipelinePlan {
     /// Steps (micro-batches) in flight at once: one per stage lets every stage work; fewer
     /// makes bigger batches, better when the stages share the same cores.
     pub max_in_flight: usize,
-    pub remotes: Vec<baton_mesh::tensor_plane::StageLink>,
+    /// The remote stages in pipeline order (replaced when a link is re-established).
+    pub remotes: std::sync::Mutex<Vec<StageLink>>,
+    /// Re-establishes link `i` (connect + attach) when a (re)starting shard finds it closed:
+    /// a stage whose process was restarted rejoins its pipeline.
+    pub reconnect: Option<Reconnect>,
     /// The async runtime the links live on (the shard's thread blocks on it).
     pub runtime: tokio::runtime::Handle,
 }
 
+pub type Reconnect = Arc<dyn Fn(usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<StageLink, String>> + Send>> + Send + Sync>;
+
+impl PipelinePlan {
+    /// Remote stages.
+    pub fn stages(&self) -> usize {
+        self.links().len()
+    }
+
+    fn links(&self) -> std::sync::MutexGuard<'_, Vec<StageLink>> {
+        self.remotes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 impl std::fmt::Debug for PipelinePlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let peers: Vec<&str> = self.remotes.iter().map(|l| l.peer()).collect();
+        let peers: Vec<String> = self.links().iter().map(|l| l.peer().to_string()).collect();
         f.debug_struct("PipelinePlan").field("local_end", &self.local_end).field("remotes", &peers).finish()
     }
 }
@@ -161,7 +179,20 @@ fn load(args: &ShardArgs) -> Result<Stage<CpuBackend>, String> {
     let stage = Stage::load(backend, &config, &ckpt, 0..end, args.geometry, &mut |_, _| {}).map_err(|e| e.to_string())?;
     if let Some(p) = &args.pipeline {
         let init = StageRequest::Init { block_size: args.geometry.block_size as u32, num_blocks: args.geometry.num_blocks as u32 };
-        for link in &p.remotes {
+        let stages = p.stages();
+        for i in 0..stages {
+            let closed = p.links()[i].is_closed();
+            if closed {
+                let Some(reconnect) = &p.reconnect else {
+                    return Err(format!("the link to stage {} is closed", p.links()[i].peer()));
+                };
+                let link = p.runtime.block_on(reconnect(i))?;
+                tracing::info!(stage = link.peer(), transport = link.transport(), "re-established a stage link");
+                p.links()[i] = link;
+            }
+        }
+        let links = p.links().clone();
+        for link in &links {
             match p.runtime.block_on(link.call(init.clone())) {
                 Ok(StageReply::Ready { .. }) => {}
                 Ok(other) => return Err(format!("stage {} did not initialise: {other:?}", link.peer())),
@@ -174,7 +205,7 @@ fn load(args: &ShardArgs) -> Result<Stage<CpuBackend>, String> {
 
 /// The shard's thread: loads the stage, then runs steps until the actor goes away.
 fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<ShardMsg>) {
-    let stage = std::panic::catch_unwind(|| load(&args)).map_err(panic_message).and_then(|r| r);
+    let stage = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(&args))).map_err(panic_message).and_then(|r| r);
     let mut stage = match stage {
         Ok(s) => {
             let _ = me.cast(ShardMsg::Loaded(Ok(())));
@@ -258,11 +289,12 @@ struct Chain {
 }
 
 fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
-    let n = plan.remotes.len();
+    let remotes = plan.links().clone();
+    let n = remotes.len();
     let mut next: Option<tokio::sync::mpsc::UnboundedSender<ChainItem>> = None;
     for i in (0..n).rev() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ChainItem>();
-        let link = plan.remotes[i].clone();
+        let link = remotes[i].clone();
         let last = i + 1 == n;
         let forward_to = next.take();
         let me = me.clone();

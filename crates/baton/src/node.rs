@@ -15,7 +15,7 @@ use baton_mesh::control::ControlNode;
 use baton_mesh::stage_service::{self, StageService};
 use baton_mesh::tensor_plane::{PlaneChoice, StageLink, TensorPlane};
 use baton_mesh::{pki, placement};
-use baton_serve::shard::PipelinePlan;
+use baton_serve::shard::{PipelinePlan, Reconnect};
 use baton_serve::{serve, ServeOptions};
 
 use crate::forward::{Front, HeadAddr};
@@ -126,27 +126,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // The stages' RMA windows hold one step's hidden states at the head's token budget.
         let max_batched_tokens = 512;
         let window_bytes = max_batched_tokens * mc.hidden_size * 4;
+        let targets: Vec<(String, SocketAddr)> = stages[1..]
+            .iter()
+            .map(|(name, _)| c.node(name).map(|n| (name.clone(), n.control)).context("placement names an unknown node"))
+            .collect::<anyhow::Result<_>>()?;
         let mut remotes = Vec::new();
-        for (name, _) in &stages[1..] {
-            let addr: SocketAddr = c.node(name).map(|n| n.control).context("placement names an unknown node")?;
-            let deadline = Instant::now() + Duration::from_secs(120);
-            let link = loop {
-                match node.connect(addr, name).await {
-                    Ok(l) => break l,
-                    Err(e) if Instant::now() < deadline => {
-                        tracing::info!(peer = %name, error = %e, "waiting for a stage");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    Err(e) => bail!("cannot reach stage {name} at {addr}: {e}"),
-                }
-            };
-            let link = StageLink::attach(link, &plane, window_bytes).await.with_context(|| format!("stage {name}: attaching the tensor plane"))?;
+        for (name, addr) in &targets {
+            let link = connect_stage(&node, &plane, name, *addr, window_bytes, Duration::from_secs(120)).await?;
             eprintln!("baton: stage {name}: activations over {}", link.transport());
             remotes.push(link);
         }
+        // A stage whose process restarts is re-attached when the head's shard restarts.
+        let reconnect: Reconnect = {
+            let (node, plane) = (node.clone(), plane.clone());
+            Arc::new(move |i: usize| {
+                let (node, plane, (name, addr)) = (node.clone(), plane.clone(), targets[i].clone());
+                Box::pin(async move {
+                    connect_stage(&node, &plane, &name, addr, window_bytes, Duration::from_secs(2)).await.map_err(|e| format!("{e:#}"))
+                })
+            })
+        };
         let max_in_flight = args.micro_batches.unwrap_or(stages.len()).max(1);
         let pipeline = (!remotes.is_empty())
-            .then(|| Arc::new(PipelinePlan { local_end: layers.end, max_in_flight, remotes, runtime: tokio::runtime::Handle::current() }));
+            .then(|| {
+                Arc::new(PipelinePlan {
+                    local_end: layers.end,
+                    max_in_flight,
+                    remotes: std::sync::Mutex::new(remotes),
+                    reconnect: Some(reconnect),
+                    runtime: tokio::runtime::Handle::current(),
+                })
+            });
         let listen = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", args.cluster.display(), me.name))?;
         let model_name = dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
         let opts = ServeOptions {
@@ -168,4 +178,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         node.close();
         Ok(())
     })
+}
+
+/// Connects to stage `name` (retrying until `patience` runs out) and agrees on the tensor plane.
+async fn connect_stage(node: &ControlNode, plane: &TensorPlane, name: &str, addr: SocketAddr, window_bytes: usize, patience: Duration) -> anyhow::Result<StageLink> {
+    let deadline = Instant::now() + patience;
+    let link = loop {
+        match node.connect(addr, name).await {
+            Ok(l) => break l,
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!(peer = %name, error = %e, "waiting for a stage");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => bail!("cannot reach stage {name} at {addr}: {e}"),
+        }
+    };
+    StageLink::attach(link, plane, window_bytes).await.with_context(|| format!("stage {name}: attaching the tensor plane"))
 }
