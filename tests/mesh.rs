@@ -32,6 +32,18 @@ fn free_tcp() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `baton node` for `name` of `cfg` (1 thread, 64 MiB of KV), with extra arguments and
+/// UCX_TLS (unset when `None`), stderr discarded.
+fn spawn_node(cfg: &std::path::Path, name: &str, extra: &[&str], ucx_tls: Option<&str>) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+    cmd.args(["node", "--cluster", cfg.to_str().unwrap(), "--name", name, "--threads", "1", "--kv-cache-mb", "64"]).args(extra);
+    match ucx_tls {
+        Some(tls) => cmd.env("UCX_TLS", tls),
+        None => cmd.env_remove("UCX_TLS"),
+    };
+    cmd.stderr(Stdio::null()).spawn().unwrap()
+}
+
 /// Ports of a test cluster.
 struct Ports {
     http: u16,
@@ -395,12 +407,7 @@ replica = 1
     assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).status().unwrap().success());
     let mut nodes = Nodes(Vec::new());
     for name in ["r0-tail", "r1-tail", "r0-head", "r1-head"] {
-        let child = Command::new(bin)
-            .args(["node", "--cluster", cfg.to_str().unwrap(), "--name", name, "--threads", "1", "--kv-cache-mb", "64"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        nodes.0.push(child);
+        nodes.0.push(spawn_node(&cfg, name, &[], None));
     }
     let server = |port: u16| support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{port}"), quic: None, model: model.clone() };
     let (head0, head1, entry) = (server(h0), server(h1), server(s0));
@@ -449,13 +456,7 @@ fn a_dead_stage_fails_requests_and_its_pipeline_recovers_when_it_returns() {
     assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
     let mut nodes = Nodes(Vec::new());
     for name in ["node-c", "node-b", "node-a"] {
-        let child = Command::new(bin)
-            .args(["node", "--cluster", cfg.to_str().unwrap(), "--name", name, "--threads", "1", "--kv-cache-mb", "64", "--tensor-plane", "ucx"])
-            .env("UCX_TLS", "tcp")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        nodes.0.push(child);
+        nodes.0.push(spawn_node(&cfg, name, &["--tensor-plane", "ucx"], Some("tcp")));
     }
     let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{}", ports.http), quic: None, model };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -479,12 +480,7 @@ fn a_dead_stage_fails_requests_and_its_pipeline_recovers_when_it_returns() {
     assert!(nodes.0[2].try_wait().unwrap().is_none(), "the head exited");
 
     // node-c comes back: the head re-attaches it and serves again, token for token.
-    nodes.0[0] = Command::new(bin)
-        .args(["node", "--cluster", cfg.to_str().unwrap(), "--name", "node-c", "--threads", "1", "--kv-cache-mb", "64", "--tensor-plane", "ucx"])
-        .env("UCX_TLS", "tcp")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    nodes.0[0] = spawn_node(&cfg, "node-c", &["--tensor-plane", "ucx"], Some("tcp"));
     let deadline = Instant::now() + Duration::from_secs(60);
     while support::http(&head, "GET", "/health", None).0 != 200 {
         assert!(Instant::now() < deadline, "the pipeline did not recover after node-c restarted");

@@ -102,32 +102,27 @@ async fn relay_stream(
         }
     };
     let (mut up_send, mut up_recv) = (up_send, up_recv);
-    let to_head = async {
-        match tokio::io::copy(&mut recv, &mut up_send).await {
-            Ok(_) => {
-                let _ = up_send.finish();
-            }
-            Err(_) => {
-                let _ = up_send.reset(RESET_CANCELLED.into());
-            }
-        }
-    };
-    let to_client = async {
-        match tokio::io::copy(&mut up_recv, &mut send).await {
-            Ok(_) => {
-                let _ = send.finish();
-            }
-            Err(_) => {
-                let _ = send.reset(RESET_CANCELLED.into());
-            }
-        }
-    };
+    let to_head = pipe(&mut recv, &mut up_send);
+    let to_client = pipe(&mut up_recv, &mut send);
     tokio::join!(to_head, to_client);
     // A head that closed this client's upstream connection (garbage) closes the client too.
     if let Some(quinn::ConnectionError::ApplicationClosed(c)) = head.close_reason() {
         client.close(c.error_code, &c.reason);
     }
     Ok(())
+}
+
+/// Copies one direction of a relayed stream to its end; an error on either side resets the
+/// other (a cancelled request stays cancelled).
+async fn pipe(from: &mut quinn::RecvStream, to: &mut quinn::SendStream) {
+    match tokio::io::copy(from, to).await {
+        Ok(_) => {
+            let _ = to.finish();
+        }
+        Err(_) => {
+            let _ = to.reset(RESET_CANCELLED.into());
+        }
+    }
 }
 
 /// A stream to head `i` on this client's connection to it (opened now if needed).
