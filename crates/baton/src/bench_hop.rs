@@ -133,11 +133,11 @@ pub fn run(args: HopArgs) -> anyhow::Result<()> {
         });
         let a = ControlNode::bind(any, ids[0].clone(), roster)?;
         let link = a.connect(b_addr, "node-b").await?;
-        let max_bytes = args.hidden.iter().max().unwrap_or(&0) * args.tokens.iter().max().unwrap_or(&0) * 4;
         #[cfg(feature = "ucx")]
         let mut ucx_links = Vec::new();
         #[cfg(feature = "ucx")]
         for pair in &pairs {
+            let max_bytes = args.hidden.iter().max().unwrap_or(&0) * args.tokens.iter().max().unwrap_or(&0) * 4;
             ucx_links.push(ucx_link(pair, max_bytes.max(1)).await?);
         }
         let mut rows = Vec::new();
