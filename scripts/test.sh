@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs the official openai Python client and NVIDIA's
 # NVRTC (from PyPI) into a virtualenv under target/ (once), then runs every Rust test, unit and
-# process-level.
+# process-level, and checks that the build without UCX still compiles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=target/pyenv
@@ -14,3 +14,5 @@ export BATON_TEST_PYTHON="$PWD/$venv/bin/python"
 nvrtc_lib=$("$venv/bin/python" -c "import nvidia.cu13, os; print(os.path.join(list(nvidia.cu13.__path__)[0], 'lib'))")
 export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --release --workspace "$@"
+# The build without UCX (activations over QUIC streams) must keep compiling.
+cargo check --release -q -p baton --no-default-features
