@@ -17,6 +17,11 @@ pub const AM_STAGE_REPLY: u16 = 2;
 /// the active message (UCX's eager path is faster there than put + flush + message).
 pub const RMA_THRESHOLD: usize = 64 << 10;
 
+/// The longest a stage may take to answer one request before the call fails (and with it the
+/// head's shard, which errors its requests and restarts): a reply lost on the tensor plane
+/// while the control link stays up must not stall the pipeline for ever.
+pub const STAGE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Which transport carries tensors, as the operator chose it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlaneChoice {
@@ -138,16 +143,22 @@ impl StageLink {
     }
 
     /// One request to the stage, one reply, over whichever plane the link uses. A stage whose
-    /// control connection closes fails the call at once (shared-memory UCX cannot notice).
+    /// control connection closes fails the call at once (shared-memory UCX cannot notice); no
+    /// call outlives [`STAGE_CALL_TIMEOUT`].
     pub async fn call(&self, req: StageRequest) -> Result<StageReply, ControlError> {
-        #[cfg(feature = "ucx")]
-        if let Some(u) = &self.ucx {
-            return tokio::select! {
-                r = u.call(req) => r,
-                e = self.control.connection.closed() => Err(e.into()),
-            };
-        }
-        stage_service::call(&self.control, &req).await
+        let call = async {
+            #[cfg(feature = "ucx")]
+            if let Some(u) = &self.ucx {
+                return tokio::select! {
+                    r = u.call(req) => r,
+                    e = self.control.connection.closed() => Err(e.into()),
+                };
+            }
+            stage_service::call(&self.control, &req).await
+        };
+        tokio::time::timeout(STAGE_CALL_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| Err(ControlError::Protocol(format!("stage {} did not answer within {} s", self.peer(), STAGE_CALL_TIMEOUT.as_secs()))))
     }
 }
 
