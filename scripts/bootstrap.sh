@@ -51,7 +51,8 @@ head=$("$baton" cluster check "$cfg" | awk '/layers +0\.\./ {print $1; exit}')
 [ -n "$head" ] || { echo "bootstrap: no node holds layer 0" >&2; exit 2; }
 # is_local NAME HOST
 is_local() {
-    case " ${BATON_REMOTE_NODES//,/ } " in *" $1 "*) return 1 ;; esac
+    local remote=${BATON_REMOTE_NODES:-}
+    case " ${remote//,/ } " in *" $1 "*) return 1 ;; esac
     case $2 in 127.*|localhost|::1) return 0 ;; *) return 1 ;; esac
 }
 

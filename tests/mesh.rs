@@ -156,6 +156,9 @@ fn bootstrap_starts_reports_and_stops_a_cluster_with_a_remote_node() {
     let said = String::from_utf8_lossy(&stopped.stdout);
     assert_eq!(said.matches("stopped").count(), 3, "{said}");
     assert!(said.contains("stopped node-b on 127.0.0.1"), "{said}");
+    // With none of the optional settings (a plain operator's environment), the script runs too.
+    let plain = Command::new("bash").arg(&script).arg(&cfg).arg("--stop").env("BATON", bin).env_remove("BATON_REMOTE_NODES").output().unwrap();
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(&server.addr).is_ok() || std::net::TcpStream::connect(format!("127.0.0.1:{}", ports.http_b)).is_ok() {
         assert!(Instant::now() < deadline, "a node still listens after --stop");
