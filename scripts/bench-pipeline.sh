@@ -2,7 +2,8 @@
 # The mesh benchmark on this machine: a three-stage pipeline of `baton node` processes on
 # loopback (the `bench` preset split 10/10/10 layers), once per tensor plane (UCX shared memory,
 # UCX TCP, QUIC), against `baton serve` on the same model; `baton bench` at concurrency 1 and 8.
-# Prints one JSON line per run, tagged with the setup.
+# Prints one JSON line per run, tagged with the setup, and per pipeline the head's
+# pipeline_transfer_time_seconds (what the tensor plane cost per step).
 #   scripts/bench-pipeline.sh [OUTPUT_LEN] [PLANES]     PLANES default: "ucx:shm ucx:tcp quic"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +58,13 @@ for plane in $planes; do
     done
     wait_ready 127.0.0.1:17080
     run_bench 127.0.0.1:17080 "3 stages, $plane"
+    # What the tensor plane cost per step (remote calls beyond the stages' compute), and the step.
+    curl -s http://127.0.0.1:17080/v1/stats | python3 -c '
+import json, sys
+h = json.load(sys.stdin)["histograms"]
+t, f = h["pipeline_transfer_time_seconds"], h["forward_time_seconds"]
+print(json.dumps({"setup": sys.argv[1], "steps": t["count"], "transfer_p50_us": t["p50"] * 1e6, "transfer_p99_us": t["p99"] * 1e6,
+                  "transfer_mean_us": t["mean"] * 1e6, "step_mean_ms": f["mean"] * 1e3}))' "3 stages, $plane"
     stop
 done
 "$baton" serve --preset bench --listen 127.0.0.1:17090 --no-quic --threads 2 2>"$work/serve.log" &

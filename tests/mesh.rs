@@ -339,6 +339,12 @@ fn three_stage_pipeline_matches_one_node(plane: Plane) {
         }
     });
 
+    // The head measures what the tensor plane costs per step, for dashboards.
+    let transfer = &support::stats(&server)["histograms"]["pipeline_transfer_time_seconds"];
+    assert!(transfer["count"].as_u64().unwrap_or(0) > 32, "{transfer}");
+    let (_, _, prom) = support::http(&server, "GET", "/metrics", None);
+    assert!(prom.contains("baton:pipeline_transfer_time_seconds_count"), "{prom}");
+
     // `baton status` shows the three stages and each stage's tensor plane; on UCX every step
     // came over it, and the long prompts' hidden states came by RMA.
     for node in ["node-b", "node-c"] {

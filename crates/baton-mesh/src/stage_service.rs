@@ -115,9 +115,11 @@ impl StageService {
                     WireInput::Hidden(h) => StageInput::Hidden(h),
                     WireInput::Window { .. } => return StageReply::Error("window input reached the stage unresolved".into()),
                 };
+                let started = std::time::Instant::now();
+                let compute_us = || started.elapsed().as_micros() as u64;
                 match l.stage.forward(&layout, input) {
                     Err(e) => StageReply::Error(e.to_string()),
-                    Ok(StageOutput::Hidden(h)) => StageReply::Hidden(h),
+                    Ok(StageOutput::Hidden(hidden)) => StageReply::Hidden { hidden, compute_us: compute_us() },
                     Ok(StageOutput::Logits { vocab, data, .. }) => {
                         let mut rows = data.chunks_exact(vocab);
                         let mut out = Vec::new();
@@ -132,7 +134,7 @@ impl StageService {
                             let finish = sampler.finish_reason(s.token);
                             out.push(sampled_to_wire(*id, &s, finish));
                         }
-                        StageReply::Sampled(out)
+                        StageReply::Sampled { tokens: out, compute_us: compute_us() }
                     }
                 }
             }

@@ -93,8 +93,10 @@ pub enum StageReply {
     /// The stage's UCX worker address and RMA window, when both ends have UCX.
     Attached { tensor_address: Option<Vec<u8>>, window: Option<WireWindow> },
     Ready { first_layer: u32, end_layer: u32 },
-    Hidden(Vec<f32>),
-    Sampled(Vec<WireSampled>),
+    /// `compute_us`: the stage's own time on the step (forward, and sampling on the last stage),
+    /// so the head can tell transfer time from compute.
+    Hidden { hidden: Vec<f32>, compute_us: u64 },
+    Sampled { tokens: Vec<WireSampled>, compute_us: u64 },
     Error(String),
 }
 

@@ -36,8 +36,9 @@ pub const BATCH_SEQS: usize = 9;
 pub const BATCH_TOKENS: usize = 10;
 pub const SCHEDULE: usize = 11;
 pub const FORWARD: usize = 12;
+pub const TRANSFER: usize = 13;
 
-const SPECS: [Spec; 13] = [
+const SPECS: [Spec; 14] = [
     Spec { name: "time_to_first_token_seconds", help: "Time to first token", scale: 1e6, buckets: TIME_BUCKETS },
     Spec { name: "inter_token_latency_seconds", help: "Time between consecutive tokens of a request", scale: 1e6, buckets: TIME_BUCKETS },
     Spec { name: "e2e_request_latency_seconds", help: "End-to-end request latency", scale: 1e6, buckets: TIME_BUCKETS },
@@ -51,6 +52,7 @@ const SPECS: [Spec; 13] = [
     Spec { name: "iteration_tokens", help: "Tokens per engine step", scale: 1.0, buckets: BATCH_BUCKETS },
     Spec { name: "scheduler_time_seconds", help: "Time the scheduler itself spent choosing a step", scale: 1e6, buckets: TIME_BUCKETS },
     Spec { name: "forward_time_seconds", help: "Time of one step's forward pass and sampling on the shard (the whole pipeline for a head)", scale: 1e6, buckets: TIME_BUCKETS },
+    Spec { name: "pipeline_transfer_time_seconds", help: "Per step on a pipeline head: remote stage calls beyond the stages' own compute (tensor-plane transfers and hand-offs)", scale: 1e6, buckets: TIME_BUCKETS },
 ];
 
 #[derive(Default)]

@@ -209,6 +209,9 @@ impl State {
         }
         self.metrics.record(metrics::ITERATION, started.elapsed().as_micros() as u64);
         self.metrics.record(metrics::FORWARD, out.forward_time.as_micros() as u64);
+        if let Some(t) = out.transfer_time {
+            self.metrics.record(metrics::TRANSFER, t.as_micros() as u64);
+        }
         let now = Instant::now();
         let mut sampled = Vec::with_capacity(out.sampled.len());
         let mut ended: Vec<(SeqId, Finish, String)> = Vec::new();

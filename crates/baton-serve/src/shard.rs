@@ -107,6 +107,9 @@ pub struct StepOutput {
     pub number: u64,
     pub sampled: Vec<SampledOut>,
     pub forward_time: Duration,
+    /// On a pipeline head: the time this step's remote stage calls took beyond the stages' own
+    /// compute (tensor-plane transfers, decoding, hand-offs).
+    pub transfer_time: Option<Duration>,
 }
 
 pub enum ShardMsg {
@@ -268,7 +271,7 @@ fn run_step(stage: &mut Stage<CpuBackend>, samplers: &mut HashMap<SeqId, Sequenc
         let finish = sampler.finish_reason(out.token);
         sampled.push(SampledOut { id: s.id, sampled: out, finish });
     }
-    Ok(StepOutput { number: work.number, sampled, forward_time })
+    Ok(StepOutput { number: work.number, sampled, forward_time, transfer_time: None })
 }
 
 /// One step on its way down the pipeline.
@@ -280,6 +283,9 @@ struct ChainItem {
     new_sequences: Vec<WireNewSequence>,
     released: Vec<u64>,
     started: Instant,
+    /// Wall time of the remote calls so far, and the stages' own compute within it.
+    remote_wall: Duration,
+    remote_compute: Duration,
 }
 
 /// The remote stages as a chain of in-order workers, one per link, so each stage can work on a
@@ -307,11 +313,14 @@ fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
                     released: if last { std::mem::take(&mut item.released) } else { Vec::new() },
                     ids: item.ids.clone(),
                 };
+                let called = Instant::now();
                 let reply = link.call(req).await.map_err(|e| format!("stage {}: {e}", link.peer()));
+                item.remote_wall += called.elapsed();
                 let outcome = match reply {
-                    Ok(StageReply::Hidden(h)) if !last => match &forward_to {
+                    Ok(StageReply::Hidden { hidden, compute_us }) if !last => match &forward_to {
                         Some(next) => {
-                            item.hidden = h;
+                            item.remote_compute += Duration::from_micros(compute_us);
+                            item.hidden = hidden;
                             if next.send(item).is_err() {
                                 return;
                             }
@@ -319,9 +328,10 @@ fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
                         }
                         None => Err("the pipeline chain is broken".to_string()),
                     },
-                    Ok(StageReply::Sampled(out)) if last => Ok(StepOutput {
+                    Ok(StageReply::Sampled { tokens, compute_us }) if last => Ok(StepOutput {
                         number: item.number,
-                        sampled: out
+                        transfer_time: Some(item.remote_wall.saturating_sub(item.remote_compute + Duration::from_micros(compute_us))),
+                        sampled: tokens
                             .into_iter()
                             .map(|w| {
                                 let (id, sampled, finish) = sampled_from_wire(w);
@@ -366,6 +376,8 @@ fn run_head_stage(stage: &mut Stage<CpuBackend>, chain: &Chain, work: &ShardWork
             .collect(),
         released: work.released.clone(),
         started,
+        remote_wall: Duration::ZERO,
+        remote_compute: Duration::ZERO,
     };
     chain.first.send(item).map_err(|_| "the pipeline's stage links are gone".to_string())
 }
