@@ -362,10 +362,10 @@ fn three_stage_pipeline_matches_one_node(plane: Plane) {
     }
 }
 
-/// Two replicas of a two-stage pipeline: requests entering at a non-head node are spread over
-/// both heads by load, and each answers what one node gives.
+/// Two replicas of a two-stage pipeline: requests entering at a non-head node, or at one of the
+/// heads, are spread over both heads by load, and each answers what one node gives.
 #[test]
-fn two_replicas_share_requests_entering_at_a_stage_node() {
+fn two_replicas_share_requests_entering_at_a_stage_or_a_head() {
     let bin = env!("CARGO_BIN_EXE_baton");
     let model = support::tiny_model("replica-model");
     let dir = support::scratch("replicas");
@@ -433,25 +433,36 @@ replica = 1
         .output()
         .unwrap();
     let want: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let entry_ref = &entry;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..16)
-            .map(|_| {
-                scope.spawn(move || {
-                    support::post(entry_ref, "/v1/completions", &json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true, "return_token_ids": true}))
+    // 16 concurrent requests at `at`, each checked against one node.
+    let burst = |at: &support::Server| {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..16)
+                .map(|_| {
+                    scope.spawn(move || {
+                        support::post(at, "/v1/completions", &json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true, "return_token_ids": true}))
+                    })
                 })
-            })
-            .collect();
-        for (i, h) in handles.into_iter().enumerate() {
-            let (status, got) = h.join().unwrap();
-            assert_eq!(status, 200, "{got}");
-            assert_eq!(got["choices"][0]["token_ids"], want["token_ids"], "request {i}");
-        }
-    });
+                .collect();
+            for (i, h) in handles.into_iter().enumerate() {
+                let (status, got) = h.join().unwrap();
+                assert_eq!(status, 200, "{got}");
+                assert_eq!(got["choices"][0]["token_ids"], want["token_ids"], "request {i}");
+            }
+        })
+    };
     let served = |s: &support::Server| support::stats(s)["generation_tokens_total"].as_u64().unwrap_or(0);
+
+    // Entering at a stage node.
+    burst(&entry);
     let (a, b) = (served(&head0), served(&head1));
     assert_eq!(a + b, 16 * 24, "every generated token is counted by exactly one head");
-    assert!(a >= 4 * 24 && b >= 4 * 24, "requests were not spread over the replicas: {a} and {b} tokens");
+    assert!(a >= 4 * 24 && b >= 4 * 24, "requests entering at a stage were not spread: {a} and {b} tokens");
+
+    // Entering at a head directly: it sends some to the other head too.
+    burst(&head0);
+    let (a2, b2) = (served(&head0) - a, served(&head1) - b);
+    assert_eq!(a2 + b2, 16 * 24);
+    assert!(a2 >= 4 * 24 && b2 >= 4 * 24, "requests entering at head r0 were not spread: {a2} and {b2} tokens");
 }
 
 /// A stage that dies mid-request: the request fails with an OpenAI-style error (UCX over TCP

@@ -53,6 +53,9 @@ pub struct ServeOptions {
     pub quic_identity: Option<quic::Identity>,
     /// Set when this node heads a multi-node pipeline (the rest of the layers are remote).
     pub pipeline: Option<Arc<shard::PipelinePlan>>,
+    /// Wraps the HTTP routes: a cluster head with replicas adds the middleware that sends
+    /// requests to the least loaded head.
+    pub http_layer: Option<HttpLayer>,
 }
 
 /// Why the server could not start (each names what to fix).
@@ -73,6 +76,16 @@ pub enum StartError {
 }
 
 pub const BLOCK_SIZE: usize = 16;
+
+/// A function that wraps the HTTP routes.
+#[derive(Clone)]
+pub struct HttpLayer(pub Arc<dyn Fn(axum::Router) -> axum::Router + Send + Sync>);
+
+impl std::fmt::Debug for HttpLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpLayer")
+    }
+}
 
 /// Serves until `shutdown` resolves, then stops taking requests (503), lets running requests
 /// finish, and returns.
@@ -191,7 +204,12 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let result = axum::serve(listener, http::routes(state)).with_graceful_shutdown(graceful).await;
+    let app = http::routes(state);
+    let app = match &opts.http_layer {
+        Some(layer) => (layer.0)(app),
+        None => app,
+    };
+    let result = axum::serve(listener, app).with_graceful_shutdown(graceful).await;
     if let Some(ep) = quic {
         ep.close(0u32.into(), b"shutting down");
     }

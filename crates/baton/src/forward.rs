@@ -62,34 +62,21 @@ fn unavailable(msg: String) -> Response {
     r
 }
 
-async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, 64 << 20).await {
-        Ok(b) => b,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")).into_response(),
-    };
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let mut tried = Vec::new();
-    let (resp, outstanding) = loop {
-        let Some(i) = front.loads().pick(Instant::now(), &tried) else {
-            return unavailable(format!("no pipeline head is reachable (tried {})", tried.iter().map(|&i| front.bases[i].as_str()).collect::<Vec<_>>().join(", ")));
-        };
-        let outstanding = Outstanding(front.clone(), i);
-        let mut out = front.client.request(parts.method.clone(), format!("{}{path}", front.bases[i])).body(bytes.clone());
-        if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
-            out = out.header(header::CONTENT_TYPE, ct);
-        }
-        match out.send().await {
-            Ok(r) => break (r, outstanding),
-            // Never delivered: another head may take it.
-            Err(e) if e.is_connect() => {
-                tracing::warn!(head = %front.bases[i], error = %e, "a pipeline head is unreachable");
-                front.loads().unreachable(i, Instant::now());
-                tried.push(i);
-            }
-            Err(e) => return unavailable(format!("the pipeline head ({}) failed: {e}", front.bases[i])),
-        }
-    };
+/// Marks a request already routed by an entry node or another head: it is served where it lands.
+pub const FORWARDED: &str = "x-baton-forwarded";
+
+/// Sends a request (its parts and body) to head `i`, marked as forwarded.
+async fn send_to(front: &Front, i: usize, parts: &axum::http::request::Parts, bytes: &axum::body::Bytes) -> Result<reqwest::Response, reqwest::Error> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = front.client.request(parts.method.clone(), format!("{}{path}", front.bases[i])).body(bytes.clone()).header(FORWARDED, "1");
+    if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
+        out = out.header(header::CONTENT_TYPE, ct);
+    }
+    out.send().await
+}
+
+/// The head's answer, streamed back; the request counts as outstanding until its body ends.
+fn relay_back(resp: reqwest::Response, outstanding: Outstanding) -> Response {
     let mut builder = Response::builder().status(resp.status().as_u16());
     for name in [header::CONTENT_TYPE, header::RETRY_AFTER, header::CACHE_CONTROL] {
         if let Some(v) = resp.headers().get(name.as_str()) {
@@ -101,6 +88,79 @@ async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
         chunk
     });
     builder.body(Body::from_stream(body)).unwrap_or_else(|e| unavailable(format!("relaying the head's answer: {e}")))
+}
+
+async fn read_body(req: Request) -> Result<(axum::http::request::Parts, axum::body::Bytes), Response> {
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, 64 << 20).await {
+        Ok(b) => Ok((parts, b)),
+        Err(e) => Err((StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")).into_response()),
+    }
+}
+
+async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
+    let (parts, bytes) = match read_body(req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let mut tried = Vec::new();
+    loop {
+        let Some(i) = front.loads().pick(Instant::now(), &tried) else {
+            return unavailable(format!("no pipeline head is reachable (tried {})", tried.iter().map(|&i| front.bases[i].as_str()).collect::<Vec<_>>().join(", ")));
+        };
+        let outstanding = Outstanding(front.clone(), i);
+        match send_to(&front, i, &parts, &bytes).await {
+            Ok(r) => return relay_back(r, outstanding),
+            // Never delivered: another head may take it.
+            Err(e) if e.is_connect() => {
+                tracing::warn!(head = %front.bases[i], error = %e, "a pipeline head is unreachable");
+                front.loads().unreachable(i, Instant::now());
+                tried.push(i);
+            }
+            Err(e) => return unavailable(format!("the pipeline head ({}) failed: {e}", front.bases[i])),
+        }
+    }
+}
+
+/// On a head of a cluster with several replicas: a generation request that arrives here directly
+/// goes to the least loaded head, which may be this one (`me`, served as usual) or another
+/// (proxied, marked forwarded so it stays there). Other requests are this head's own.
+pub async fn spread(State((front, me)): State<(Arc<Front>, usize)>, req: Request, next: axum::middleware::Next) -> Response {
+    if req.method() != axum::http::Method::POST || req.headers().contains_key(FORWARDED) {
+        return next.run(req).await;
+    }
+    let Some(i) = front.loads().pick(Instant::now(), &[]) else {
+        return next.run(req).await;
+    };
+    let outstanding = Outstanding(front.clone(), i);
+    if i != me {
+        let (parts, bytes) = match read_body(req).await {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        match send_to(&front, i, &parts, &bytes).await {
+            Ok(r) => return relay_back(r, outstanding),
+            Err(e) => {
+                tracing::warn!(head = %front.bases[i], error = %e, "another head is unreachable; serving here");
+                front.loads().unreachable(i, Instant::now());
+                drop(outstanding);
+                let outstanding = Outstanding(front.clone(), me);
+                let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+                return hold_until_sent(resp, outstanding);
+            }
+        }
+    }
+    hold_until_sent(next.run(req).await, outstanding)
+}
+
+/// Keeps `outstanding` alive until the response body has been sent.
+fn hold_until_sent(resp: Response, outstanding: Outstanding) -> Response {
+    let (parts, body) = resp.into_parts();
+    let body = body.into_data_stream().map(move |chunk| {
+        let _ = &outstanding;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(body))
 }
 
 /// Feeds the routing core: each head's running + waiting requests, every 200 ms.

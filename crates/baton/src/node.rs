@@ -158,6 +158,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 })
             });
         let listen = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", args.cluster.display(), me.name))?;
+        // With several replicas, requests arriving here directly are spread over the heads too.
+        let http_layer = match heads.iter().position(|h| h.name == me.name) {
+            Some(me_index) if heads.len() > 1 => {
+                let front = Front::start(heads.clone());
+                Some(baton_serve::HttpLayer(Arc::new(move |app| {
+                    app.layer(axum::middleware::from_fn_with_state((front.clone(), me_index), crate::forward::spread))
+                })))
+            }
+            _ => None,
+        };
         let model_name = dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
         let opts = ServeOptions {
             model_dir: dir,
@@ -173,6 +183,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             quic_cert_out: None,
             quic_identity: Some(baton_serve::quic::Identity { cert_der: identity.cert.to_vec(), key_der: identity.key.secret_pkcs8_der().to_vec() }),
             pipeline,
+            http_layer,
         };
         serve(opts, crate::serve::shutdown_signal()).await?;
         node.close();

@@ -67,6 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         quic_listen,
         quic_cert_out: args.quic_cert_out.clone(),
         quic_identity: None,
+        http_layer: None,
         model_dir,
         model_name,
         listen,
