@@ -195,7 +195,7 @@ mod tests {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            if seed % 3 == 0 {
+            if seed.is_multiple_of(3) {
                 let v = (seed >> 8) as usize % 3;
                 let h = views[v].pick(now, &[]).unwrap_or(0);
                 served[h] += 1;

@@ -205,7 +205,14 @@ pub(crate) mod ucx {
                 Some(w) => Some(ep.window(&WindowDescriptor { base: w.base, len: w.len, rkey: w.rkey }).await?),
                 None => None,
             };
-            Ok(UcxLink { ep, window, pending: self.pending.clone(), next: self.next.clone() })
+            Ok(UcxLink {
+                ep,
+                window,
+                pending: self.pending.clone(),
+                next: self.next.clone(),
+                turn: tokio::sync::Mutex::new(()),
+                window_busy: std::sync::atomic::AtomicBool::new(false),
+            })
         }
 
         pub(crate) fn take_requests(&self) -> Option<AmReceiver> {
@@ -228,6 +235,8 @@ pub(crate) mod ucx {
                 None => tracing::warn!(id, "dropping a UCX stage reply nobody waits for"),
             }
         }
+        // The worker is gone: fail every waiting call now rather than at its timeout.
+        pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     pub(crate) struct UcxLink {
@@ -235,6 +244,13 @@ pub(crate) mod ucx {
         window: Option<RemoteRegion>,
         pending: Pending,
         next: Arc<AtomicU64>,
+        /// One call at a time: the window holds one step's hidden states.
+        turn: tokio::sync::Mutex<()>,
+        /// Set while a call that used the window has not had its reply. A call that ended
+        /// early (dropped, timed out) leaves it set, and later calls send hidden states inline
+        /// until one gets its reply: the stage serves requests in order, so that reply proves
+        /// it has read the window.
+        window_busy: std::sync::atomic::AtomicBool,
     }
 
     /// Removes a call's waiter if the call ends early (dropped or failed).
@@ -250,10 +266,13 @@ pub(crate) mod ucx {
         /// Calls are made one at a time per link (the pipeline's link worker awaits each), so the
         /// window holds at most one step's hidden states.
         pub(crate) async fn call(&self, mut req: StageRequest) -> Result<StageReply, ControlError> {
-            if let (StageRequest::Step { input, .. }, Some(window)) = (&mut req, &self.window) {
+            let _turn = self.turn.lock().await;
+            let window_was_busy = self.window_busy.load(Ordering::Acquire);
+            if let (StageRequest::Step { input, .. }, Some(window), false) = (&mut req, &self.window, window_was_busy) {
                 if let WireInput::Hidden(h) = input {
                     let bytes = h.len() * 4;
                     if bytes >= RMA_THRESHOLD && bytes <= window.len() {
+                        self.window_busy.store(true, Ordering::Release);
                         put_hidden(&self.ep, window, h).await?;
                         if !window.is_mapped() {
                             self.ep.flush().await?;
@@ -268,6 +287,8 @@ pub(crate) mod ucx {
             let _waiting = Waiting(&self.pending, id);
             self.ep.send(AM_STAGE_REQUEST, id.to_le_bytes().to_vec(), encode(&req)?).await?;
             let body = rx.await.map_err(|_| ControlError::Protocol("the UCX reply dispatcher stopped".into()))?;
+            // Answered: the stage has read whatever was in its window.
+            self.window_busy.store(false, Ordering::Release);
             Ok(decode::<StageReply>(frame_body(&body)?)?)
         }
     }
@@ -332,7 +353,7 @@ pub(crate) mod ucx {
                 return Err("the step refers to an RMA window this stage never registered".into());
             };
             let bytes = window.read(0, len as usize).await.map_err(|e| e.to_string())?;
-            if bytes.len() % 4 != 0 {
+            if !bytes.len().is_multiple_of(4) {
                 return Err(format!("{} window bytes are not f32 hidden states", bytes.len()));
             }
             *input = WireInput::Hidden(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
@@ -369,10 +390,17 @@ pub(crate) mod ucx {
                 },
             };
             match encode(&reply) {
+                // In its own task: a send to a head that died (over shared memory, which cannot
+                // notice) must not stop this loop from serving the next head.
                 Ok(bytes) => {
-                    if let Err(e) = head.ep.send(AM_STAGE_REPLY, id.to_vec(), bytes).await {
-                        tracing::warn!(error = %e, "cannot answer the head over UCX");
-                    }
+                    let ep = head.ep.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(super::STAGE_CALL_TIMEOUT, ep.send(AM_STAGE_REPLY, id.to_vec(), bytes)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::warn!(error = %e, "cannot answer the head over UCX"),
+                            Err(_) => tracing::warn!("gave up answering the head over UCX"),
+                        }
+                    });
                 }
                 Err(e) => tracing::error!(error = %e, "cannot encode a stage reply"),
             }

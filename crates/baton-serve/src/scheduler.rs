@@ -37,7 +37,7 @@ pub enum SchedulerMsg {
 /// ready: 100 ms doubling to 10 s, so a shard that cannot load (a pipeline stage that is gone)
 /// is retried without spinning.
 pub fn restart_backoff(failures: u32) -> std::time::Duration {
-    std::time::Duration::from_millis(100u64.saturating_mul(1 << failures.clamp(1, 8) - 1).min(10_000))
+    std::time::Duration::from_millis(100u64.saturating_mul(1 << (failures.clamp(1, 8) - 1)).min(10_000))
 }
 
 pub struct SchedulerArgs {

@@ -292,19 +292,31 @@ struct ChainItem {
 /// different step (micro-batch) at the same time.
 struct Chain {
     first: tokio::sync::mpsc::UnboundedSender<ChainItem>,
+    workers: Vec<tokio::task::AbortHandle>,
+}
+
+/// A shard that stops (fails or is replaced) stops its link workers too: steps queued for the
+/// old shard must not reach the stages after the new shard has re-initialised them.
+impl Drop for Chain {
+    fn drop(&mut self) {
+        for w in &self.workers {
+            w.abort();
+        }
+    }
 }
 
 fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
     let remotes = plan.links().clone();
     let n = remotes.len();
     let mut next: Option<tokio::sync::mpsc::UnboundedSender<ChainItem>> = None;
+    let mut workers = Vec::with_capacity(n);
     for i in (0..n).rev() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ChainItem>();
         let link = remotes[i].clone();
         let last = i + 1 == n;
         let forward_to = next.take();
         let me = me.clone();
-        plan.runtime.spawn(async move {
+        let worker = plan.runtime.spawn(async move {
             while let Some(mut item) = rx.recv().await {
                 let req = StageRequest::Step {
                     chunks: item.chunks.clone(),
@@ -350,10 +362,11 @@ fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
                 }
             }
         });
+        workers.push(worker.abort_handle());
         next = Some(tx);
     }
     let (fallback, _) = tokio::sync::mpsc::unbounded_channel();
-    Chain { first: next.unwrap_or(fallback) }
+    Chain { first: next.unwrap_or(fallback), workers }
 }
 
 /// The head's share of a pipeline step: its layers here, then the step goes down the chain.

@@ -232,10 +232,19 @@ impl Endpoint {
     pub async fn put_slice(&self, data: &[u8], window: &RemoteRegion, offset: usize) -> Result<(), UcxError> {
         self.check_put(data.len(), window, offset)?;
         if let Some(local) = window.mapped {
-            // SAFETY: the range lies inside the peer's window (checked), which UCX keeps mapped
-            // here until the rkey is destroyed, after `window` (borrowed here) is dropped. What
-            // the peer reads is ordered by the caller's protocol (a message after the put).
+            // The mapping lives until the rkey is destroyed: when `window` is dropped (not while
+            // it is borrowed here) or when the worker shuts down, which starts only after `alive`
+            // is cleared under the write lock, so holding the read lock across the copy keeps
+            // the mapping in place.
+            let alive = self.inner.shared.alive.read().unwrap_or_else(|p| p.into_inner());
+            if !*alive {
+                return Err(UcxError::WorkerGone);
+            }
+            // SAFETY: the range lies inside the peer's window (checked) and the window is mapped
+            // (above). What the peer reads is ordered by the caller's protocol (a message after
+            // the put).
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), (local as *mut u8).add(offset), data.len()) };
+            drop(alive);
             return Ok(());
         }
         self.put(data.to_vec(), window, offset).await

@@ -45,6 +45,8 @@ pub(crate) enum Command {
 struct Endpoint {
     raw: sys::ucp_ep_h,
     peer: String,
+    /// Made with peer-failure detection (then it can be force-closed).
+    detects_failure: bool,
 }
 
 /// Where incoming active messages for one id go. Boxed: UCX holds a pointer to it.
@@ -60,10 +62,11 @@ struct Window {
     memh: sys::ucp_mem_h,
 }
 
-/// A peer's window unpacked here; `mapped`: its remote base and where it is mapped in this
-/// process, when the transport lets us write it directly (shared memory).
+/// A peer's window unpacked here on endpoint `ep`; `mapped`: its remote base and where it is
+/// mapped in this process, when the transport lets us write it directly (shared memory).
 struct RemoteKey {
     rkey: sys::ucp_rkey_h,
+    ep: u64,
     mapped: Option<(u64, *mut u8)>,
 }
 
@@ -86,6 +89,9 @@ thread_local! {
     /// Endpoints UCX reported as failed during the last progress call (the error callback runs
     /// inside `ucp_worker_progress`, on this thread).
     static FAILED: RefCell<Vec<(u64, sys::ucs_status_t)>> = const { RefCell::new(Vec::new()) };
+    /// Send contexts UCX still holds (their callback has not run): at shutdown, once UCX is
+    /// gone, they are freed, which answers their callers `WorkerGone`.
+    static LIVE_SENDS: RefCell<std::collections::HashSet<usize>> = RefCell::new(std::collections::HashSet::new());
 }
 
 struct State {
@@ -291,18 +297,42 @@ impl State {
                     // SAFETY: a valid rkey; UCX says whether the window is mapped into this process.
                     let mapped = (unsafe { sys::ucp_rkey_ptr(rkey, base, &mut local) } == sys::ucs_status_t_UCS_OK && !local.is_null())
                         .then_some((base, local as *mut u8));
-                    self.rkeys.insert(id, RemoteKey { rkey, mapped });
+                    self.rkeys.insert(id, RemoteKey { rkey, ep, mapped });
                     Ok(mapped.map(|(_, p)| p as usize))
                 });
                 let _ = reply.send(r);
             }
             Command::DestroyRkey { id } => {
                 if let Some(rk) = self.rkeys.remove(&id) {
-                    // SAFETY: unpacked here, destroyed once.
-                    unsafe { sys::ucp_rkey_destroy(rk.rkey) };
+                    self.destroy_rkey_after_flush(rk);
                 }
             }
             Command::Shutdown => {}
+        }
+    }
+
+    /// UCX requires every operation using an rkey to be flushed before it is destroyed (a put
+    /// whose future was dropped may still be in flight): flush the endpoint, destroy in the
+    /// callback, or at once if the endpoint is gone or the flush completes inline.
+    fn destroy_rkey_after_flush(&mut self, rk: RemoteKey) {
+        let Some(ep) = self.endpoints.get(&rk.ep) else {
+            // SAFETY: the endpoint is closed (its operations are done) or failed; destroyed once.
+            unsafe { sys::ucp_rkey_destroy(rk.rkey) };
+            return;
+        };
+        let ctx = Box::into_raw(Box::new(rk.rkey));
+        let mut p: sys::ucp_request_param_t = zeroed();
+        p.op_attr_mask = sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_CALLBACK | sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_USER_DATA;
+        p.cb.send = Some(rkey_flushed);
+        p.user_data = ctx as *mut c_void;
+        // SAFETY: a live endpoint; the callback owns the boxed rkey handle.
+        match decode_status_ptr(unsafe { sys::ucp_ep_flush_nbx(ep.raw, &p) }) {
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => {
+                // SAFETY: no callback will run; the rkey is ours to destroy, once.
+                let rkey = unsafe { Box::from_raw(ctx) };
+                unsafe { sys::ucp_rkey_destroy(*rkey) };
+            }
         }
     }
 
@@ -315,6 +345,7 @@ impl State {
         // link still notices a dead peer).
         let mut raw: sys::ucp_ep_h = ptr::null_mut();
         let mut status = sys::ucs_status_t_UCS_ERR_UNREACHABLE;
+        let mut detects_failure = false;
         let modes: &[sys::ucp_err_handling_mode_t] = if self.shared_memory_only {
             &[sys::ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_NONE]
         } else {
@@ -331,13 +362,14 @@ impl State {
             // SAFETY: a valid worker; UCX unpacks the address during the call. An address that
             // is not a UCX worker address is rejected with an error status.
             status = unsafe { sys::ucp_ep_create(self.worker, &p, &mut raw) };
+            detects_failure = mode == sys::ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_PEER;
             if status != sys::ucs_status_t_UCS_ERR_UNREACHABLE {
                 break;
             }
             tracing::info!(%peer, "no UCX transport to this peer detects peer failure (shared memory); connecting without");
         }
         check("endpoint create", status)?;
-        self.endpoints.insert(id, Endpoint { raw, peer });
+        self.endpoints.insert(id, Endpoint { raw, peer, detects_failure });
         Ok(())
     }
 
@@ -407,26 +439,14 @@ impl State {
 
     /// Closes everything, waits (boundedly) for UCX to finish, then destroys the worker and the
     /// context once no other thread can be signalling it.
-    fn shutdown(mut self, gate: &RwLock<bool>) {
-        for (_, rk) in self.rkeys.drain() {
-            // SAFETY: unpacked here, destroyed once.
-            unsafe { sys::ucp_rkey_destroy(rk.rkey) };
-        }
-        let mut closing = Vec::new();
-        for (_, ep) in self.endpoints.drain() {
-            let mut p: sys::ucp_request_param_t = zeroed();
-            p.op_attr_mask = sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
-            p.flags = sys::ucp_ep_close_flags_t_UCP_EP_CLOSE_FLAG_FORCE;
-            // SAFETY: a live endpoint, closed once.
-            if let Ok(Some(req)) = decode_status_ptr(unsafe { sys::ucp_ep_close_nbx(ep.raw, &p) }) {
-                closing.push(req);
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        // SAFETY: requests returned by ucp_ep_close_nbx, checked and freed once each.
-        while !closing.is_empty() && Instant::now() < deadline {
+    /// Progresses until every request in `reqs` completes or `within` passes; frees them all.
+    fn wait_all(&mut self, mut reqs: Vec<sys::ucs_status_ptr_t>, within: Duration) {
+        let deadline = Instant::now() + within;
+        // SAFETY: requests UCX returned, checked and freed once each (an unfinished one is
+        // released to UCX, which frees it if it ever completes).
+        while !reqs.is_empty() && Instant::now() < deadline {
             self.progress();
-            closing.retain(|&req| unsafe {
+            reqs.retain(|&req| unsafe {
                 if sys::ucp_request_check_status(req) == sys::ucs_status_t_UCS_INPROGRESS {
                     true
                 } else {
@@ -435,10 +455,43 @@ impl State {
                 }
             });
         }
-        for req in closing {
-            // SAFETY: released to UCX, which frees it if it ever completes.
+        for req in reqs {
             unsafe { sys::ucp_request_free(req) };
         }
+    }
+
+    /// Closes everything, waits (boundedly) for UCX to finish, then destroys the worker and the
+    /// context once no other thread can be signalling it. Order, as UCX requires: flush the
+    /// endpoints, destroy the rkeys, close the endpoints.
+    fn shutdown(mut self, gate: &RwLock<bool>) {
+        let flushing: Vec<_> = self
+            .endpoints
+            .values()
+            .filter_map(|ep| {
+                let p: sys::ucp_request_param_t = zeroed();
+                // SAFETY: a live endpoint.
+                decode_status_ptr(unsafe { sys::ucp_ep_flush_nbx(ep.raw, &p) }).ok().flatten()
+            })
+            .collect();
+        self.wait_all(flushing, Duration::from_secs(1));
+        for (_, rk) in self.rkeys.drain() {
+            // SAFETY: unpacked here, destroyed once, before its endpoint closes.
+            unsafe { sys::ucp_rkey_destroy(rk.rkey) };
+        }
+        let mut closing = Vec::new();
+        for (_, ep) in self.endpoints.drain() {
+            let mut p: sys::ucp_request_param_t = zeroed();
+            // UCX refuses a forced close on an endpoint without peer-failure detection.
+            if ep.detects_failure {
+                p.op_attr_mask = sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
+                p.flags = sys::ucp_ep_close_flags_t_UCP_EP_CLOSE_FLAG_FORCE;
+            }
+            // SAFETY: a live endpoint, closed once.
+            if let Ok(Some(req)) = decode_status_ptr(unsafe { sys::ucp_ep_close_nbx(ep.raw, &p) }) {
+                closing.push(req);
+            }
+        }
+        self.wait_all(closing, Duration::from_secs(2));
         self.progress();
         // Nobody may signal the worker past this point.
         let _gate = gate.write().unwrap_or_else(|p| p.into_inner());
@@ -446,11 +499,17 @@ impl State {
             // SAFETY: registered on this context; nothing reads the window afterwards.
             unsafe { sys::ucp_mem_unmap(self.context, w.memh) };
         }
-        // SAFETY: everything made on the worker is closed; send and receive contexts whose
-        // callbacks never ran are leaked on purpose (never freed while UCX might use them).
+        // SAFETY: everything made on the worker is closed.
         unsafe {
             sys::ucp_worker_destroy(self.worker);
             sys::ucp_cleanup(self.context);
+        }
+        // UCX is gone and will call nothing back: free the sends it never completed, which
+        // answers their callers. (Rendezvous receive contexts left behind have nobody waiting
+        // and are leaked.)
+        for ptr in LIVE_SENDS.with(|l| std::mem::take(&mut *l.borrow_mut())) {
+            // SAFETY: each pointer is a SendCtx leaked by `submit_send` whose callback never ran.
+            drop(unsafe { Box::from_raw(ptr as *mut SendCtx) });
         }
         drop(self.listeners);
     }
@@ -490,7 +549,9 @@ fn submit_send(ctx: Box<SendCtx>, start: impl FnOnce(*const sys::ucp_request_par
     p.user_data = raw as *mut c_void;
     match decode_status_ptr(start(&p)) {
         // In progress: `send_done` owns the context from here.
-        Ok(Some(_)) => {}
+        Ok(Some(_)) => {
+            LIVE_SENDS.with(|l| l.borrow_mut().insert(raw as usize));
+        }
         Ok(None) => {
             // SAFETY: completed inline, so UCX will not call back; the context is ours again.
             let ctx = unsafe { Box::from_raw(raw) };
@@ -507,10 +568,21 @@ fn submit_send(ctx: Box<SendCtx>, start: impl FnOnce(*const sys::ucp_request_par
 unsafe extern "C" fn send_done(request: *mut c_void, status: sys::ucs_status_t, user_data: *mut c_void) {
     // SAFETY: user_data is the context `submit_send` leaked for this request; UCX calls this
     // exactly once per in-progress request, which is then ours to free.
+    LIVE_SENDS.with(|l| l.borrow_mut().remove(&(user_data as usize)));
     let ctx = unsafe { Box::from_raw(user_data as *mut SendCtx) };
     let r = if status == sys::ucs_status_t_UCS_OK { Ok(()) } else { Err(UcxError::status(ctx.op, status)) };
     let _ = ctx.reply.send(r);
     unsafe { sys::ucp_request_free(request) };
+}
+
+unsafe extern "C" fn rkey_flushed(request: *mut c_void, _status: sys::ucs_status_t, user_data: *mut c_void) {
+    // SAFETY: user_data is the boxed rkey handle `destroy_rkey_after_flush` leaked for this
+    // request; the flush is done (or failed: the endpoint is gone), so nothing uses the rkey.
+    let rkey = unsafe { Box::from_raw(user_data as *mut sys::ucp_rkey_h) };
+    unsafe {
+        sys::ucp_rkey_destroy(*rkey);
+        sys::ucp_request_free(request);
+    }
 }
 
 unsafe extern "C" fn endpoint_failed(arg: *mut c_void, _ep: sys::ucp_ep_h, status: sys::ucs_status_t) {
