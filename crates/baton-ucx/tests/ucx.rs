@@ -8,6 +8,13 @@ use baton_ucx::{UcxError, Worker};
 
 const ID: u16 = 7;
 
+/// Tests take turns: one of them changes UCX_TLS, which UCX reads (getenv) when a worker starts.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn turn() -> tokio::sync::MutexGuard<'static, ()> {
+    TURN.lock().await
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
@@ -84,6 +91,7 @@ async fn exercise(tls: &str) -> Result<(), UcxError> {
 /// variable is process-wide.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_messages_and_rma_over_tcp_and_shared_memory() {
+    let _turn = turn().await;
     for tls in ["tcp", "shm", ""] {
         if tls.is_empty() {
             std::env::remove_var("UCX_TLS");
@@ -96,7 +104,28 @@ async fn active_messages_and_rma_over_tcp_and_shared_memory() {
 
 #[tokio::test]
 async fn bad_inputs_are_errors() {
+    let _turn = turn().await;
     let w = Worker::start("lonely").expect("worker");
     assert!(matches!(w.connect(Vec::new(), "nobody").await, Err(UcxError::Invalid(_))));
     assert!(matches!(w.register(0).await, Err(UcxError::Invalid(_))));
+}
+
+/// Handles that outlive their worker fail with `WorkerGone`: no call reaches a destroyed worker
+/// and no put writes into a window its shutdown unmapped.
+#[tokio::test]
+async fn handles_outliving_their_worker_fail_cleanly() {
+    let _turn = turn().await;
+    let a = Worker::start("a").expect("worker");
+    let b = Worker::start("b").expect("worker");
+    let window = b.register(4096).await.expect("window");
+    let ep = a.connect(b.address().to_vec(), "b").await.expect("endpoint");
+    let remote = ep.window(&window.descriptor()).await.expect("remote window");
+    ep.put_slice(&[7; 64], &remote, 0).await.expect("put while alive");
+    drop(a);
+    assert!(matches!(ep.put_slice(&[1; 64], &remote, 0).await, Err(UcxError::WorkerGone)));
+    assert!(matches!(ep.put(vec![1; 64], &remote, 0).await, Err(UcxError::WorkerGone)));
+    assert!(matches!(ep.send(ID, Vec::new(), vec![1]).await, Err(UcxError::WorkerGone)));
+    assert!(matches!(ep.flush().await, Err(UcxError::WorkerGone)));
+    drop((remote, ep));
+    assert_eq!(window.read(0, 64).await.expect("read"), vec![7; 64], "b's window lost what a put before the drop wrote");
 }
