@@ -451,6 +451,11 @@ replica = 1
         })
     };
     let served = |s: &support::Server| support::stats(s)["generation_tokens_total"].as_u64().unwrap_or(0);
+    // What routers poll: a head's load, cheaply.
+    let (status, _, body) = support::http(&head0, "GET", "/v1/load", None);
+    let load: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, 200);
+    assert!(load["running"].is_u64() && load["waiting"].is_u64() && load["kv_cache_usage"].is_number(), "{load}");
 
     // Entering at a stage node.
     burst(&entry);

@@ -52,6 +52,7 @@ pub fn routes(state: Arc<AppState>) -> AxumRouter {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/stats", get(stats))
+        .route("/v1/load", get(load))
         .with_state(state)
 }
 
@@ -366,4 +367,9 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
 
 async fn stats(State(s): State<Arc<AppState>>) -> Json<Value> {
     Json(s.metrics.stats())
+}
+
+/// Running and waiting requests and KV usage, for routers spreading load over replicas.
+async fn load(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(s.metrics.load())
 }

@@ -170,6 +170,11 @@ impl Metrics {
 
     /// Percentiles of every histogram, and each histogram serialized (HdrHistogram V2 deflate,
     /// base64) for dashboards that merge them.
+    /// Just the load gauges: what routers poll (cheap, unlike `stats`).
+    pub fn load(&self) -> Value {
+        self.with(|m| json!({"running": m.gauges.running, "waiting": m.gauges.waiting, "kv_cache_usage": m.gauges.kv_usage}))
+    }
+
     pub fn stats(&self) -> Value {
         self.with(|m| {
             let mut hists = serde_json::Map::new();

@@ -1,6 +1,6 @@
 //! The front of a node that is not a pipeline head: every HTTP request is forwarded to a
 //! pipeline head, the least loaded one when the cluster runs several replicas (the routing core,
-//! `baton_mesh::routing`, fed by polling each head's `/v1/stats`), and its response (streamed or
+//! `baton_mesh::routing`, fed by polling each head's `/v1/load`), and its response (streamed or
 //! not) relayed back unchanged, so clients can use any node. (The QUIC API's relay,
 //! `quic_relay`, picks heads through the same [`Front`].)
 
@@ -163,11 +163,11 @@ fn hold_until_sent(resp: Response, outstanding: Outstanding) -> Response {
     Response::from_parts(parts, Body::from_stream(body))
 }
 
-/// Feeds the routing core: each head's running + waiting requests, every 200 ms.
+/// Feeds the routing core: each head's running + waiting requests (`/v1/load`), every 200 ms.
 async fn poll_loads(front: Arc<Front>) {
     loop {
         for (i, base) in front.bases.iter().enumerate() {
-            let got = front.client.get(format!("{base}/v1/stats")).timeout(Duration::from_secs(1)).send().await;
+            let got = front.client.get(format!("{base}/v1/load")).timeout(Duration::from_secs(1)).send().await;
             let load = match got {
                 Ok(r) => r.bytes().await.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).map(|v| {
                     v["running"].as_u64().unwrap_or(0) + v["waiting"].as_u64().unwrap_or(0)
