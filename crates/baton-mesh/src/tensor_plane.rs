@@ -263,8 +263,8 @@ pub(crate) mod ucx {
     }
 
     impl UcxLink {
-        /// Calls are made one at a time per link (the pipeline's link worker awaits each), so the
-        /// window holds at most one step's hidden states.
+        /// One call at a time per link (`turn`), so the window holds at most one step's hidden
+        /// states, and never ones the stage has yet to read (`window_busy`).
         pub(crate) async fn call(&self, mut req: StageRequest) -> Result<StageReply, ControlError> {
             let _turn = self.turn.lock().await;
             let window_was_busy = self.window_busy.load(Ordering::Acquire);
