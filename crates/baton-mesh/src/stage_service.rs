@@ -1,7 +1,8 @@
 //! A pipeline stage served to the head: agrees on the tensor plane (`Attach`, over the control
 //! plane), loads its layer range when the head says how large the KV cache is, then runs each
 //! step it is sent, over UCX or QUIC (the last stage also samples), and answers with hidden
-//! states or sampled tokens.
+//! states or sampled tokens. The stage belongs to this node's GPU-shard actor (`StageShard`),
+//! which runs the requests one at a time in arrival order, each on a blocking thread.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -142,20 +143,61 @@ impl StageService {
     }
 }
 
+/// A non-head node's GPU-shard actor: owns the stage (through its service) and runs each
+/// request on a blocking thread, one at a time, in the order they arrive.
+pub struct StageShard;
+
+pub enum StageShardMsg {
+    Run(StageRequest, ractor::RpcReplyPort<StageReply>),
+}
+
+impl ractor::Actor for StageShard {
+    type Msg = StageShardMsg;
+    type State = Arc<StageService>;
+    type Arguments = Arc<StageService>;
+
+    async fn pre_start(&self, _myself: ractor::ActorRef<StageShardMsg>, svc: Arc<StageService>) -> Result<Arc<StageService>, ractor::ActorProcessingErr> {
+        Ok(svc)
+    }
+
+    async fn handle(&self, _myself: ractor::ActorRef<StageShardMsg>, msg: StageShardMsg, svc: &mut Arc<StageService>) -> Result<(), ractor::ActorProcessingErr> {
+        let StageShardMsg::Run(req, reply) = msg;
+        let s = svc.clone();
+        let out = tokio::task::spawn_blocking(move || s.handle(req)).await.unwrap_or_else(|e| StageReply::Error(format!("stage worker: {e}")));
+        let _ = reply.send(out);
+        Ok(())
+    }
+}
+
+/// One request through the shard actor.
+async fn run(shard: &ractor::ActorRef<StageShardMsg>, req: StageRequest) -> StageReply {
+    match ractor::call!(shard, StageShardMsg::Run, req) {
+        Ok(reply) => reply,
+        Err(e) => StageReply::Error(format!("the stage's shard actor: {e}")),
+    }
+}
+
 /// Serves the stage to whichever cluster peer connects (the pipeline head), over the control
 /// plane and, when it is on, UCX.
 pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>) {
+    let shard = match ractor::Actor::spawn(Some(format!("stage-shard-{}", node.name())), StageShard, svc.clone()).await {
+        Ok((shard, _)) => shard,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the stage's shard actor");
+            return;
+        }
+    };
     #[cfg(feature = "ucx")]
     if let Some(requests) = svc.plane.ucx().and_then(|u| u.take_requests()) {
-        let s = svc.clone();
+        let shard = shard.clone();
         tokio::spawn(crate::tensor_plane::ucx::serve_requests(requests, svc.ucx.clone(), move |req| {
-            let s = s.clone();
-            tokio::task::spawn_blocking(move || s.handle(req))
+            let shard = shard.clone();
+            async move { run(&shard, req).await }
         }));
     }
     while let Some(link) = node.accept().await {
         let Ok(link) = link else { continue };
-        let svc = svc.clone();
+        let (svc, shard) = (svc.clone(), shard.clone());
         tokio::spawn(async move {
             while let Ok((mut send, mut recv)) = link.connection.accept_bi().await {
                 let req = match read_frame_limited(&mut recv, MAX_TENSOR_FRAME).await {
@@ -173,12 +215,7 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>) {
                 };
                 let reply = match req {
                     StageRequest::Attach { tensor_address, window_bytes } => svc.attach(&link.peer, tensor_address, window_bytes).await,
-                    req => {
-                        let svc = svc.clone();
-                        tokio::task::spawn_blocking(move || svc.handle(req))
-                            .await
-                            .unwrap_or_else(|e| StageReply::Error(format!("stage worker: {e}")))
-                    }
+                    req => run(&shard, req).await,
                 };
                 match encode(&reply) {
                     Ok(bytes) => {

@@ -364,10 +364,10 @@ pub(crate) mod ucx {
     /// Serves steps arriving as active messages, one at a time, in order; answers each on the
     /// attached head's endpoint. A message that does not parse is answered with an error (when
     /// its id can be read) and dropped; the stage keeps serving.
-    pub(crate) async fn serve_requests(
+    pub(crate) async fn serve_requests<F: std::future::Future<Output = StageReply>>(
         mut requests: AmReceiver,
         stage: Arc<StageUcx>,
-        handle: impl Fn(StageRequest) -> tokio::task::JoinHandle<StageReply>,
+        handle: impl Fn(StageRequest) -> F,
     ) {
         while let Some(m) = requests.recv().await {
             let Ok(id) = <[u8; 8]>::try_from(m.header.as_slice()) else {
@@ -386,7 +386,7 @@ pub(crate) mod ucx {
                 Ok(StageRequest::Attach { .. }) => StageReply::Error("Attach goes over the control plane".into()),
                 Ok(mut req) => match stage.resolve(&head, &mut req).await {
                     Err(e) => StageReply::Error(e),
-                    Ok(()) => handle(req).await.unwrap_or_else(|e| StageReply::Error(format!("stage worker: {e}"))),
+                    Ok(()) => handle(req).await,
                 },
             };
             match encode(&reply) {
