@@ -24,6 +24,6 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use generate::{Generation, LocalRunner};
 pub use kv::{BlockAllocator, BlockTable, KvGeometry};
-pub use sampling::{FinishReason, Sampled, SamplingParams, SequenceSampler};
+pub use sampling::{FinishReason, SampledToken, Sampled, SamplerSet, SamplingParams, SequenceSampler};
 pub use stage::{Stage, StageInput, StageOutput};
 pub use tokenizer::{Detokenizer, TextTokenizer};

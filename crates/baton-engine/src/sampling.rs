@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use crate::rng::Rng;
+use crate::EngineError;
 
 /// How one request wants its tokens chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -319,6 +320,43 @@ pub fn log_probs(logits: &[f32], token: u32, top_n: usize) -> (f32, Vec<(u32, f3
     (chosen, top)
 }
 
+/// The sampling state of every sequence a last stage serves, by sequence id.
+#[derive(Debug, Default)]
+pub struct SamplerSet {
+    samplers: HashMap<u64, SequenceSampler>,
+}
+
+/// One sequence's sampled token, and whether the sequence ends with it.
+pub type SampledToken = (u64, Sampled, Option<FinishReason>);
+
+impl SamplerSet {
+    /// Sequences that ended: drop their state.
+    pub fn release(&mut self, ids: impl IntoIterator<Item = u64>) {
+        for id in ids {
+            self.samplers.remove(&id);
+        }
+    }
+
+    pub fn add(&mut self, id: u64, params: SamplingParams, eos_token_ids: &[u32], prompt: &[u32]) {
+        self.samplers.insert(id, SequenceSampler::new(params, eos_token_ids, prompt));
+    }
+
+    /// One token for each of `ids` (the sequences that asked for logits, in batch order), from
+    /// consecutive `vocab`-wide rows of `logits`.
+    pub fn sample(&mut self, ids: impl IntoIterator<Item = u64>, logits: &[f32], vocab: usize) -> crate::Result<Vec<SampledToken>> {
+        let mut rows = logits.chunks_exact(vocab.max(1));
+        ids.into_iter()
+            .map(|id| {
+                let row = rows.next().ok_or_else(|| EngineError::BadBatch("fewer logit rows than sampling sequences".into()))?;
+                let sampler = self.samplers.get_mut(&id).ok_or_else(|| EngineError::BadBatch(format!("no sampling state for sequence {id}")))?;
+                let s = sampler.sample(row);
+                let finish = sampler.finish_reason(s.token);
+                Ok((id, s, finish))
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,5 +457,19 @@ mod tests {
         assert!(bad.validate().unwrap_err().contains("top_p"));
         let bad = SamplingParams { temperature: f32::NAN, ..Default::default() };
         assert!(bad.validate().unwrap_err().contains("temperature"));
+    }
+
+    #[test]
+    fn a_sampler_set_samples_rows_in_order_and_names_what_is_missing() {
+        let mut set = SamplerSet::default();
+        set.add(7, SamplingParams::default(), &[], &[1]);
+        set.add(9, SamplingParams::default(), &[], &[1]);
+        // Greedy: row 0 peaks at token 2, row 1 at token 0.
+        let logits = [0.0, 1.0, 5.0, 9.0, 1.0, 2.0];
+        let out = set.sample([7, 9], &logits, 3).unwrap();
+        assert_eq!(out.iter().map(|(id, s, _)| (*id, s.token)).collect::<Vec<_>>(), vec![(7, 2), (9, 0)]);
+        assert!(set.sample([7, 9, 7], &logits, 3).unwrap_err().to_string().contains("fewer logit rows"));
+        set.release([9]);
+        assert!(set.sample([9], &logits, 3).unwrap_err().to_string().contains("sequence 9"));
     }
 }

@@ -4,12 +4,11 @@
 //! states or sampled tokens. The stage belongs to this node's GPU-shard actor (`StageShard`),
 //! which runs the requests one at a time in arrival order, each on a blocking thread.
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use baton_engine::{Checkpoint, CpuBackend, KvGeometry, ModelConfig, SequenceSampler, Stage, StageInput, StageOutput};
+use baton_engine::{Checkpoint, CpuBackend, KvGeometry, ModelConfig, SamplerSet, Stage, StageInput, StageOutput};
 use baton_proto::{decode, encode, read_frame_limited, write_frame, CLOSE_MALFORMED, MAX_TENSOR_FRAME};
 
 use crate::control::{ControlError, ControlNode, PeerLink};
@@ -29,7 +28,7 @@ pub struct StageService {
 
 struct Loaded {
     stage: Stage<CpuBackend>,
-    samplers: HashMap<u64, SequenceSampler>,
+    samplers: SamplerSet,
 }
 
 impl StageService {
@@ -90,7 +89,7 @@ impl StageService {
                     let ckpt = Checkpoint::open(&self.model_dir).map_err(|e| e.to_string())?;
                     let backend = CpuBackend::new(self.threads).map_err(|e| e.to_string())?;
                     let stage = Stage::load(backend, &config, &ckpt, self.layers.clone(), geometry, &mut |_, _| {}).map_err(|e| e.to_string())?;
-                    Ok(Loaded { stage, samplers: HashMap::new() })
+                    Ok(Loaded { stage, samplers: SamplerSet::default() })
                 })();
                 match loaded {
                     Ok(l) => {
@@ -104,11 +103,9 @@ impl StageService {
                 let Some(l) = guard.as_mut() else {
                     return StageReply::Error("the stage was not initialised".into());
                 };
-                for id in released {
-                    l.samplers.remove(&id);
-                }
+                l.samplers.release(released);
                 for s in new_sequences {
-                    l.samplers.insert(s.id, SequenceSampler::new(sampling_from_wire(&s.params), &s.eos, &s.prompt));
+                    l.samplers.add(s.id, sampling_from_wire(&s.params), &s.eos, &s.prompt);
                 }
                 let layout = layout_from_wire(&chunks);
                 let input = match &input {
@@ -122,20 +119,14 @@ impl StageService {
                     Err(e) => StageReply::Error(e.to_string()),
                     Ok(StageOutput::Hidden(hidden)) => StageReply::Hidden { hidden, compute_us: compute_us() },
                     Ok(StageOutput::Logits { vocab, data, .. }) => {
-                        let mut rows = data.chunks_exact(vocab);
-                        let mut out = Vec::new();
-                        for (chunk, id) in chunks.iter().zip(&ids) {
-                            if !chunk.wants_logits {
-                                continue;
-                            }
-                            let (Some(row), Some(sampler)) = (rows.next(), l.samplers.get_mut(id)) else {
-                                return StageReply::Error(format!("no logits or sampling state for sequence {id}"));
-                            };
-                            let s = sampler.sample(row);
-                            let finish = sampler.finish_reason(s.token);
-                            out.push(sampled_to_wire(*id, &s, finish));
+                        let sampling = chunks.iter().zip(&ids).filter(|(c, _)| c.wants_logits).map(|(_, &id)| id);
+                        match l.samplers.sample(sampling, &data, vocab) {
+                            Ok(out) => StageReply::Sampled {
+                                tokens: out.iter().map(|(id, s, finish)| sampled_to_wire(*id, s, *finish)).collect(),
+                                compute_us: compute_us(),
+                            },
+                            Err(e) => StageReply::Error(e.to_string()),
                         }
-                        StageReply::Sampled { tokens: out, compute_us: compute_us() }
                     }
                 }
             }

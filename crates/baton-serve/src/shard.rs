@@ -3,13 +3,12 @@
 //! last stage. A panic or engine error in a step makes the actor fail; its supervisor (the
 //! scheduler actor) errors the requests it held and starts a new shard.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use baton_engine::{
-    Checkpoint, CpuBackend, FinishReason, KvGeometry, ModelConfig, Sampled, SamplingParams, SequenceSampler, Stage, StageInput,
+    Checkpoint, CpuBackend, FinishReason, KvGeometry, ModelConfig, Sampled, SamplerSet, SamplingParams, Stage, StageInput,
     StageOutput,
 };
 use baton_scheduler::{SeqId, Step};
@@ -219,7 +218,7 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<Shar
             return;
         }
     };
-    let mut samplers: HashMap<SeqId, SequenceSampler> = HashMap::new();
+    let mut samplers = SamplerSet::default();
     let chain = args.pipeline.as_ref().map(|p| start_chain(p, me.clone()));
     let mut steps = 0;
     while let Ok(work) = rx.recv() {
@@ -248,12 +247,10 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<Shar
     }
 }
 
-fn run_step(stage: &mut Stage<CpuBackend>, samplers: &mut HashMap<SeqId, SequenceSampler>, work: &ShardWork) -> Result<StepOutput, String> {
-    for id in &work.released {
-        samplers.remove(id);
-    }
+fn run_step(stage: &mut Stage<CpuBackend>, samplers: &mut SamplerSet, work: &ShardWork) -> Result<StepOutput, String> {
+    samplers.release(work.released.iter().copied());
     for s in &work.new_sequences {
-        samplers.insert(s.id, SequenceSampler::new(s.params.clone(), &s.eos, &s.prompt));
+        samplers.add(s.id, s.params.clone(), &s.eos, &s.prompt);
     }
     let start = Instant::now();
     let tokens = work.step.tokens();
@@ -262,15 +259,13 @@ fn run_step(stage: &mut Stage<CpuBackend>, samplers: &mut HashMap<SeqId, Sequenc
     let StageOutput::Logits { vocab, data, .. } = out else {
         return Err("the stage did not produce logits".into());
     };
-    let mut rows = data.chunks_exact(vocab);
-    let mut sampled = Vec::new();
-    for s in work.step.scheduled.iter().filter(|s| s.samples) {
-        let row = rows.next().ok_or("fewer logit rows than sampling sequences")?;
-        let sampler = samplers.get_mut(&s.id).ok_or_else(|| format!("no sampling state for sequence {}", s.id))?;
-        let out = sampler.sample(row);
-        let finish = sampler.finish_reason(out.token);
-        sampled.push(SampledOut { id: s.id, sampled: out, finish });
-    }
+    let sampling = work.step.scheduled.iter().filter(|s| s.samples).map(|s| s.id);
+    let sampled = samplers
+        .sample(sampling, &data, vocab)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(id, sampled, finish)| SampledOut { id, sampled, finish })
+        .collect();
     Ok(StepOutput { number: work.number, sampled, forward_time, transfer_time: None })
 }
 
