@@ -6,7 +6,6 @@
 //! flush, i.e. until the peer is known to hold the data; the put8 row streams eight puts and one
 //! flush and reports the time per put (bandwidth).
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,17 +35,13 @@ fn pct(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-/// Times `iterations` runs of `once` (after 50 warm-up runs); `once` returns the duration to
+/// Times `iterations` runs of `once` after `warmup` untimed ones; `once` returns the duration to
 /// record (it times itself, so set-up outside the hop is not counted).
-async fn measure<F, Fut>(iterations: usize, mut once: F) -> anyhow::Result<Histogram<u64>>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Duration>>,
-{
+async fn measure(iterations: usize, warmup: usize, mut once: impl AsyncFnMut() -> anyhow::Result<Duration>) -> anyhow::Result<Histogram<u64>> {
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-    for i in 0..iterations + 50 {
+    for i in 0..iterations + warmup {
         let d = once().await?;
-        if i >= 50 {
+        if i >= warmup {
             h.saturating_record(d.as_nanos().max(1) as u64);
         }
     }
@@ -148,7 +143,7 @@ pub fn run(args: HopArgs) -> anyhow::Result<()> {
                 let mut results: Vec<(String, Histogram<u64>)> = Vec::new();
 
                 let frame = encode(&values)?;
-                let quic = measure(args.iterations, || async {
+                let quic = measure(args.iterations, 50, async || {
                     let t = Instant::now();
                     let (mut send, mut recv) = link.connection.open_bi().await?;
                     write_frame(&mut send, &frame).await?;
@@ -165,52 +160,46 @@ pub fn run(args: HopArgs) -> anyhow::Result<()> {
                 #[cfg(feature = "ucx")]
                 for l in &mut ucx_links {
                     let raw: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    let mut am = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-                    for i in 0..args.iterations + 50 {
+                    let am = measure(args.iterations, 50, async || {
                         let payload = raw.clone();
                         let t = Instant::now();
                         l.ep.send(1, Vec::new(), payload).await?;
                         let back = l.inbox.recv().await.ok_or_else(|| anyhow::anyhow!("UCX echo stopped"))?;
                         let one_way = t.elapsed() / 2;
                         anyhow::ensure!(back.data.len() == bytes, "UCX echo lost data");
-                        if i >= 50 {
-                            am.saturating_record(one_way.as_nanos().max(1) as u64);
-                        }
-                    }
+                        Ok(one_way)
+                    })
+                    .await?;
                     results.push((format!("ucx-{}-am", l.tls), am));
                     if l.tls == "shm" {
-                        let mut put = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-                        for i in 0..args.iterations + 50 {
+                        let put = measure(args.iterations, 50, async || {
                             let t = Instant::now();
                             l.ep.put_slice(&raw, &l.window, 0).await?;
                             l.ep.flush().await?;
-                            if i >= 50 {
-                                put.saturating_record(t.elapsed().as_nanos().max(1) as u64);
-                            }
-                        }
+                            Ok(t.elapsed())
+                        })
+                        .await?;
                         results.push((format!("ucx-{}-put", l.tls), put));
                         // Streaming: 8 puts back to back, one flush; per put.
-                        let mut stream = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-                        for i in 0..args.iterations / 8 + 10 {
+                        let stream = measure(args.iterations / 8, 10, async || {
                             let t = Instant::now();
                             for _ in 0..8 {
                                 l.ep.put_slice(&raw, &l.window, 0).await?;
                             }
                             l.ep.flush().await?;
-                            if i >= 10 {
-                                stream.saturating_record((t.elapsed() / 8).as_nanos().max(1) as u64);
-                            }
-                        }
+                            Ok(t.elapsed() / 8)
+                        })
+                        .await?;
                         results.push((format!("ucx-{}-put8", l.tls), stream));
                     }
                 }
 
                 let mut dst = vec![0f32; values.len()];
-                let mem = measure(args.iterations, || {
+                let mem = measure(args.iterations, 50, async || {
                     let t = Instant::now();
                     dst.copy_from_slice(&values);
                     std::hint::black_box(&dst);
-                    std::future::ready(Ok(t.elapsed()))
+                    Ok(t.elapsed())
                 })
                 .await?;
                 results.push(("memcpy".into(), mem));
