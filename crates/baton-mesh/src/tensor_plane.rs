@@ -170,7 +170,7 @@ pub(crate) mod ucx {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
 
-    use baton_proto::{decode, encode};
+    use baton_proto::{decode, encode, frame_body, FrameError, MAX_TENSOR_FRAME};
     use baton_ucx::{AmReceiver, Endpoint, Region, RemoteRegion, WindowDescriptor, Worker};
     use tokio::sync::oneshot;
 
@@ -193,8 +193,8 @@ pub(crate) mod ucx {
         pub(crate) async fn start(name: &str) -> Result<UcxPlane, ControlError> {
             let worker = Worker::start(name)?;
             let pending: Pending = Arc::default();
-            let replies = worker.listen(AM_STAGE_REPLY).await?;
-            let requests = worker.listen(AM_STAGE_REQUEST).await?;
+            let replies = worker.listen(AM_STAGE_REPLY, MAX_TENSOR_FRAME).await?;
+            let requests = worker.listen(AM_STAGE_REQUEST, MAX_TENSOR_FRAME).await?;
             tokio::spawn(dispatch_replies(replies, pending.clone()));
             Ok(UcxPlane { worker, pending, next: Arc::new(AtomicU64::new(1)), requests: Mutex::new(Some(requests)) })
         }
@@ -305,13 +305,6 @@ pub(crate) mod ucx {
         }
     }
 
-    /// The body of one encoded frame (`encode` prefixes its length).
-    pub(crate) fn frame_body(frame: &[u8]) -> Result<&[u8], baton_proto::FrameError> {
-        let malformed = || baton_proto::FrameError::Malformed(format!("a {}-byte UCX message is not one frame", frame.len()));
-        let len = frame.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).ok_or_else(malformed)? as usize;
-        frame.get(4..).filter(|b| b.len() == len).ok_or_else(malformed)
-    }
-
     /// The attached head: where replies go, and the window it puts hidden states into.
     struct Head {
         ep: Endpoint,
@@ -378,7 +371,11 @@ pub(crate) mod ucx {
                 tracing::warn!("dropping a UCX stage request: no head has attached");
                 continue;
             };
-            let reply = match frame_body(&m.data).and_then(decode::<StageRequest>) {
+            let request = match m.oversized {
+                Some(len) => Err(FrameError::TooLarge(len)),
+                None => frame_body(&m.data).and_then(decode::<StageRequest>),
+            };
+            let reply = match request {
                 Err(e) => {
                     tracing::warn!(error = %e, "malformed UCX stage request");
                     StageReply::Error(format!("malformed request: {e}"))

@@ -148,6 +148,14 @@ where
 /// Largest frame of tensors (activations) between pipeline stages.
 pub const MAX_TENSOR_FRAME: usize = 256 << 20;
 
+/// The body of one whole frame held in memory (as `encode` made it: length prefix, body), for
+/// transports that deliver whole messages (UCX active messages).
+pub fn frame_body(frame: &[u8]) -> Result<&[u8], FrameError> {
+    let malformed = || FrameError::Malformed(format!("a {}-byte message is not one frame", frame.len()));
+    let len = frame.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).ok_or_else(malformed)? as usize;
+    frame.get(4..).filter(|b| b.len() == len).ok_or_else(malformed)
+}
+
 /// Reads one frame's body; `Ok(None)` at a clean end of stream before a frame starts.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
     read_frame_limited(r, MAX_FRAME).await
@@ -209,5 +217,14 @@ mod tests {
             let _ = decode::<Request>(&b); // must not panic
         }
         assert!(decode::<Frame>(&[0xff; 64]).is_err());
+    }
+
+    #[test]
+    fn frame_body_takes_exactly_one_frame() {
+        let good = encode(&Request::new(Prompt::Text("hello".into()))).unwrap();
+        assert_eq!(frame_body(&good).unwrap(), &good[4..]);
+        assert!(frame_body(&good[..good.len() - 1]).is_err());
+        assert!(frame_body(&[good.as_slice(), &[0]].concat()).is_err());
+        assert!(frame_body(&[1, 0]).is_err());
     }
 }

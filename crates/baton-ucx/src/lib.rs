@@ -44,11 +44,13 @@ impl UcxError {
     }
 }
 
-/// A received active message: its header and payload, both owned.
+/// A received active message: its header and payload, both owned. A payload over the
+/// listener's limit is not received: `data` is empty and `oversized` gives its length.
 #[derive(Debug)]
 pub struct AmMessage {
     pub header: Vec<u8>,
     pub data: Vec<u8>,
+    pub oversized: Option<usize>,
 }
 
 pub type AmReceiver = tmpsc::UnboundedReceiver<AmMessage>;
@@ -144,10 +146,11 @@ impl Worker {
     }
 
     /// Receives every active message sent to `am_id` on this worker (one receiver per id; a
-    /// second call replaces the first).
-    pub async fn listen(&self, am_id: u16) -> Result<AmReceiver, UcxError> {
+    /// second call replaces the first). Payloads over `max_len` bytes are refused unread (the
+    /// message arrives with `oversized` set), so a peer cannot make this node allocate at will.
+    pub async fn listen(&self, am_id: u16, max_len: usize) -> Result<AmReceiver, UcxError> {
         let (tx, rx) = tmpsc::unbounded_channel();
-        self.shared.call(|reply| Command::Listen { am_id, tx, reply }).await?;
+        self.shared.call(|reply| Command::Listen { am_id, max_len, tx, reply }).await?;
         Ok(rx)
     }
 

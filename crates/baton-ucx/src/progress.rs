@@ -29,7 +29,7 @@ type Reply<T> = oneshot::Sender<Result<T, UcxError>>;
 pub(crate) enum Command {
     Connect { id: u64, address: Vec<u8>, peer: String, reply: Reply<()> },
     CloseEndpoint { id: u64 },
-    Listen { am_id: u16, tx: tmpsc::UnboundedSender<AmMessage>, reply: Reply<()> },
+    Listen { am_id: u16, max_len: usize, tx: tmpsc::UnboundedSender<AmMessage>, reply: Reply<()> },
     SendAm { ep: u64, am_id: u16, header: Vec<u8>, data: Vec<u8>, reply: Reply<()> },
     Put { ep: u64, rkey: u64, remote_addr: u64, data: Vec<u8>, reply: Reply<()> },
     Flush { ep: u64, reply: Reply<()> },
@@ -53,6 +53,7 @@ struct Endpoint {
 struct Listener {
     tx: tmpsc::UnboundedSender<AmMessage>,
     worker: sys::ucp_worker_h,
+    max_len: usize,
 }
 
 /// A registered window: memory UCX allocated for it, mapped until `memh` is unmapped.
@@ -197,8 +198,8 @@ impl State {
                     close_endpoint(ep.raw, false);
                 }
             }
-            Command::Listen { am_id, tx, reply } => {
-                let listener = Box::new(Listener { tx, worker: self.worker });
+            Command::Listen { am_id, max_len, tx, reply } => {
+                let listener = Box::new(Listener { tx, worker: self.worker, max_len });
                 let mut p: sys::ucp_am_handler_param_t = zeroed();
                 p.field_mask = (sys::ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_ID
                     | sys::ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_CB
@@ -605,10 +606,17 @@ unsafe extern "C" fn am_received(
     } else {
         unsafe { std::slice::from_raw_parts(header as *const u8, header_length) }.to_vec()
     };
+    if length > listener.max_len {
+        // Not received: an eager payload is dropped with the callback, a rendezvous one is never
+        // pulled (UCX completes the sender's request).
+        tracing::warn!(length, limit = listener.max_len, "refusing an oversized UCX active message");
+        let _ = listener.tx.send(AmMessage { header, data: Vec::new(), oversized: Some(length) });
+        return sys::ucs_status_t_UCS_OK;
+    }
     let rndv = unsafe { (*param).recv_attr } & sys::ucp_am_recv_attr_t_UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0;
     if !rndv {
         let data = if length == 0 { Vec::new() } else { unsafe { std::slice::from_raw_parts(data as *const u8, length) }.to_vec() };
-        let _ = listener.tx.send(AmMessage { header, data });
+        let _ = listener.tx.send(AmMessage { header, data, oversized: None });
         return sys::ucs_status_t_UCS_OK;
     }
     // Rendezvous: receive into a buffer of our own; `recv_done` hands it over.
@@ -625,7 +633,7 @@ unsafe extern "C" fn am_received(
         Ok(Some(_)) => {}
         Ok(None) => {
             let ctx = unsafe { Box::from_raw(raw) };
-            let _ = ctx.tx.send(AmMessage { header: ctx.header, data: ctx.buf });
+            let _ = ctx.tx.send(AmMessage { header: ctx.header, data: ctx.buf, oversized: None });
         }
         Err(status) => {
             drop(unsafe { Box::from_raw(raw) });
@@ -641,7 +649,7 @@ unsafe extern "C" fn recv_done(request: *mut c_void, status: sys::ucs_status_t, 
     let mut ctx = unsafe { Box::from_raw(user_data as *mut RecvCtx) };
     if status == sys::ucs_status_t_UCS_OK {
         ctx.buf.truncate(length);
-        let _ = ctx.tx.send(AmMessage { header: ctx.header, data: ctx.buf });
+        let _ = ctx.tx.send(AmMessage { header: ctx.header, data: ctx.buf, oversized: None });
     } else {
         tracing::warn!(status = ucx_rs::status_string(status), "UCX rendezvous receive failed");
     }

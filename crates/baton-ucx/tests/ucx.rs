@@ -1,6 +1,7 @@
 //! The UCX wrapper between two workers of one process, over each transport CI has (TCP and
 //! shared memory, chosen with UCX_TLS as operators would): active messages small (eager) and
-//! large (rendezvous), RMA puts into a registered window, and futures dropped mid-flight.
+//! large (rendezvous), oversized messages refused, RMA puts into a registered window, and
+//! futures dropped mid-flight.
 
 use std::time::Duration;
 
@@ -26,7 +27,8 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
 async fn exercise(tls: &str) -> Result<(), UcxError> {
     let a = Worker::start("a")?;
     let b = Worker::start("b")?;
-    let mut inbox = b.listen(ID).await?;
+    let mut inbox = b.listen(ID, 8 << 20).await?;
+    let mut small = b.listen(ID + 1, 1024).await?;
     let ep = a.connect(b.address().to_vec(), "b").await?;
 
     // Eager and rendezvous sizes, each with its header intact and in order.
@@ -37,6 +39,13 @@ async fn exercise(tls: &str) -> Result<(), UcxError> {
         assert_eq!(m.header, vec![i as u8; 16], "{tls}: header of message {i}");
         assert_eq!(m.data.len(), len, "{tls}: length of message {i}");
         assert!(m.data == data, "{tls}: payload of message {i} differs");
+    }
+
+    // Payloads over a listener's limit are refused unread, eager or rendezvous, header kept.
+    for len in [4096usize, 1 << 20] {
+        within("oversized send", ep.send(ID + 1, b"big".to_vec(), vec![1; len])).await?;
+        let m = within("oversized receive", small.recv()).await.expect("inbox open");
+        assert_eq!((m.header.as_slice(), m.data.len(), m.oversized), (b"big".as_slice(), 0, Some(len)), "{tls}");
     }
 
     // A send whose future is dropped at once still delivers its (owned) buffer intact.

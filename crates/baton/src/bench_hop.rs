@@ -83,8 +83,8 @@ struct UcxLink {
 
 #[cfg(feature = "ucx")]
 async fn ucx_link(pair: &UcxPair, window_bytes: usize) -> anyhow::Result<UcxLink> {
-    let mut requests = pair.b.listen(1).await?;
-    let inbox = pair.a.listen(2).await?;
+    let mut requests = pair.b.listen(1, usize::MAX).await?;
+    let inbox = pair.a.listen(2, usize::MAX).await?;
     let back = pair.b.connect(pair.a.address().to_vec(), "hop-a").await?;
     tokio::spawn(async move {
         while let Some(m) = requests.recv().await {
