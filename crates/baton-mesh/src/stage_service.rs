@@ -72,15 +72,18 @@ impl StageService {
     fn handle(&self, req: StageRequest) -> StageReply {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match req {
-            StageRequest::Ping { nonce } => StageReply::Pong {
-                nonce,
-                first_layer: self.layers.start as u32,
-                end_layer: self.layers.end as u32,
-                loaded: guard.is_some(),
-                tensor_plane: self.plane.describe().to_string(),
-                ucx_steps: self.ucx_counts().0,
-                window_steps: self.ucx_counts().1,
-            },
+            StageRequest::Ping { nonce } => {
+                let (ucx_steps, window_steps) = self.ucx_counts();
+                StageReply::Pong {
+                    nonce,
+                    first_layer: self.layers.start as u32,
+                    end_layer: self.layers.end as u32,
+                    loaded: guard.is_some(),
+                    tensor_plane: self.plane.describe().to_string(),
+                    ucx_steps,
+                    window_steps,
+                }
+            }
             StageRequest::Attach { .. } => StageReply::Error("Attach is handled by the serving loop".into()),
             StageRequest::Init { block_size, num_blocks } => {
                 let geometry = KvGeometry { block_size: block_size as usize, num_blocks: num_blocks as usize };
