@@ -5,7 +5,7 @@
 //! mesh serving.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -13,87 +13,7 @@ use serde_json::{json, Value};
 #[path = "support/mod.rs"]
 mod support;
 
-struct Nodes(Vec<Child>);
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_udp() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn free_tcp() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// `baton node` for `name` of `cfg` (1 thread, 64 MiB of KV), with extra arguments and
-/// UCX_TLS (unset when `None`), stderr discarded.
-fn spawn_node(cfg: &std::path::Path, name: &str, extra: &[&str], ucx_tls: Option<&str>) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
-    cmd.args(["node", "--cluster", cfg.to_str().unwrap(), "--name", name, "--threads", "1", "--kv-cache-mb", "64"]).args(extra);
-    match ucx_tls {
-        Some(tls) => cmd.env("UCX_TLS", tls),
-        None => cmd.env_remove("UCX_TLS"),
-    };
-    cmd.stderr(Stdio::null()).spawn().unwrap()
-}
-
-/// Ports of a test cluster.
-struct Ports {
-    http: u16,
-    quic: u16,
-    control_b: u16,
-    http_b: u16,
-    quic_b: u16,
-    http_c: u16,
-}
-
-/// A three-node cluster.toml on free loopback ports.
-fn write_cluster(name: &str, model: &std::path::Path) -> (std::path::PathBuf, Ports) {
-    let dir = support::scratch(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cb, cc, http, quic, http_b, quic_b, http_c) = (free_udp(), free_udp(), free_udp(), free_tcp(), free_udp(), free_tcp(), free_udp(), free_tcp());
-    let cfg = dir.join("cluster.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[cluster]
-name = "test"
-[model]
-path = "{model}"
-[placement]
-mode = "auto"
-[[nodes]]
-name = "node-a"
-control = "127.0.0.1:{ca}"
-http = "127.0.0.1:{http}"
-quic = "127.0.0.1:{quic}"
-memory_gb = 1
-[[nodes]]
-name = "node-b"
-control = "127.0.0.1:{cb}"
-http = "127.0.0.1:{http_b}"
-quic = "127.0.0.1:{quic_b}"
-memory_gb = 1
-[[nodes]]
-name = "node-c"
-control = "127.0.0.1:{cc}"
-http = "127.0.0.1:{http_c}"
-memory_gb = 1
-"#,
-            model = model.display()
-        ),
-    )
-    .unwrap();
-    (cfg, Ports { http, quic, control_b: cb, http_b, quic_b, http_c })
-}
+use support::cluster::{free_tcp, free_udp, spawn_node, write_cluster, Nodes, Ports};
 
 /// bootstrap.sh starts node-a and node-c as local processes and node-b "remotely": through
 /// stand-ins for ssh and scp that run in a scratch home directory on this machine, which
@@ -468,55 +388,4 @@ replica = 1
     let (a2, b2) = (served(&head0) - a, served(&head1) - b);
     assert_eq!(a2 + b2, 16 * 24);
     assert!(a2 >= 4 * 24 && b2 >= 4 * 24, "requests entering at head r0 were not spread: {a2} and {b2} tokens");
-}
-
-/// A stage that dies mid-request: the request fails with an OpenAI-style error (UCX over TCP
-/// notices the peer is gone), the head stays up and says it is not ready; when the stage's
-/// process is started again the head re-attaches it and the pipeline serves again.
-#[test]
-fn a_dead_stage_fails_requests_and_its_pipeline_recovers_when_it_returns() {
-    let bin = env!("CARGO_BIN_EXE_baton");
-    let model = support::tiny_model("dead-stage-model");
-    let (cfg, ports) = write_cluster("dead-stage", &model);
-    assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
-    let mut nodes = Nodes(Vec::new());
-    for name in ["node-c", "node-b", "node-a"] {
-        nodes.0.push(spawn_node(&cfg, name, &["--tensor-plane", "ucx"], Some("tcp")));
-    }
-    let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{}", ports.http), quic: None, model };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(&head.addr).is_err() || support::http(&head, "GET", "/health", None).0 != 200 {
-        assert!(Instant::now() < deadline, "the pipeline head never became ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let head_ref = &head;
-    // (A hang would hit the client's read timeout and fail the test.)
-    let (status, body) = std::thread::scope(|scope| {
-        let req = scope.spawn(move || support::post(head_ref, "/v1/completions", &json!({"prompt": "Hello", "max_tokens": 4000, "ignore_eos": true})));
-        std::thread::sleep(Duration::from_millis(500));
-        let _ = nodes.0[0].kill(); // node-c, the last stage
-        req.join().unwrap()
-    });
-    assert_eq!(status, 500, "{body}");
-    assert_eq!(body["error"]["type"], "internal_error", "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("node-c")), "{body}");
-    assert_eq!(support::http(&head, "GET", "/health", None).0, 503);
-    assert_eq!(support::http(&head, "GET", "/v1/models", None).0, 200, "the head stopped serving");
-    assert!(nodes.0[2].try_wait().unwrap().is_none(), "the head exited");
-
-    // node-c comes back: the head re-attaches it and serves again, token for token.
-    nodes.0[0] = spawn_node(&cfg, "node-c", &["--tensor-plane", "ucx"], Some("tcp"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while support::http(&head, "GET", "/health", None).0 != 200 {
-        assert!(Instant::now() < deadline, "the pipeline did not recover after node-c restarted");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = Command::new(bin)
-        .args(["generate", "--model", head.model.to_str().unwrap(), "--prompt", "Hello", "--max-tokens", "8", "--ignore-eos", "--json"])
-        .output()
-        .unwrap();
-    let want: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let (status, got) = support::post(&head, "/v1/completions", &json!({"prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": true, "return_token_ids": true}));
-    assert_eq!(status, 200, "{got}");
-    assert_eq!(got["choices"][0]["token_ids"], want["token_ids"]);
 }

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod cluster;
+
 pub fn scratch(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("baton-serve-test-{}-{name}", std::process::id()))
 }

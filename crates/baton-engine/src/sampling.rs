@@ -160,6 +160,20 @@ impl SequenceSampler {
         }
     }
 
+    /// The state a sampler would have after producing `generated` (a sequence continuing on
+    /// a new stage after a failover): penalties see those tokens and a seeded generator is
+    /// where it would be, so the next token is the one an uninterrupted run samples.
+    pub fn resume(params: SamplingParams, eos_token_ids: &[u32], prompt: &[u32], generated: &[u32]) -> Self {
+        let mut s = SequenceSampler::new(params, eos_token_ids, prompt);
+        for &t in generated {
+            if s.params.temperature != 0.0 {
+                s.rng.next_f64();
+            }
+            s.record(t);
+        }
+        s
+    }
+
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
@@ -232,6 +246,8 @@ impl SequenceSampler {
     }
 
     fn draw(&mut self, logits: &[f32]) -> u32 {
+        // Exactly one draw per sampled token, whatever the path, so `resume` can replay it.
+        let unit = self.rng.next_f64();
         let p = &self.params;
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
@@ -276,7 +292,7 @@ impl SequenceSampler {
             }
         }
         let total: f64 = probs.iter().sum();
-        let mut u = self.rng.next_f64() * total;
+        let mut u = unit * total;
         for (c, q) in cand.iter().zip(&probs) {
             if *q > 0.0 {
                 if u < *q {
@@ -341,6 +357,11 @@ impl SamplerSet {
         self.samplers.insert(id, SequenceSampler::new(params, eos_token_ids, prompt));
     }
 
+    /// A sequence that already produced `generated` (see [`SequenceSampler::resume`]).
+    pub fn resume(&mut self, id: u64, params: SamplingParams, eos_token_ids: &[u32], prompt: &[u32], generated: &[u32]) {
+        self.samplers.insert(id, SequenceSampler::resume(params, eos_token_ids, prompt, generated));
+    }
+
     /// One token for each of `ids` (the sequences that asked for logits, in batch order), from
     /// consecutive `vocab`-wide rows of `logits`.
     pub fn sample(&mut self, ids: impl IntoIterator<Item = u64>, logits: &[f32], vocab: usize) -> crate::Result<Vec<SampledToken>> {
@@ -389,6 +410,19 @@ mod tests {
         let a = draws(params(|_| {}), 50);
         assert_eq!(a, draws(params(|_| {}), 50));
         assert_ne!(a, draws(params(|p| p.seed = Some(4)), 50));
+    }
+
+    #[test]
+    fn a_resumed_sampler_continues_exactly_where_the_first_one_was() {
+        let p = params(|p| {
+            p.presence_penalty = 0.5;
+            p.repetition_penalty = 1.3;
+        });
+        let whole = draws(p.clone(), 40);
+        let mut resumed = SequenceSampler::resume(p, &[], &[], &whole[..25]);
+        assert_eq!(resumed.generated(), 25);
+        let rest: Vec<u32> = (25..40).map(|_| resumed.sample(&logits()).token).collect();
+        assert_eq!(rest, whole[25..]);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 
 pub mod config;
 pub mod control;
+pub mod elastic;
+pub mod membership;
 pub mod pki;
 pub mod placement;
 pub mod routing;

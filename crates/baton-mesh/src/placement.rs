@@ -85,6 +85,18 @@ pub fn plan(config: &ClusterConfig, num_layers: usize) -> Result<Placement, Plac
     Ok(Placement { pipelines })
 }
 
+/// Bytes of one transformer layer's weights as stored (attention, MLP, norms), for how many
+/// layers a node's memory holds.
+pub fn layer_bytes(mc: &baton_engine::ModelConfig) -> u64 {
+    let (h, q, kv) = (mc.hidden_size as u64, (mc.num_heads * mc.head_dim) as u64, (mc.num_kv_heads * mc.head_dim) as u64);
+    let params = h * q * 2 + h * kv * 2 + 3 * h * mc.intermediate_size as u64 + 2 * h;
+    let bytes_per = match mc.torch_dtype.as_deref() {
+        Some("float32") => 4,
+        _ => 2,
+    };
+    params * bytes_per
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

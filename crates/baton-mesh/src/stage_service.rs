@@ -1,5 +1,6 @@
 //! A pipeline stage served to the head: agrees on the tensor plane (`Attach`, over the control
-//! plane), loads its layer range when the head says how large the KV cache is, then runs each
+//! plane), loads the layer range the head's plan gives it (`Init`: range, epoch, KV cache
+//! shape), answers liveness probes at once (`Ping`, never queued behind work), then runs each
 //! step it is sent, over UCX or QUIC (the last stage also samples), and answers with hidden
 //! states or sampled tokens. The stage belongs to this node's GPU-shard actor (`StageShard`),
 //! which runs the requests one at a time in arrival order, each on a blocking thread.
@@ -15,32 +16,50 @@ use crate::control::{ControlError, ControlNode, PeerLink};
 use crate::stage_wire::{layout_from_wire, sampled_to_wire, sampling_from_wire, StageReply, StageRequest, WireInput};
 use crate::tensor_plane::TensorPlane;
 
-/// One node's stage, loaded on the head's `Init`.
+/// One node's stage, loaded on the head's `Init` with the layer range and epoch of the head's
+/// plan (any range: every node has the whole checkpoint), re-loaded when a new plan moves it.
 pub struct StageService {
     pub model_dir: PathBuf,
-    pub layers: Range<usize>,
     pub threads: usize,
     plane: Arc<TensorPlane>,
     #[cfg(feature = "ucx")]
     ucx: Arc<crate::tensor_plane::ucx::StageUcx>,
     state: Mutex<Option<Loaded>>,
+    /// What the stage serves, readable while a step holds `state` (pings never wait on work).
+    serving: Mutex<Serving>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Serving {
+    layers: Option<Range<usize>>,
+    epoch: u64,
 }
 
 struct Loaded {
     stage: Stage<CpuBackend>,
+    layers: Range<usize>,
+    geometry: KvGeometry,
+    epoch: u64,
     samplers: SamplerSet,
 }
 
+/// This process's generation: its start time in ns since the Unix epoch, so a node started
+/// again on the same machine answers with a larger one.
+pub fn generation() -> u64 {
+    static GENERATION: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *GENERATION.get_or_init(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64))
+}
+
 impl StageService {
-    pub fn new(model_dir: PathBuf, layers: Range<usize>, threads: usize, plane: Arc<TensorPlane>) -> Self {
+    pub fn new(model_dir: PathBuf, threads: usize, plane: Arc<TensorPlane>) -> Self {
         StageService {
             model_dir,
-            layers,
             threads,
             plane,
             #[cfg(feature = "ucx")]
             ucx: Arc::default(),
             state: Mutex::new(None),
+            serving: Mutex::new(Serving::default()),
         }
     }
 
@@ -69,46 +88,75 @@ impl StageService {
         StageReply::Attached { tensor_address: None, window: None }
     }
 
+    /// The answer to a ping: never waits for a running step.
+    fn pong(&self, nonce: u64) -> StageReply {
+        let serving = self.serving.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (ucx_steps, window_steps) = self.ucx_counts();
+        let layers = serving.layers.clone().unwrap_or(0..0);
+        StageReply::Pong {
+            nonce,
+            generation: generation(),
+            first_layer: layers.start as u32,
+            end_layer: layers.end as u32,
+            epoch: serving.epoch,
+            loaded: serving.layers.is_some(),
+            tensor_plane: self.plane.describe().to_string(),
+            ucx_steps,
+            window_steps,
+        }
+    }
+
     fn handle(&self, req: StageRequest) -> StageReply {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match req {
-            StageRequest::Ping { nonce } => {
-                let (ucx_steps, window_steps) = self.ucx_counts();
-                StageReply::Pong {
-                    nonce,
-                    first_layer: self.layers.start as u32,
-                    end_layer: self.layers.end as u32,
-                    loaded: guard.is_some(),
-                    tensor_plane: self.plane.describe().to_string(),
-                    ucx_steps,
-                    window_steps,
-                }
-            }
+            StageRequest::Ping { nonce } => self.pong(nonce),
             StageRequest::Attach { .. } => StageReply::Error("Attach is handled by the serving loop".into()),
-            StageRequest::Init { block_size, num_blocks } => {
+            StageRequest::Init { block_size, num_blocks, first_layer, end_layer, epoch } => {
                 let geometry = KvGeometry { block_size: block_size as usize, num_blocks: num_blocks as usize };
-                let loaded = (|| -> Result<Loaded, String> {
-                    let config = ModelConfig::from_dir(&self.model_dir).map_err(|e| e.to_string())?;
-                    let ckpt = Checkpoint::open(&self.model_dir).map_err(|e| e.to_string())?;
-                    let backend = CpuBackend::new(self.threads).map_err(|e| e.to_string())?;
-                    let stage = Stage::load(backend, &config, &ckpt, self.layers.clone(), geometry, &mut |_, _| {}).map_err(|e| e.to_string())?;
-                    Ok(Loaded { stage, samplers: SamplerSet::default() })
-                })();
-                match loaded {
-                    Ok(l) => {
-                        *guard = Some(l);
-                        StageReply::Ready { first_layer: self.layers.start as u32, end_layer: self.layers.end as u32 }
+                let layers = first_layer as usize..end_layer as usize;
+                // The same layers and cache shape: keep the weights and the cache (the head
+                // recomputes every sequence from its start, overwriting what it reads).
+                let reuse = guard.as_ref().is_some_and(|l| l.layers == layers && l.geometry == geometry);
+                if reuse {
+                    if let Some(l) = guard.as_mut() {
+                        l.epoch = epoch;
+                        l.samplers = SamplerSet::default();
                     }
-                    Err(e) => StageReply::Error(e),
+                } else {
+                    // Free the old stage before the new one allocates.
+                    *guard = None;
+                    let loaded = (|| -> Result<Loaded, String> {
+                        let config = ModelConfig::from_dir(&self.model_dir).map_err(|e| e.to_string())?;
+                        if layers.is_empty() || layers.end > config.num_layers {
+                            return Err(format!("layers {}..{} are not a range of this model's {} layers", layers.start, layers.end, config.num_layers));
+                        }
+                        let ckpt = Checkpoint::open(&self.model_dir).map_err(|e| e.to_string())?;
+                        let backend = CpuBackend::new(self.threads).map_err(|e| e.to_string())?;
+                        let stage = Stage::load(backend, &config, &ckpt, layers.clone(), geometry, &mut |_, _| {}).map_err(|e| e.to_string())?;
+                        Ok(Loaded { stage, layers: layers.clone(), geometry, epoch, samplers: SamplerSet::default() })
+                    })();
+                    match loaded {
+                        Ok(l) => *guard = Some(l),
+                        Err(e) => {
+                            *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Serving::default();
+                            return StageReply::Error(e);
+                        }
+                    }
                 }
+                *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Serving { layers: Some(layers.clone()), epoch };
+                tracing::info!(epoch, first = layers.start, end = layers.end, reused = reuse, "stage initialised");
+                StageReply::Ready { first_layer, end_layer, epoch }
             }
-            StageRequest::Step { chunks, input, new_sequences, released, ids } => {
+            StageRequest::Step { epoch, chunks, input, new_sequences, released, ids } => {
                 let Some(l) = guard.as_mut() else {
                     return StageReply::Error("the stage was not initialised".into());
                 };
+                if l.epoch != epoch {
+                    return StageReply::Error(format!("a step of plan epoch {epoch} reached a stage initialised for epoch {}", l.epoch));
+                }
                 l.samplers.release(released);
                 for s in new_sequences {
-                    l.samplers.add(s.id, sampling_from_wire(&s.params), &s.eos, &s.prompt);
+                    l.samplers.resume(s.id, sampling_from_wire(&s.params), &s.eos, &s.prompt, &s.generated);
                 }
                 let layout = layout_from_wire(&chunks);
                 let input = match &input {
@@ -184,9 +232,15 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>) {
     #[cfg(feature = "ucx")]
     if let Some(requests) = svc.plane.ucx().and_then(|u| u.take_requests()) {
         let shard = shard.clone();
+        let pinger = svc.clone();
         tokio::spawn(crate::tensor_plane::ucx::serve_requests(requests, svc.ucx.clone(), move |req| {
-            let shard = shard.clone();
-            async move { run(&shard, req).await }
+            let (shard, pinger) = (shard.clone(), pinger.clone());
+            async move {
+                match req {
+                    StageRequest::Ping { nonce } => pinger.pong(nonce),
+                    req => run(&shard, req).await,
+                }
+            }
         }));
     }
     while let Some(link) = node.accept().await {
@@ -209,6 +263,8 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>) {
                 };
                 let reply = match req {
                     StageRequest::Attach { tensor_address, window_bytes } => svc.attach(&link.peer, tensor_address, window_bytes).await,
+                    // Liveness probes are answered here, never queued behind a step.
+                    StageRequest::Ping { nonce } => svc.pong(nonce),
                     req => run(&shard, req).await,
                 };
                 match encode(&reply) {

@@ -35,6 +35,9 @@ pub struct WireNewSequence {
     pub params: WireSampling,
     pub prompt: Vec<u32>,
     pub eos: Vec<u32>,
+    /// Tokens the sequence produced before it reached this stage (it continues after a
+    /// failover): the sampler resumes where it was.
+    pub generated: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -58,12 +61,16 @@ pub struct WireWindow {
 pub enum StageRequest {
     /// Liveness probe (`baton status`), answered by `Pong`.
     Ping { nonce: u64 },
-    /// Allocate the KV cache the head's block ids refer to; answered by `Ready`.
-    Init { block_size: u32, num_blocks: u32 },
+    /// Load layers `first_layer..end_layer` and allocate the KV cache the head's block ids refer
+    /// to, for plan `epoch`; answered by `Ready`. From then on the stage serves steps of that
+    /// epoch only.
+    Init { block_size: u32, num_blocks: u32, first_layer: u32, end_layer: u32, epoch: u64 },
     /// The head's tensor-plane address (its UCX worker), if it has one, and how large an RMA
     /// window it would like for hidden states; answered by `Attached`.
     Attach { tensor_address: Option<Vec<u8>>, window_bytes: u64 },
     Step {
+        /// The plan the head runs; a stage initialised for another one refuses the step.
+        epoch: u64,
         chunks: Vec<WireChunk>,
         input: WireInput,
         /// Only for the last stage, which samples.
@@ -86,13 +93,14 @@ pub struct WireSampled {
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum StageReply {
-    /// `loaded`: whether the head has initialised the stage.
+    /// `loaded`: whether the head has initialised the stage (layers and epoch: what it serves).
+    /// `generation`: identifies the node's process (a restart changes it).
     /// `ucx_steps`: steps that arrived over UCX; `window_steps`: of those, steps whose hidden
     /// states came by RMA into the stage's window.
-    Pong { nonce: u64, first_layer: u32, end_layer: u32, loaded: bool, tensor_plane: String, ucx_steps: u64, window_steps: u64 },
+    Pong { nonce: u64, generation: u64, first_layer: u32, end_layer: u32, epoch: u64, loaded: bool, tensor_plane: String, ucx_steps: u64, window_steps: u64 },
     /// The stage's UCX worker address and RMA window, when both ends have UCX.
     Attached { tensor_address: Option<Vec<u8>>, window: Option<WireWindow> },
-    Ready { first_layer: u32, end_layer: u32 },
+    Ready { first_layer: u32, end_layer: u32, epoch: u64 },
     /// `compute_us`: the stage's own time on the step (forward, and sampling on the last stage),
     /// so the head can tell transfer time from compute.
     Hidden { hidden: Vec<f32>, compute_us: u64 },

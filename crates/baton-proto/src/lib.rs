@@ -89,6 +89,8 @@ pub enum ErrorKind {
     Overloaded,
     NotReady,
     Internal,
+    /// The request outlived the node's request timeout.
+    Timeout,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]

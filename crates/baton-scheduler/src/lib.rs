@@ -227,6 +227,28 @@ impl Scheduler {
         true
     }
 
+    /// Sends every running sequence back to the front of the queue (oldest first) with its KV
+    /// freed, to be recomputed from its prompt and the tokens it produced: what a pipeline does
+    /// when a stage is lost or the plan changes (the stages' caches are gone or re-laid). Steps
+    /// in flight are forgotten; their results must not be completed. Returns the sequences moved.
+    pub fn requeue_all(&mut self) -> Vec<SeqId> {
+        let moved = std::mem::take(&mut self.running);
+        for id in moved.iter().rev() {
+            if let Some(seq) = self.seqs.get_mut(id) {
+                self.allocator.release(&mut seq.table);
+                seq.computed = 0;
+            }
+            self.waiting.push_front(*id);
+        }
+        self.in_flight.clear();
+        moved
+    }
+
+    /// The tokens `id` produced so far.
+    pub fn generated(&self, id: SeqId) -> Option<&[u32]> {
+        self.seqs.get(&id).map(|s| &s.tokens[s.prompt_len..])
+    }
+
     fn preempt_last(&mut self, preempted: &mut Vec<SeqId>) -> Option<SeqId> {
         let at = self.running.iter().rposition(|id| !self.in_flight.contains(id))?;
         let victim = self.running.remove(at);

@@ -19,6 +19,9 @@ pub enum ServeError {
     /// The server is starting or shutting down (503).
     #[error("the server is not ready: {0}")]
     NotReady(String),
+    /// The request did not finish within the node's request timeout (504).
+    #[error("timeout: {0}")]
+    Timeout(String),
     /// The engine failed while serving this request (500); details are in the server's log.
     #[error("internal error: {0}")]
     Internal(String),

@@ -39,6 +39,9 @@ pub struct AppState {
     pub max_model_len: usize,
     /// True once the shard has loaded and until shutdown begins.
     pub ready: Arc<AtomicBool>,
+    /// Why the node cannot serve while `ready` is false, when there is more to say than
+    /// "loading" (the mesh lacks layers).
+    pub unready: Arc<std::sync::Mutex<Option<String>>>,
     pub draining: Arc<AtomicBool>,
     pub next_request: AtomicU64,
     pub created: u64,
@@ -62,6 +65,7 @@ fn status_of(err: &ServeError) -> StatusCode {
         ServeError::ModelNotFound(_) => StatusCode::NOT_FOUND,
         ServeError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
         ServeError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ServeError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -106,7 +110,8 @@ async fn generate(s: Arc<AppState>, endpoint: Endpoint, body: Bytes) -> Response
         return error_response(&ServeError::NotReady("shutting down".into()));
     }
     if !s.ready.load(Ordering::SeqCst) {
-        return error_response(&ServeError::NotReady("the model is loading".into()));
+        let why = s.unready.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        return error_response(&ServeError::NotReady(why.unwrap_or_else(|| "the model is loading".into())));
     }
     let request = match openai::parse(endpoint, &body) {
         Ok(r) => r,

@@ -56,6 +56,8 @@ pub struct ServeOptions {
     /// Wraps the HTTP routes: a cluster head with replicas adds the middleware that sends
     /// requests to the least loaded head.
     pub http_layer: Option<HttpLayer>,
+    /// A request unfinished this long after it arrived ends with a timeout error (504).
+    pub request_timeout: Duration,
 }
 
 /// Why the server could not start (each names what to fix).
@@ -109,6 +111,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
 
     let metrics = Arc::new(metrics::Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
+    let unready = Arc::new(std::sync::Mutex::new(None));
     let draining = Arc::new(AtomicBool::new(false));
     let core = Scheduler::new(
         SchedulerConfig {
@@ -128,6 +131,8 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             tokenizer: tokenizer.clone(),
             metrics: metrics.clone(),
             ready: ready.clone(),
+            unready: unready.clone(),
+            request_timeout: opts.request_timeout,
         },
     )
     .await
@@ -155,6 +160,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         model_name: opts.model_name.clone(),
         max_model_len,
         ready,
+        unready,
         draining: draining.clone(),
         next_request: AtomicU64::new(0),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),

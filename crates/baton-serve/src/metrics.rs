@@ -37,8 +37,10 @@ pub const BATCH_TOKENS: usize = 10;
 pub const SCHEDULE: usize = 11;
 pub const FORWARD: usize = 12;
 pub const TRANSFER: usize = 13;
+pub const FAILURE_DETECTION: usize = 14;
+pub const PLAN_CHANGE: usize = 15;
 
-const SPECS: [Spec; 14] = [
+const SPECS: [Spec; 16] = [
     Spec { name: "time_to_first_token_seconds", help: "Time to first token", scale: 1e6, buckets: TIME_BUCKETS },
     Spec { name: "inter_token_latency_seconds", help: "Time between consecutive tokens of a request", scale: 1e6, buckets: TIME_BUCKETS },
     Spec { name: "e2e_request_latency_seconds", help: "End-to-end request latency", scale: 1e6, buckets: TIME_BUCKETS },
@@ -53,6 +55,8 @@ const SPECS: [Spec; 14] = [
     Spec { name: "scheduler_time_seconds", help: "Time the scheduler itself spent choosing a step", scale: 1e6, buckets: TIME_BUCKETS },
     Spec { name: "forward_time_seconds", help: "Time of one step's forward pass and sampling on the shard (the whole pipeline for a head)", scale: 1e6, buckets: TIME_BUCKETS },
     Spec { name: "pipeline_transfer_time_seconds", help: "Per step on a pipeline head: remote stage calls beyond the stages' own compute (tensor-plane transfers and hand-offs)", scale: 1e6, buckets: TIME_BUCKETS },
+    Spec { name: "failure_detection_seconds", help: "Pipeline head: time from a lost node's last answer to the decision that it is lost", scale: 1e6, buckets: TIME_BUCKETS },
+    Spec { name: "plan_change_seconds", help: "Pipeline head: time from a plan change's decision to serving again under it (stages re-initialised)", scale: 1e6, buckets: TIME_BUCKETS },
 ];
 
 #[derive(Default)]
@@ -70,6 +74,8 @@ struct Inner {
     success: BTreeMap<&'static str, u64>,
     errors: u64,
     gauges: Gauges,
+    plan_changes: BTreeMap<&'static str, u64>,
+    migrated: u64,
 }
 
 /// Shared by the scheduler (writer) and the HTTP edge (reader).
@@ -94,6 +100,8 @@ impl Metrics {
                 success: BTreeMap::new(),
                 errors: 0,
                 gauges: Gauges::default(),
+                plan_changes: BTreeMap::new(),
+                migrated: 0,
             }),
         }
     }
@@ -120,6 +128,16 @@ impl Metrics {
         });
         self.record(PROMPT_TOKENS, prompt_tokens as u64);
         self.record(GENERATION_TOKENS, generation_tokens as u64);
+    }
+
+    /// The mesh changed its plan (`reason`: node_lost, node_restarted, node_joined, ...).
+    pub fn plan_changed(&self, reason: &'static str) {
+        self.with(|m| *m.plan_changes.entry(reason).or_insert(0) += 1);
+    }
+
+    /// `n` running requests were re-queued to continue under a new plan.
+    pub fn migrated(&self, n: usize) {
+        self.with(|m| m.migrated += n as u64);
     }
 
     pub fn failed(&self) {
@@ -151,6 +169,12 @@ impl Metrics {
             for reason in ["stop", "length", "abort"] {
                 let n = m.success.get(reason).copied().unwrap_or(0);
                 let _ = writeln!(out, "baton:request_success_total{{finished_reason=\"{reason}\"}} {n}");
+            }
+            let _ = writeln!(out, "# HELP baton:requests_migrated_total Running requests re-queued to continue under a new plan (a stage lost or moved)\n# TYPE baton:requests_migrated_total counter\nbaton:requests_migrated_total {}", m.migrated);
+            let _ = writeln!(out, "# HELP baton:plan_changes_total Pipeline plan changes, by reason\n# TYPE baton:plan_changes_total counter");
+            for reason in ["node_lost", "node_restarted", "node_joined", "capacity_returned"] {
+                let n = m.plan_changes.get(reason).copied().unwrap_or(0);
+                let _ = writeln!(out, "baton:plan_changes_total{{reason=\"{reason}\"}} {n}");
             }
             for (spec, h) in SPECS.iter().zip(&m.hists) {
                 let name = spec.name;
@@ -203,6 +227,8 @@ impl Metrics {
                 "generation_tokens_total": m.generation_tokens_total,
                 "requests": m.success,
                 "request_failures": m.errors,
+                "requests_migrated": m.migrated,
+                "plan_changes": m.plan_changes,
                 "histograms": hists,
             })
         })

@@ -258,6 +258,7 @@ pub fn error_body(err: &ServeError) -> Value {
         ServeError::ModelNotFound(_) => ("invalid_request_error", Some("model".into()), json!("model_not_found")),
         ServeError::Overloaded(_) => ("rate_limit_error", None, json!("overloaded")),
         ServeError::NotReady(_) => ("service_unavailable", None, json!("not_ready")),
+        ServeError::Timeout(_) => ("timeout", None, json!("request_timeout")),
         ServeError::Internal(_) => ("internal_error", None, Value::Null),
     };
     json!({"error": {"message": err.to_string(), "type": kind, "param": param, "code": code}})

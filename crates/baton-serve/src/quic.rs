@@ -139,6 +139,7 @@ fn error_frame(e: &ServeError) -> Frame {
         ServeError::Overloaded(_) => (ErrorKind::Overloaded, None),
         ServeError::NotReady(_) => (ErrorKind::NotReady, None),
         ServeError::Internal(_) => (ErrorKind::Internal, None),
+        ServeError::Timeout(_) => (ErrorKind::Timeout, None),
     };
     Frame::Error { kind, message: e.to_string(), param }
 }
@@ -168,7 +169,8 @@ async fn stream(state: Arc<AppState>, conn: quinn::Connection, mut out: quinn::S
     let result = if state.draining.load(Ordering::SeqCst) {
         Err(ServeError::NotReady("shutting down".into()))
     } else if !state.ready.load(Ordering::SeqCst) {
-        Err(ServeError::NotReady("the model is loading".into()))
+        let why = state.unready.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Err(ServeError::NotReady(why.unwrap_or_else(|| "the model is loading".into())))
     } else {
         match to_api(request) {
             Err(e) => Err(e),

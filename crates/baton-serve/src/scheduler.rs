@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::error::ServeError;
 use crate::metrics::{self, Metrics};
 use crate::request::{Event, Finish, GenerateRequest, TokenEvent};
-use crate::shard::{InjectedFault, NewSequence, Shard, ShardArgs, ShardMsg, ShardWork, StepOutput};
+use crate::shard::{InjectedFault, NewSequence, Shard, ShardArgs, ShardFailure, ShardLoaded, ShardMsg, ShardWork, StepOutput};
 
 pub enum SchedulerMsg {
     Submit {
@@ -25,8 +25,13 @@ pub enum SchedulerMsg {
         reply: RpcReplyPort<Result<SeqId, ServeError>>,
     },
     Abort(SeqId),
-    ShardReady,
+    /// The shard `id` loaded what it runs.
+    ShardReady(ractor::ActorId, ShardLoaded),
     StepDone(StepOutput),
+    /// The mesh decided something (a new plan, or none possible): run what it says now.
+    PlanChanged,
+    /// Once a second: end requests past their deadline.
+    Tick,
     /// Replies with (running + waiting) requests.
     Load(RpcReplyPort<usize>),
     /// Start a new shard after a failure (sent to itself after a backoff).
@@ -46,6 +51,10 @@ pub struct SchedulerArgs {
     pub tokenizer: Arc<TextTokenizer>,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
+    /// Why the node cannot serve, while `ready` is false for a reason clients should read.
+    pub unready: Arc<std::sync::Mutex<Option<String>>>,
+    /// A request still unfinished this long after it arrived ends with a timeout error.
+    pub request_timeout: std::time::Duration,
 }
 
 /// Shard arguments without the scheduler's own address (filled in at start).
@@ -80,6 +89,14 @@ pub struct State {
     next_id: SeqId,
     shard: Option<ActorRef<ShardMsg>>,
     shard_ready: bool,
+    /// The plan epoch the shard runs (pipeline heads).
+    shard_epoch: Option<u64>,
+    /// A plan change waiting for its shard to be ready: its epoch and when it was decided.
+    replanning: Option<(u64, Instant)>,
+    /// The last plan epoch whose change was counted.
+    counted_epoch: u64,
+    unready: Arc<std::sync::Mutex<Option<String>>>,
+    request_timeout: std::time::Duration,
     shard_args: ShardArgsTemplate,
     /// Sequences whose sampling state the shard holds.
     on_shard: HashSet<SeqId>,
@@ -127,6 +144,41 @@ impl State {
         if let (Some(first), Some(last)) = (live.first_token, live.last_token) {
             self.metrics.record(metrics::DECODE, (last - first).as_micros() as u64);
         }
+    }
+
+    /// Sends every running sequence back to the queue to continue on the next shard (a stage
+    /// was lost or the plan changed): nothing a client saw is lost or repeated.
+    fn requeue_started(&mut self) {
+        let moved = self.core.requeue_all();
+        self.on_shard.clear();
+        self.released.clear();
+        self.in_flight.clear();
+        if !moved.is_empty() {
+            tracing::info!(sequences = moved.len(), "re-queued the running sequences for the next plan");
+            self.metrics.migrated(moved.len());
+        }
+        self.publish_load();
+    }
+
+    /// Ends every request older than the request timeout with an error.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let late: Vec<SeqId> = self.live.iter().filter(|(_, l)| now.duration_since(l.arrived) > self.request_timeout).map(|(id, _)| *id).collect();
+        for id in late {
+            self.core.abort(id);
+            if self.on_shard.remove(&id) {
+                self.released.push(id);
+            }
+            if let Some(live) = self.live.remove(&id) {
+                let why = format!("the request did not finish within {} s (--request-timeout)", self.request_timeout.as_secs());
+                let _ = live.events.send(Event::Error(ServeError::Timeout(why)));
+                self.metrics.failed();
+            }
+        }
+    }
+
+    fn set_unready(&self, why: Option<String>) {
+        *self.unready.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
 
     /// Fails every request that has KV on the shard (after the shard died).
@@ -177,6 +229,7 @@ impl State {
                         params: live.params.clone(),
                         prompt: live.prompt.clone(),
                         eos: self.tokenizer.eos_token_ids.clone(),
+                        generated: self.core.generated(s.id).map(<[u32]>::to_vec).unwrap_or_default(),
                     });
                 }
             }
@@ -201,6 +254,11 @@ impl State {
     }
 
     fn step_done(&mut self, out: StepOutput) {
+        let Some(&(front, _, _)) = self.in_flight.front() else { return };
+        if out.number < front {
+            // A step of a shard that was replaced; its sequences were re-queued.
+            return;
+        }
         let Some((number, step, started)) = self.in_flight.pop_front() else { return };
         if number != out.number {
             tracing::error!(expected = number, got = out.number, "steps completed out of order; failing the shard's requests");
@@ -264,6 +322,21 @@ impl State {
     }
 }
 
+impl State {
+    /// Stops the shard (its steps in flight are dropped), re-queues what it was running and
+    /// starts a shard for the mesh's current plan at once.
+    async fn replace_shard(&mut self, myself: &ActorRef<SchedulerMsg>) -> Result<(), ActorProcessingErr> {
+        if let Some(old) = self.shard.take() {
+            old.stop(Some("the plan changed".into()));
+        }
+        self.shard_ready = false;
+        self.shard_epoch = None;
+        self.requeue_started();
+        self.shard = Some(spawn_shard(myself, &self.shard_args, self.core.geometry()).await?);
+        Ok(())
+    }
+}
+
 fn admit_error(e: AdmitError) -> ServeError {
     match e {
         AdmitError::QueueFull(_) => ServeError::Overloaded(e.to_string()),
@@ -293,18 +366,45 @@ impl Actor for SchedulerActor {
 
     async fn pre_start(&self, myself: ActorRef<SchedulerMsg>, args: SchedulerArgs) -> Result<State, ActorProcessingErr> {
         let shard = spawn_shard(&myself, &args.shard, args.core.geometry()).await?;
-        let max_in_flight = args.shard.pipeline.as_ref().map_or(1, |p| p.max_in_flight.clamp(1, p.stages() + 1));
+        if let Some(p) = &args.shard.pipeline {
+            let mut notices = p.mesh.subscribe();
+            let me = myself.clone();
+            tokio::spawn(async move {
+                while notices.changed().await.is_ok() {
+                    if me.cast(SchedulerMsg::PlanChanged).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        {
+            let me = myself.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    if me.cast(SchedulerMsg::Tick).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         Ok(State {
             core: args.core,
             live: HashMap::new(),
             next_id: 1,
             shard: Some(shard),
             shard_ready: false,
+            shard_epoch: None,
+            replanning: None,
+            counted_epoch: 1,
+            unready: args.unready,
+            request_timeout: args.request_timeout,
             shard_args: args.shard,
             on_shard: HashSet::new(),
             released: Vec::new(),
             in_flight: std::collections::VecDeque::new(),
-            max_in_flight,
+            max_in_flight: 1,
             next_step: 0,
             tokenizer: args.tokenizer,
             metrics: args.metrics,
@@ -353,12 +453,56 @@ impl Actor for SchedulerActor {
                     state.publish_load();
                 }
             }
-            SchedulerMsg::ShardReady => {
+            SchedulerMsg::ShardReady(id, loaded) => {
+                if state.shard.as_ref().map(|s| s.get_id()) != Some(id) {
+                    return Ok(());
+                }
                 state.shard_ready = true;
+                state.shard_epoch = loaded.epoch;
                 state.failures = 0;
+                let micro_batches = state.shard_args.pipeline.as_ref().and_then(|p| p.micro_batches);
+                state.max_in_flight = if loaded.stages > 1 { micro_batches.unwrap_or(loaded.stages).clamp(1, loaded.stages) } else { 1 };
+                state.set_unready(None);
                 state.ready.store(true, Ordering::SeqCst);
-                tracing::info!("shard ready");
+                if let Some((epoch, decided)) = state.replanning {
+                    if loaded.epoch >= Some(epoch) {
+                        state.metrics.record(metrics::PLAN_CHANGE, decided.elapsed().as_micros() as u64);
+                        state.replanning = None;
+                    }
+                }
+                tracing::info!(epoch = ?loaded.epoch, stages = loaded.stages, "shard ready");
+                let current = state.shard_args.pipeline.as_ref().and_then(|p| p.mesh.epoch());
+                if state.shard_args.pipeline.is_some() && current != loaded.epoch {
+                    // The plan moved on while this shard loaded.
+                    state.replace_shard(&myself).await?;
+                }
                 state.kick();
+            }
+            SchedulerMsg::PlanChanged => {
+                let Some(mesh) = state.shard_args.pipeline.as_ref().map(|p| p.mesh.clone()) else { return Ok(()) };
+                let epoch = mesh.epoch();
+                if let Some(e) = epoch.filter(|&e| e > state.counted_epoch) {
+                    state.counted_epoch = e;
+                    if let Some((change, decided)) = mesh.change(e) {
+                        state.metrics.plan_changed(change.reason.as_str());
+                        if let Some(d) = change.detection_us {
+                            state.metrics.record(metrics::FAILURE_DETECTION, d);
+                        }
+                        if state.replanning.is_none() {
+                            state.replanning = Some((e, decided));
+                        } else if let Some(r) = state.replanning.as_mut() {
+                            r.0 = e;
+                        }
+                    }
+                }
+                if state.shard_ready && epoch.is_some() && epoch == state.shard_epoch {
+                    return Ok(());
+                }
+                state.replace_shard(&myself).await?;
+            }
+            SchedulerMsg::Tick => {
+                state.expire();
+                state.publish_load();
             }
             SchedulerMsg::StepDone(out) => {
                 state.step_done(out);
@@ -369,6 +513,7 @@ impl Actor for SchedulerActor {
             }
             SchedulerMsg::RestartShard => {
                 if state.shard.is_none() {
+                    state.shard_ready = false;
                     state.shard = Some(spawn_shard(&myself, &state.shard_args, state.core.geometry()).await?);
                 }
             }
@@ -378,11 +523,29 @@ impl Actor for SchedulerActor {
 
     async fn handle_supervisor_evt(&self, myself: ActorRef<SchedulerMsg>, evt: SupervisionEvent, state: &mut State) -> Result<(), ActorProcessingErr> {
         match evt {
-            SupervisionEvent::ActorFailed(_, err) => {
-                tracing::error!(error = %err, "shard failed; failing its requests and restarting it");
-                state.ready.store(false, Ordering::SeqCst);
+            SupervisionEvent::ActorFailed(cell, err) => {
+                if state.shard.as_ref().map(|s| s.get_id()) != Some(cell.get_id()) {
+                    // A shard already replaced (its sequences were re-queued then).
+                    return Ok(());
+                }
                 state.shard_ready = false;
-                state.fail_started(&format!("the engine shard failed: {err}"));
+                match err.downcast_ref::<ShardFailure>() {
+                    Some(ShardFailure::Stage { stage, detail }) => {
+                        tracing::warn!(%stage, %detail, "a pipeline stage failed; the running requests continue on the next plan");
+                        state.requeue_started();
+                    }
+                    Some(ShardFailure::Unservable(why)) => {
+                        tracing::warn!(%why, "the mesh cannot serve; requests wait for capacity");
+                        state.requeue_started();
+                        state.set_unready(Some(why.clone()));
+                        state.ready.store(false, Ordering::SeqCst);
+                    }
+                    _ => {
+                        tracing::error!(error = %err, "shard failed; failing its requests and restarting it");
+                        state.ready.store(false, Ordering::SeqCst);
+                        state.fail_started(&format!("the engine shard failed: {err}"));
+                    }
+                }
                 state.shard_args.fault = None;
                 state.shard = None;
                 state.failures += 1;
@@ -391,9 +554,11 @@ impl Actor for SchedulerActor {
                 myself.send_after(delay, || SchedulerMsg::RestartShard);
                 state.publish_load();
             }
-            SupervisionEvent::ActorTerminated(..) => {
-                state.shard = None;
-                state.shard_ready = false;
+            SupervisionEvent::ActorTerminated(cell, ..) => {
+                if state.shard.as_ref().map(|s| s.get_id()) == Some(cell.get_id()) {
+                    state.shard = None;
+                    state.shard_ready = false;
+                }
             }
             _ => {}
         }

@@ -1,7 +1,9 @@
-//! The GPU-shard actor: owns one backend and one pipeline stage (here the whole model), runs
-//! forward passes on its own OS thread so the async runtime never blocks, and samples on the
-//! last stage. A panic or engine error in a step makes the actor fail; its supervisor (the
-//! scheduler actor) errors the requests it held and starts a new shard.
+//! The GPU-shard actor: owns one backend and one pipeline stage (the whole model, or on a
+//! pipeline head the first layers of the mesh's current plan), runs forward passes on its own
+//! OS thread so the async runtime never blocks, and samples on the last stage. A failure makes
+//! the actor fail with a typed `ShardFailure`; its supervisor (the scheduler actor) re-queues
+//! the running sequences when a stage was lost, errors them when the engine failed, and starts
+//! a new shard.
 
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
@@ -12,7 +14,7 @@ use baton_engine::{
     StageOutput,
 };
 use baton_scheduler::{SeqId, Step};
-use baton_mesh::tensor_plane::StageLink;
+use baton_mesh::membership::{ActivePlan, MeshDriver, MeshError};
 use baton_mesh::stage_wire::{layout_to_wire, sampled_from_wire, sampling_to_wire, StageReply, StageRequest, WireInput, WireNewSequence};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
@@ -25,41 +27,55 @@ pub struct InjectedFault {
     pub trigger: PathBuf,
 }
 
-/// The rest of a pipeline when this shard is its head: the shard runs layers
-/// `0..local_end` itself and sends each step's hidden states down the remote stages in order;
-/// the last one samples.
+/// The rest of a pipeline when this shard is its head: every (re)starting shard asks the mesh
+/// for the plan to run (`MeshDriver::active`), runs layers `0..local_end` itself and sends each
+/// step's hidden states down the remote stages in order; the last one samples.
 pub struct PipelinePlan {
-    pub local_end: usize,
-    /// Steps (micro-batches) in flight at once: one per stage lets every stage work; fewer
-    /// makes bigger batches, better when the stages share the same cores.
-    pub max_in_flight: usize,
-    /// The remote stages in pipeline order (replaced when a link is re-established).
-    pub remotes: std::sync::Mutex<Vec<StageLink>>,
-    /// Re-establishes link `i` (connect + attach) when a (re)starting shard finds it closed:
-    /// a stage whose process was restarted rejoins its pipeline.
-    pub reconnect: Option<Reconnect>,
+    /// Steps (micro-batches) in flight at once; `None`: one per stage (every stage can work).
+    /// Fewer makes bigger batches, better when the stages share the same cores.
+    pub micro_batches: Option<usize>,
+    pub mesh: Arc<MeshDriver>,
     /// The async runtime the links live on (the shard's thread blocks on it).
     pub runtime: tokio::runtime::Handle,
 }
 
-pub type Reconnect = Arc<dyn Fn(usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<StageLink, String>> + Send>> + Send + Sync>;
-
-impl PipelinePlan {
-    /// Remote stages.
-    pub fn stages(&self) -> usize {
-        self.links().len()
-    }
-
-    fn links(&self) -> std::sync::MutexGuard<'_, Vec<StageLink>> {
-        self.remotes.lock().unwrap_or_else(|p| p.into_inner())
+impl std::fmt::Debug for PipelinePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelinePlan").field("epoch", &self.mesh.epoch()).finish()
     }
 }
 
-impl std::fmt::Debug for PipelinePlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let peers: Vec<String> = self.links().iter().map(|l| l.peer().to_string()).collect();
-        f.debug_struct("PipelinePlan").field("local_end", &self.local_end).field("remotes", &peers).finish()
+/// Why a shard stopped. The scheduler re-queues the running sequences when the mesh is at
+/// fault (they continue on the next plan) and fails them when the engine is.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ShardFailure {
+    /// A remote stage was lost or refused the step: the plan changes, nothing is lost.
+    #[error("stage {stage}: {detail}")]
+    Stage { stage: String, detail: String },
+    /// The live nodes cannot hold the model.
+    #[error("{0}")]
+    Unservable(String),
+    /// This shard's own engine failed (load error, engine error, panic).
+    #[error("{0}")]
+    Engine(String),
+}
+
+impl From<MeshError> for ShardFailure {
+    fn from(e: MeshError) -> Self {
+        match e {
+            MeshError::Unservable { .. } => ShardFailure::Unservable(e.to_string()),
+            MeshError::PeerLost { stage, detail } => ShardFailure::Stage { stage, detail },
+        }
     }
+}
+
+/// What a shard that finished loading runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLoaded {
+    /// The plan's epoch (pipeline heads).
+    pub epoch: Option<u64>,
+    /// Stages of the pipeline, this one included.
+    pub stages: usize,
 }
 
 /// What a shard needs to start.
@@ -80,6 +96,8 @@ pub struct NewSequence {
     pub params: SamplingParams,
     pub prompt: Vec<u32>,
     pub eos: Vec<u32>,
+    /// Tokens it produced before (a sequence re-queued after a plan change).
+    pub generated: Vec<u32>,
 }
 
 /// One step's work.
@@ -114,8 +132,8 @@ pub struct StepOutput {
 pub enum ShardMsg {
     Run(Box<ShardWork>),
     /// From the worker thread.
-    Loaded(Result<(), String>),
-    Finished(Result<StepOutput, String>),
+    Loaded(Result<ShardLoaded, ShardFailure>),
+    Finished(Result<StepOutput, ShardFailure>),
 }
 
 pub struct Shard;
@@ -140,26 +158,26 @@ impl Actor for Shard {
         Ok(ShardState { work: tx, scheduler })
     }
 
-    async fn handle(&self, _myself: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, myself: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Run(work) => {
                 if state.work.send(work).is_err() {
                     return Err("the shard's worker thread is gone".into());
                 }
             }
-            ShardMsg::Loaded(Ok(())) => {
-                state.scheduler.cast(SchedulerMsg::ShardReady)?;
+            ShardMsg::Loaded(Ok(loaded)) => {
+                state.scheduler.cast(SchedulerMsg::ShardReady(myself.get_id(), loaded))?;
             }
             ShardMsg::Loaded(Err(e)) => {
-                tracing::error!(error = %e, "shard failed to load its stage");
-                return Err(e.into());
+                tracing::warn!(error = %e, "shard failed to load its stage");
+                return Err(Box::new(e));
             }
             ShardMsg::Finished(Ok(out)) => {
                 state.scheduler.cast(SchedulerMsg::StepDone(out))?;
             }
             ShardMsg::Finished(Err(e)) => {
-                tracing::error!(error = %e, "shard step failed; restarting the shard");
-                return Err(e.into());
+                tracing::warn!(error = %e, "shard step failed; restarting the shard");
+                return Err(Box::new(e));
             }
         }
         Ok(())
@@ -173,53 +191,64 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
-fn load(args: &ShardArgs) -> Result<Stage<CpuBackend>, String> {
-    let config = ModelConfig::from_dir(&args.model_dir).map_err(|e| e.to_string())?;
-    let ckpt = Checkpoint::open(&args.model_dir).map_err(|e| e.to_string())?;
-    let backend = CpuBackend::new(args.threads).map_err(|e| e.to_string())?;
-    let end = args.pipeline.as_ref().map_or(config.num_layers, |p| p.local_end);
-    let stage = Stage::load(backend, &config, &ckpt, 0..end, args.geometry, &mut |_, _| {}).map_err(|e| e.to_string())?;
-    if let Some(p) = &args.pipeline {
-        let init = StageRequest::Init { block_size: args.geometry.block_size as u32, num_blocks: args.geometry.num_blocks as u32 };
-        let stages = p.stages();
-        for i in 0..stages {
-            let closed = p.links()[i].is_closed();
-            if closed {
-                let Some(reconnect) = &p.reconnect else {
-                    return Err(format!("the link to stage {} is closed", p.links()[i].peer()));
-                };
-                let link = p.runtime.block_on(reconnect(i))?;
-                tracing::info!(stage = link.peer(), transport = link.transport(), "re-established a stage link");
-                p.links()[i] = link;
+/// Loads this shard's stage: the whole model, or on a pipeline head the layers the mesh's
+/// current plan gives it, after initialising every remote stage with its range and the epoch.
+fn load(args: &ShardArgs) -> Result<(Stage<CpuBackend>, Option<ActivePlan>), ShardFailure> {
+    let engine = |e: baton_engine::EngineError| ShardFailure::Engine(e.to_string());
+    let config = ModelConfig::from_dir(&args.model_dir).map_err(engine)?;
+    let active = match &args.pipeline {
+        Some(p) => Some(p.runtime.block_on(p.mesh.active())?),
+        None => None,
+    };
+    if let (Some(p), Some(active)) = (&args.pipeline, &active) {
+        for (link, range) in &active.remotes {
+            let init = StageRequest::Init {
+                block_size: args.geometry.block_size as u32,
+                num_blocks: args.geometry.num_blocks as u32,
+                first_layer: range.start as u32,
+                end_layer: range.end as u32,
+                epoch: active.epoch,
+            };
+            let lost = |detail: String| {
+                p.mesh.report_lost(link.peer(), active.epoch);
+                ShardFailure::Stage { stage: link.peer().to_string(), detail }
+            };
+            match p.runtime.block_on(link.call(init)) {
+                Ok(StageReply::Ready { first_layer, end_layer, epoch })
+                    if first_layer as usize == range.start && end_layer as usize == range.end && epoch == active.epoch => {}
+                Ok(StageReply::Error(e)) => return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: e }),
+                Ok(other) => return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: format!("answered Init with {other:?}") }),
+                Err(e) => return Err(lost(e.to_string())),
             }
         }
-        let links = p.links().clone();
-        for link in &links {
-            match p.runtime.block_on(link.call(init.clone())) {
-                Ok(StageReply::Ready { .. }) => {}
-                Ok(other) => return Err(format!("stage {} did not initialise: {other:?}", link.peer())),
-                Err(e) => return Err(format!("stage {}: {e}", link.peer())),
-            }
-        }
+        p.mesh.initialised(active.epoch);
     }
-    Ok(stage)
+    let ckpt = Checkpoint::open(&args.model_dir).map_err(engine)?;
+    let backend = CpuBackend::new(args.threads).map_err(engine)?;
+    let end = active.as_ref().map_or(config.num_layers, |a| a.local_end);
+    let stage = Stage::load(backend, &config, &ckpt, 0..end, args.geometry, &mut |_, _| {}).map_err(engine)?;
+    Ok((stage, active))
 }
 
 /// The shard's thread: loads the stage, then runs steps until the actor goes away.
 fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<ShardMsg>) {
-    let stage = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(&args))).map_err(panic_message).and_then(|r| r);
-    let mut stage = match stage {
-        Ok(s) => {
-            let _ = me.cast(ShardMsg::Loaded(Ok(())));
-            s
-        }
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(&args)))
+        .map_err(|p| ShardFailure::Engine(panic_message(p)))
+        .and_then(|r| r);
+    let (mut stage, active) = match loaded {
+        Ok(s) => s,
         Err(e) => {
             let _ = me.cast(ShardMsg::Loaded(Err(e)));
             return;
         }
     };
+    let info = ShardLoaded { epoch: active.as_ref().map(|a| a.epoch), stages: 1 + active.as_ref().map_or(0, |a| a.remotes.len()) };
     let mut samplers = SamplerSet::default();
-    let chain = args.pipeline.as_ref().map(|p| start_chain(p, me.clone()));
+    let chain = match (&args.pipeline, active) {
+        (Some(p), Some(active)) if !active.remotes.is_empty() => Some(start_chain(p, active, me.clone())),
+        _ => None,
+    };
+    let _ = me.cast(ShardMsg::Loaded(Ok(info)));
     let mut steps = 0;
     while let Ok(work) = rx.recv() {
         steps += 1;
@@ -234,7 +263,7 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<Shar
                 Some(chain) => run_head_stage(&mut stage, chain, &work).map(|()| None),
             }
         }))
-        .map_err(panic_message)
+        .map_err(|p| ShardFailure::Engine(panic_message(p)))
         .and_then(|r| r);
         let (failed, message) = match result {
             Ok(None) => continue,
@@ -247,22 +276,23 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<Shar
     }
 }
 
-fn run_step(stage: &mut Stage<CpuBackend>, samplers: &mut SamplerSet, work: &ShardWork) -> Result<StepOutput, String> {
+fn run_step(stage: &mut Stage<CpuBackend>, samplers: &mut SamplerSet, work: &ShardWork) -> Result<StepOutput, ShardFailure> {
+    let engine = |e: baton_engine::EngineError| ShardFailure::Engine(e.to_string());
     samplers.release(work.released.iter().copied());
     for s in &work.new_sequences {
-        samplers.add(s.id, s.params.clone(), &s.eos, &s.prompt);
+        samplers.resume(s.id, s.params.clone(), &s.eos, &s.prompt, &s.generated);
     }
     let start = Instant::now();
     let tokens = work.step.tokens();
-    let out = stage.forward(&work.step.layout, StageInput::Tokens(&tokens)).map_err(|e| e.to_string())?;
+    let out = stage.forward(&work.step.layout, StageInput::Tokens(&tokens)).map_err(engine)?;
     let forward_time = start.elapsed();
     let StageOutput::Logits { vocab, data, .. } = out else {
-        return Err("the stage did not produce logits".into());
+        return Err(ShardFailure::Engine("the stage did not produce logits".into()));
     };
     let sampling = work.step.scheduled.iter().filter(|s| s.samples).map(|s| s.id);
     let sampled = samplers
         .sample(sampling, &data, vocab)
-        .map_err(|e| e.to_string())?
+        .map_err(engine)?
         .into_iter()
         .map(|(id, sampled, finish)| SampledOut { id, sampled, finish })
         .collect();
@@ -300,20 +330,23 @@ impl Drop for Chain {
     }
 }
 
-fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
-    let remotes = plan.links().clone();
-    let n = remotes.len();
+fn start_chain(plan: &PipelinePlan, active: ActivePlan, me: ActorRef<ShardMsg>) -> Chain {
+    let n = active.remotes.len();
+    let epoch = active.epoch;
     let mut next: Option<tokio::sync::mpsc::UnboundedSender<ChainItem>> = None;
     let mut workers = Vec::with_capacity(n);
-    for i in (0..n).rev() {
+    for (i, (link, _)) in active.remotes.into_iter().enumerate().rev() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ChainItem>();
-        let link = remotes[i].clone();
         let last = i + 1 == n;
         let forward_to = next.take();
         let me = me.clone();
+        let mesh = plan.mesh.clone();
         let worker = plan.runtime.spawn(async move {
+            let stage = link.peer().to_string();
+            let failed = |detail: String| ShardFailure::Stage { stage: stage.clone(), detail };
             while let Some(mut item) = rx.recv().await {
                 let req = StageRequest::Step {
+                    epoch,
                     chunks: item.chunks.clone(),
                     input: WireInput::Hidden(std::mem::take(&mut item.hidden)),
                     new_sequences: if last { std::mem::take(&mut item.new_sequences) } else { Vec::new() },
@@ -321,7 +354,7 @@ fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
                     ids: item.ids.clone(),
                 };
                 let called = Instant::now();
-                let reply = link.call(req).await.map_err(|e| format!("stage {}: {e}", link.peer()));
+                let reply = link.call(req).await;
                 item.remote_wall += called.elapsed();
                 let outcome = match reply {
                     Ok(StageReply::Hidden { hidden, compute_us }) if !last => match &forward_to {
@@ -333,7 +366,7 @@ fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
                             }
                             continue;
                         }
-                        None => Err("the pipeline chain is broken".to_string()),
+                        None => Err(failed("the pipeline chain is broken".to_string())),
                     },
                     Ok(StageReply::Sampled { tokens, compute_us }) if last => Ok(StepOutput {
                         number: item.number,
@@ -347,9 +380,13 @@ fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
                             .collect(),
                         forward_time: item.started.elapsed(),
                     }),
-                    Ok(StageReply::Error(e)) => Err(format!("stage {}: {e}", link.peer())),
-                    Ok(other) => Err(format!("stage {} answered out of turn: {other:?}", link.peer())),
-                    Err(e) => Err(e),
+                    Ok(StageReply::Error(e)) => Err(failed(e)),
+                    Ok(other) => Err(failed(format!("answered out of turn: {other:?}"))),
+                    Err(e) => {
+                        // The link itself broke: the stage is lost, decided now.
+                        mesh.report_lost(&stage, epoch);
+                        Err(failed(e.to_string()))
+                    }
                 };
                 let failed = outcome.is_err();
                 if me.cast(ShardMsg::Finished(outcome)).is_err() || failed {
@@ -365,12 +402,12 @@ fn start_chain(plan: &PipelinePlan, me: ActorRef<ShardMsg>) -> Chain {
 }
 
 /// The head's share of a pipeline step: its layers here, then the step goes down the chain.
-fn run_head_stage(stage: &mut Stage<CpuBackend>, chain: &Chain, work: &ShardWork) -> Result<(), String> {
+fn run_head_stage(stage: &mut Stage<CpuBackend>, chain: &Chain, work: &ShardWork) -> Result<(), ShardFailure> {
     let started = Instant::now();
     let tokens = work.step.tokens();
-    let hidden = match stage.forward(&work.step.layout, StageInput::Tokens(&tokens)).map_err(|e| e.to_string())? {
+    let hidden = match stage.forward(&work.step.layout, StageInput::Tokens(&tokens)).map_err(|e| ShardFailure::Engine(e.to_string()))? {
         StageOutput::Hidden(h) => h,
-        StageOutput::Logits { .. } => return Err("the head stage unexpectedly ends the model".into()),
+        StageOutput::Logits { .. } => return Err(ShardFailure::Engine("the head stage unexpectedly ends the model".into())),
     };
     let item = ChainItem {
         number: work.number,
@@ -380,12 +417,18 @@ fn run_head_stage(stage: &mut Stage<CpuBackend>, chain: &Chain, work: &ShardWork
         new_sequences: work
             .new_sequences
             .iter()
-            .map(|s| WireNewSequence { id: s.id, params: sampling_to_wire(&s.params), prompt: s.prompt.clone(), eos: s.eos.clone() })
+            .map(|s| WireNewSequence {
+                id: s.id,
+                params: sampling_to_wire(&s.params),
+                prompt: s.prompt.clone(),
+                eos: s.eos.clone(),
+                generated: s.generated.clone(),
+            })
             .collect(),
         released: work.released.clone(),
         started,
         remote_wall: Duration::ZERO,
         remote_compute: Duration::ZERO,
     };
-    chain.first.send(item).map_err(|_| "the pipeline's stage links are gone".to_string())
+    chain.first.send(item).map_err(|_| ShardFailure::Stage { stage: "the chain".into(), detail: "the pipeline's stage links are gone".into() })
 }

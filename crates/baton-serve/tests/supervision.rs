@@ -1,5 +1,6 @@
 //! Shard supervision: when the shard fails mid-step, every request it held ends with an error
-//! (none hangs), the scheduler starts a new shard, and new requests are served.
+//! (none hangs), the scheduler starts a new shard, and new requests are served; a request that
+//! cannot be served ends with a timeout error at its deadline.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -65,6 +66,8 @@ async fn a_failed_shard_errors_its_requests_and_restarts() {
             tokenizer,
             metrics: metrics.clone(),
             ready: ready.clone(),
+            unready: Arc::default(),
+            request_timeout: Duration::from_secs(600),
         },
     )
     .await
@@ -96,4 +99,43 @@ async fn a_failed_shard_errors_its_requests_and_restarts() {
     let ev = last_event(&sched, request(9)).await;
     assert!(matches!(ev, Event::Done { completion_tokens: 400, .. }), "{ev:?}");
     sched.stop(None);
+}
+
+/// A shard that never loads (its checkpoint is gone): a queued request does not hang, it ends
+/// with a timeout error once the request timeout has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_cannot_be_served_times_out() {
+    let dir = std::env::temp_dir().join(format!("baton-timeout-{}", std::process::id()));
+    demo::write_model(&demo::TINY, &dir, 1).unwrap();
+    let config = ModelConfig::from_dir(&dir).unwrap();
+    let tokenizer = Arc::new(TextTokenizer::from_dir(&dir, &config).unwrap());
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let core = Scheduler::new(
+        SchedulerConfig { max_num_seqs: 8, max_batched_tokens: 64, max_waiting: 64, max_model_len: 512 },
+        baton_engine::KvGeometry { block_size: 16, num_blocks: 128 },
+    );
+    let metrics = Arc::new(Metrics::new());
+    let (sched, _handle) = Actor::spawn(
+        None,
+        SchedulerActor,
+        SchedulerArgs {
+            core,
+            shard: ShardArgsTemplate { model_dir: dir.clone(), threads: 1, fault: None, pipeline: None },
+            tokenizer,
+            metrics: metrics.clone(),
+            ready: Arc::new(AtomicBool::new(false)),
+            unready: Arc::default(),
+            request_timeout: Duration::from_millis(300),
+        },
+    )
+    .await
+    .unwrap();
+    let ev = last_event(&sched, request(1)).await;
+    match ev {
+        Event::Error(e) => assert!(matches!(e, baton_serve::ServeError::Timeout(_)), "{e:?}"),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert_eq!(metrics.stats()["request_failures"], 1);
+    sched.stop(None);
+    let _ = std::fs::remove_dir_all(&dir);
 }

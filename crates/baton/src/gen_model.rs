@@ -17,6 +17,10 @@ pub struct Args {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Override the preset's number of transformer layers (e.g. a deeper tiny model to split
+    /// over many pipeline stages in tests).
+    #[arg(long)]
+    layers: Option<usize>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -24,6 +28,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let names: Vec<&str> = demo::PRESETS.iter().map(|p| p.name).collect();
         anyhow!("--preset: unknown preset {:?} (known: {})", args.preset, names.join(", "))
     })?;
+    let mut preset = preset.clone();
+    if let Some(n) = args.layers {
+        if n == 0 {
+            anyhow::bail!("--layers: a model needs at least one layer");
+        }
+        preset.num_layers = n;
+    }
+    let preset = &preset;
     demo::write_model(preset, &args.out, args.seed).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("wrote the `{}` demo model to {}", preset.name, args.out.display());
     Ok(())

@@ -3,19 +3,20 @@
 //! stages over the tensor plane (UCX, or QUIC streams), having agreed on it over the mutually
 //! authenticated QUIC control plane. The other nodes serve their stage.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use baton_engine::ModelConfig;
 use baton_mesh::config::ClusterConfig;
 use baton_mesh::control::ControlNode;
+use baton_mesh::elastic::Member;
+use baton_mesh::membership::{MeshDriver, ProbeConfig, Roster};
 use baton_mesh::stage_service::{self, StageService};
-use baton_mesh::tensor_plane::{PlaneChoice, StageLink, TensorPlane};
+use baton_mesh::tensor_plane::{PlaneChoice, TensorPlane};
 use baton_mesh::{pki, placement};
-use baton_serve::shard::{PipelinePlan, Reconnect};
+use baton_serve::shard::PipelinePlan;
 use baton_serve::{serve, ServeOptions};
 
 use crate::forward::{Front, HeadAddr};
@@ -43,6 +44,9 @@ pub struct Args {
     /// from UCX_TLS) or `quic` (the control plane's streams). Head and stages must agree.
     #[arg(long, value_parser = parse_plane)]
     tensor_plane: Option<PlaneChoice>,
+    /// Pipeline head: seconds a request may take before it ends with a timeout error (504).
+    #[arg(long, default_value_t = 600)]
+    request_timeout: u64,
 }
 
 fn parse_plane(s: &str) -> Result<PlaneChoice, String> {
@@ -95,7 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             plane.describe()
         );
         if index > 0 {
-            let svc = Arc::new(StageService::new(dir, layers, threads, plane.clone()));
+            let svc = Arc::new(StageService::new(dir, threads, plane.clone()));
             // Requests entering here (HTTP or QUIC) go to a head.
             if !heads.is_empty() && (me.http.is_some() || me.quic.is_some()) {
                 let front = Front::start(heads);
@@ -122,52 +126,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        // The head: reach every other stage, in pipeline order, and agree on the tensor plane.
+        // The head: reach every other stage of the initial plan, agree on the tensor plane, then
+        // follow the membership (stages re-placed when nodes are lost, restart or come back).
         // The stages' RMA windows hold one step's hidden states at the head's token budget.
         let max_batched_tokens = 512;
         let window_bytes = max_batched_tokens * mc.hidden_size * 4;
-        let targets: Vec<(String, SocketAddr)> = stages[1..]
-            .iter()
-            .map(|(name, _)| c.node(name).map(|n| (name.clone(), n.control)).context("placement names an unknown node"))
-            .collect::<anyhow::Result<_>>()?;
-        let mut remotes = Vec::new();
-        for (name, addr) in &targets {
-            let link = connect_stage(&node, &plane, name, *addr, window_bytes, Duration::from_secs(120)).await?;
-            eprintln!("baton: stage {name}: activations over {}", link.transport());
-            remotes.push(link);
-        }
-        // A stage whose process restarts is re-attached when the head's shard restarts.
-        let reconnect: Reconnect = {
-            let (node, plane) = (node.clone(), plane.clone());
-            Arc::new(move |i: usize| {
-                let (node, plane, (name, addr)) = (node.clone(), plane.clone(), targets[i].clone());
-                Box::pin(async move {
-                    connect_stage(&node, &plane, &name, addr, window_bytes, Duration::from_secs(2)).await.map_err(|e| format!("{e:#}"))
-                })
-            })
+        let layer_bytes = placement::layer_bytes(&mc).max(1);
+        let pipeline_nodes: Vec<_> = c.nodes.iter().filter(|n| n.replica == me.replica).collect();
+        let roster = Roster {
+            members: pipeline_nodes
+                .iter()
+                .map(|n| Member { name: n.name.clone(), capacity: n.memory_bytes as f64, max_layers: (n.memory_bytes / layer_bytes) as usize })
+                .collect(),
+            control: pipeline_nodes.iter().map(|n| (n.name.clone(), n.control)).collect(),
         };
-        let max_in_flight = args.micro_batches.unwrap_or(stages.len()).max(1);
-        let pipeline = (!remotes.is_empty())
-            .then(|| {
-                Arc::new(PipelinePlan {
-                    local_end: layers.end,
-                    max_in_flight,
-                    remotes: std::sync::Mutex::new(remotes),
-                    reconnect: Some(reconnect),
-                    runtime: tokio::runtime::Handle::current(),
-                })
-            });
+        let mesh = MeshDriver::start(&me.name, node.clone(), plane.clone(), roster, mc.num_layers, stages.clone(), window_bytes, Duration::from_secs(120), ProbeConfig::default())
+            .await
+            .context("reaching the pipeline's stages")?;
+        let pipeline = (stages.len() > 1).then(|| {
+            Arc::new(PipelinePlan { micro_batches: args.micro_batches, mesh: mesh.clone(), runtime: tokio::runtime::Handle::current() })
+        });
         let listen = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", args.cluster.display(), me.name))?;
         // With several replicas, requests arriving here directly are spread over the heads too.
-        let http_layer = match heads.iter().position(|h| h.name == me.name) {
-            Some(me_index) if heads.len() > 1 => {
-                let front = Front::start(heads.clone());
-                Some(baton_serve::HttpLayer(Arc::new(move |app| {
-                    app.layer(axum::middleware::from_fn_with_state((front.clone(), me_index), crate::forward::spread))
-                })))
-            }
+        let spread = match heads.iter().position(|h| h.name == me.name) {
+            Some(me_index) if heads.len() > 1 => Some((Front::start(heads.clone()), me_index)),
             _ => None,
         };
+        // `/v1/mesh`: the membership view and the last plan changes (`baton status`).
+        let view = mesh.clone();
+        let http_layer = Some(baton_serve::HttpLayer(Arc::new(move |app| {
+            let view = view.clone();
+            let app = app.route("/v1/mesh", axum::routing::get(move || async move { axum::Json(view.status()) }));
+            match &spread {
+                Some(state) => app.layer(axum::middleware::from_fn_with_state(state.clone(), crate::forward::spread)),
+                None => app,
+            }
+        })));
         let model_name = dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
         let opts = ServeOptions {
             model_dir: dir,
@@ -184,25 +178,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             quic_identity: Some(baton_serve::quic::Identity { cert_der: identity.cert.to_vec(), key_der: identity.key.secret_pkcs8_der().to_vec() }),
             pipeline,
             http_layer,
+            request_timeout: Duration::from_secs(args.request_timeout),
         };
         serve(opts, crate::serve::shutdown_signal()).await?;
         node.close();
         Ok(())
     })
-}
-
-/// Connects to stage `name` (retrying until `patience` runs out) and agrees on the tensor plane.
-async fn connect_stage(node: &ControlNode, plane: &TensorPlane, name: &str, addr: SocketAddr, window_bytes: usize, patience: Duration) -> anyhow::Result<StageLink> {
-    let deadline = Instant::now() + patience;
-    let link = loop {
-        match node.connect(addr, name).await {
-            Ok(l) => break l,
-            Err(e) if Instant::now() < deadline => {
-                tracing::info!(peer = %name, error = %e, "waiting for a stage");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => bail!("cannot reach stage {name} at {addr}: {e}"),
-        }
-    };
-    StageLink::attach(link, plane, window_bytes).await.with_context(|| format!("stage {name}: attaching the tensor plane"))
 }

@@ -33,6 +33,9 @@ pub struct Args {
     /// Requests allowed to wait; beyond, new requests get 429.
     #[arg(long, default_value_t = 1024)]
     max_waiting: usize,
+    /// Seconds a request may take before it ends with a timeout error (504).
+    #[arg(long, default_value_t = 600)]
+    request_timeout: u64,
     /// Context length (default: the model's).
     #[arg(long)]
     max_model_len: Option<usize>,
@@ -68,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         quic_cert_out: args.quic_cert_out.clone(),
         quic_identity: None,
         http_layer: None,
+        request_timeout: std::time::Duration::from_secs(args.request_timeout),
         model_dir,
         model_name,
         listen,

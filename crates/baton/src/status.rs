@@ -1,5 +1,6 @@
-//! `baton status`: each node of a cluster.toml, its layer range, whether it is reachable (the
-//! head over HTTP, stages over the mutually authenticated control plane) and the head's load.
+//! `baton status`: each node of a cluster.toml, the layers it serves now, whether it is
+//! reachable (the head over HTTP, stages over the mutually authenticated control plane), the
+//! head's load, and each pipeline's plan epoch and last plan changes with their reasons.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -52,7 +53,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     Some((_, (200, body))) => {
                         let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
                         let ready = node.http.and_then(|a| get(a, "/health")).is_some_and(|(s, _)| s == 200);
-                        serde_json::json!({"up": true, "ready": ready, "running": v["running"], "waiting": v["waiting"], "kv_cache_usage": v["kv_cache_usage"]})
+                        let mesh = node.http.and_then(|a| get(a, "/v1/mesh")).filter(|(s, _)| *s == 200).and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok());
+                        let serving = mesh.as_ref().and_then(|m| m["nodes"].as_array()?.iter().find(|n| n["name"] == name.as_str()).map(|n| n["layers"].clone()));
+                        serde_json::json!({"up": true, "ready": ready, "running": v["running"], "waiting": v["waiting"],
+                                           "kv_cache_usage": v["kv_cache_usage"], "mesh": mesh, "serving": serving})
                     }
                     _ => serde_json::json!({"up": false}),
                 }
@@ -66,17 +70,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     let rtt = start.elapsed().as_secs_f64() * 1e3;
                     me.close();
                     match reply {
-                        StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, .. } => Some(serde_json::json!({
+                        StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, generation, epoch, first_layer, end_layer, .. } => Some(serde_json::json!({
                             "up": true, "loaded": loaded, "ping_ms": rtt, "tensor_plane": tensor_plane,
-                            "ucx_steps": ucx_steps, "rma_window_steps": window_steps
+                            "ucx_steps": ucx_steps, "rma_window_steps": window_steps, "generation": generation,
+                            "epoch": epoch, "serving": if loaded { serde_json::json!([first_layer, end_layer]) } else { Value::Null }
                         })),
                         _ => None,
                     }
                 })
                 .unwrap_or_else(|| serde_json::json!({"up": false}))
             };
+            let serving = state.get("serving").cloned().filter(|v| !v.is_null());
             rows.push(serde_json::json!({"pipeline": pi, "stage": si, "node": name, "control": node.control.to_string(),
-                                         "layers": [range.start, range.end], "role": if si == 0 { "head" } else { "stage" }, "state": state}));
+                                         "configured_layers": [range.start, range.end], "layers": serving,
+                                         "role": if si == 0 { "head" } else { "stage" }, "state": state}));
         }
     }
     if args.json {
@@ -92,20 +99,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             format!("up, {} | running {} waiting {} kv {:.1}%", if s["ready"] == true { "ready" } else { "loading" }, s["running"], s["waiting"], s["kv_cache_usage"].as_f64().unwrap_or(0.0) * 100.0)
         } else {
             format!(
-                "up, link {:.2} ms, {}, tensors over {}",
+                "up, link {:.2} ms, {}, generation {}, tensors over {}",
                 s["ping_ms"].as_f64().unwrap_or(0.0),
-                if s["loaded"] == true { "stage loaded" } else { "waiting for the head" },
+                if s["loaded"] == true { format!("serving epoch {}", s["epoch"]) } else { "not in the plan".to_string() },
+                s["generation"],
                 s["tensor_plane"].as_str().unwrap_or("?")
             )
         };
-        println!(
-            "  {:<10} {:<6} {:<22} layers {:>3}..{:<3} {state}",
-            r["node"].as_str().unwrap_or(""),
-            r["role"].as_str().unwrap_or(""),
-            r["control"].as_str().unwrap_or(""),
-            r["layers"][0],
-            r["layers"][1]
-        );
+        let layers = match r["layers"].as_array() {
+            Some(l) => format!("layers {:>3}..{:<3}", l[0], l[1]),
+            None => format!("{:<14}", "no layers"),
+        };
+        println!("  {:<10} {:<6} {:<22} {layers} {state}", r["node"].as_str().unwrap_or(""), r["role"].as_str().unwrap_or(""), r["control"].as_str().unwrap_or(""));
+    }
+    for r in rows.iter().filter(|r| r["role"] == "head") {
+        let mesh = &r["state"]["mesh"];
+        if mesh.is_null() {
+            continue;
+        }
+        match mesh["epoch"].as_u64() {
+            Some(e) => println!("pipeline {}: plan epoch {e}", r["pipeline"]),
+            None => println!("pipeline {}: NOT SERVING: no live node holds layers {}..{}", r["pipeline"], mesh["unserved"][0], mesh["unserved"][1]),
+        }
+        for c in mesh["changes"].as_array().into_iter().flatten() {
+            let detection = c["detection_ms"].as_f64().map(|d| format!(", detected after {d:.0} ms")).unwrap_or_default();
+            println!(
+                "  epoch {} at {:.1} s: {} ({}{detection}): {}",
+                c["epoch"],
+                c["at_s"].as_f64().unwrap_or(0.0),
+                c["reason"].as_str().unwrap_or(""),
+                c["nodes"].as_array().map(|n| n.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
+                c["moved"].as_str().unwrap_or("")
+            );
+        }
     }
     Ok(())
 }

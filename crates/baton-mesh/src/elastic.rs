@@ -1,0 +1,497 @@
+//! The elastic mesh's decisions, pure: probe answers, probe failures and data-plane failures
+//! come in with `now` (µs of virtual or real time); plan changes come out. No I/O, no clock, no
+//! tokio: `membership.rs` is the shell that probes the nodes, feeds this core and carries out
+//! what it decides.
+//!
+//! Rules:
+//! - A node of the plan that has not answered a probe for `dead_after_us` (or whose data-plane
+//!   link broke) is lost; the survivors next to its layer range take the range over (the gap is
+//!   split between the two neighbours in proportion to capacity), so no other stage moves.
+//! - A node of the plan that answers with a new generation (its process restarted) lost its
+//!   KV cache and layers: the plan is re-issued under a new epoch, every stage re-initialised.
+//! - A node outside the plan that has answered every probe for `rejoin_after_us` (doubled after
+//!   each loss of that node, so a flapping node is taken back less and less often) is taken in
+//!   when the rebalanced plan's slowest stage is at most `improvement` times the current one's
+//!   (Petals' hysteresis).
+//! - When the live nodes cannot hold every layer, there is no plan (`unserved` says which
+//!   layers lack a home) until capacity returns.
+//! - The head (this node) is never lost in its own view; a dead head is the next issue's work.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+/// A node the planner may place layers on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub name: String,
+    /// Relative speed/size: layers are split in proportion to it.
+    pub capacity: f64,
+    /// The most layers the node's memory holds.
+    pub max_layers: usize,
+}
+
+/// One pipeline's stages in order, under an epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub epoch: u64,
+    pub stages: Vec<(String, Range<usize>)>,
+}
+
+impl Plan {
+    pub fn range_of(&self, name: &str) -> Option<Range<usize>> {
+        self.stages.iter().find(|(n, _)| n == name).map(|(_, r)| r.clone())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ChangeReason {
+    /// A node of the plan stopped answering or its link broke.
+    NodeLost,
+    /// A node of the plan came back as a new process.
+    NodeRestarted,
+    /// A node outside the plan was taken in.
+    NodeJoined,
+    /// Capacity came back after the live nodes could not hold the model.
+    CapacityReturned,
+}
+
+impl ChangeReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeReason::NodeLost => "node_lost",
+            ChangeReason::NodeRestarted => "node_restarted",
+            ChangeReason::NodeJoined => "node_joined",
+            ChangeReason::CapacityReturned => "capacity_returned",
+        }
+    }
+}
+
+/// A plan change, as logged and shown by `baton status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanChange {
+    pub epoch: u64,
+    pub reason: ChangeReason,
+    /// The nodes that caused it.
+    pub nodes: Vec<String>,
+    pub at_us: u64,
+    /// For a loss: time from the node's last answer to the decision.
+    pub detection_us: Option<u64>,
+    /// Human-readable: what moved.
+    pub moved: String,
+    pub stages: Vec<(String, Range<usize>)>,
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Serve under this plan from now on (re-initialise its stages, re-queue what was running).
+    Adopt(PlanChange),
+    /// The live nodes cannot hold these layers: answer 503 until capacity returns.
+    Unservable { missing: Range<usize>, lost: Vec<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CoreConfig {
+    pub dead_after_us: u64,
+    pub rejoin_after_us: u64,
+    /// A join is taken when the new slowest stage costs at most this fraction of the old.
+    pub improvement: f64,
+    /// How many plan changes `history` keeps.
+    pub history: usize,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig { dead_after_us: 800_000, rejoin_after_us: 1_000_000, improvement: 0.75, history: 16 }
+    }
+}
+
+/// What the core knows of one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// Answering; `since`: first answer of the current run of answers.
+    Up { since: u64 },
+    /// Not answering (or never answered).
+    Down,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    member: Member,
+    state: NodeState,
+    last_ok: Option<u64>,
+    generation: Option<u64>,
+    /// The generation the current plan initialised this node at.
+    planned_generation: Option<u64>,
+    losses: u32,
+    /// A data-plane failure reported since the last tick.
+    failed: bool,
+}
+
+/// The membership view and the plan of one pipeline, headed by `head`.
+#[derive(Debug)]
+pub struct MeshCore {
+    head: String,
+    num_layers: usize,
+    config: CoreConfig,
+    nodes: Vec<Node>,
+    plan: Option<Plan>,
+    next_epoch: u64,
+    unserved: Option<Range<usize>>,
+    history: VecDeque<PlanChange>,
+}
+
+impl MeshCore {
+    /// `roster`: every node of the pipeline, the head among them; `initial`: the plan the mesh
+    /// starts with, every node of which is taken to be up at `now`.
+    pub fn new(head: &str, roster: Vec<Member>, num_layers: usize, initial: Vec<(String, Range<usize>)>, config: CoreConfig, now: u64) -> Self {
+        let nodes = roster
+            .into_iter()
+            .map(|member| {
+                let planned = member.name == head || initial.iter().any(|(n, _)| *n == member.name);
+                Node {
+                    member,
+                    state: if planned { NodeState::Up { since: now } } else { NodeState::Down },
+                    last_ok: planned.then_some(now),
+                    generation: None,
+                    planned_generation: None,
+                    losses: 0,
+                    failed: false,
+                }
+            })
+            .collect();
+        MeshCore {
+            head: head.to_string(),
+            num_layers,
+            config,
+            nodes,
+            plan: Some(Plan { epoch: 1, stages: initial }),
+            next_epoch: 2,
+            unserved: None,
+            history: VecDeque::new(),
+        }
+    }
+
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+
+    /// The layers no live node can hold, while the mesh cannot serve.
+    pub fn unserved(&self) -> Option<Range<usize>> {
+        self.unserved.clone()
+    }
+
+    pub fn history(&self) -> impl Iterator<Item = &PlanChange> {
+        self.history.iter()
+    }
+
+    pub fn config(&self) -> CoreConfig {
+        self.config
+    }
+
+    /// Every node: name, state, generation, layers in the plan.
+    pub fn view(&self) -> Vec<(String, NodeState, Option<u64>, Option<Range<usize>>)> {
+        self.nodes
+            .iter()
+            .map(|n| (n.member.name.clone(), n.state, n.generation, self.plan.as_ref().and_then(|p| p.range_of(&n.member.name))))
+            .collect()
+    }
+
+    fn node_mut(&mut self, name: &str) -> Option<&mut Node> {
+        self.nodes.iter_mut().find(|n| n.member.name == name)
+    }
+
+    fn in_plan(&self, name: &str) -> bool {
+        self.plan.as_ref().is_some_and(|p| p.range_of(name).is_some())
+    }
+
+    /// `name` answered a probe; `generation` identifies its process.
+    pub fn probe_ok(&mut self, name: &str, generation: u64, now: u64) {
+        let in_plan = self.in_plan(name);
+        let Some(n) = self.node_mut(name) else { return };
+        n.last_ok = Some(now);
+        if n.state == NodeState::Down {
+            n.state = NodeState::Up { since: now };
+        }
+        if n.generation.is_none() && in_plan && n.planned_generation.is_none() {
+            // First answer of a node the initial plan holds: this is the process it runs on.
+            n.planned_generation = Some(generation);
+        }
+        n.generation = Some(generation);
+    }
+
+    /// A probe of `name` failed (no answer in time, connection refused).
+    pub fn probe_failed(&mut self, name: &str, _now: u64) {
+        let in_plan = self.in_plan(name);
+        let Some(n) = self.node_mut(name) else { return };
+        // A node outside the plan must answer without a break to be taken in.
+        if !in_plan {
+            n.state = NodeState::Down;
+        }
+    }
+
+    /// The data plane lost `name` (its link broke mid-call): lost at the next tick.
+    pub fn stage_failed(&mut self, name: &str, _now: u64) {
+        let head = self.head.clone();
+        if name == head {
+            return;
+        }
+        if let Some(n) = self.node_mut(name) {
+            n.failed = true;
+        }
+    }
+
+    /// The plan the shell just initialised every stage of: remembers each node's generation.
+    pub fn initialised(&mut self, epoch: u64) {
+        if self.plan.as_ref().is_none_or(|p| p.epoch != epoch) {
+            return;
+        }
+        for n in &mut self.nodes {
+            n.planned_generation = n.generation.or(n.planned_generation);
+        }
+    }
+
+    fn rejoin_after(&self, n: &Node) -> u64 {
+        self.config.rejoin_after_us.saturating_mul(1 << n.losses.min(6))
+    }
+
+    /// Decides: returns what changed since the last tick.
+    pub fn tick(&mut self, now: u64) -> Vec<Action> {
+        let head = self.head.clone();
+        let dead_after = self.config.dead_after_us;
+        // 1. Losses among the plan's nodes.
+        let mut lost: Vec<(String, Option<u64>)> = Vec::new();
+        let mut restarted: Vec<String> = Vec::new();
+        let planned: Vec<String> = self.plan.as_ref().map(|p| p.stages.iter().map(|(n, _)| n.clone()).collect()).unwrap_or_default();
+        for n in &mut self.nodes {
+            let name = &n.member.name;
+            if *name == head {
+                n.failed = false;
+                continue;
+            }
+            let silent = n.last_ok.is_none_or(|t| now.saturating_sub(t) > dead_after);
+            if n.failed || silent {
+                if n.state != NodeState::Down || n.failed {
+                    if planned.contains(name) {
+                        lost.push((name.clone(), n.last_ok.map(|t| now.saturating_sub(t))));
+                        n.losses += 1;
+                    }
+                    n.state = NodeState::Down;
+                }
+                n.failed = false;
+                if silent {
+                    n.last_ok = None;
+                }
+                n.planned_generation = None;
+                continue;
+            }
+            if planned.contains(name) && n.planned_generation.is_some() && n.generation != n.planned_generation {
+                restarted.push(name.clone());
+            }
+        }
+        let mut actions = Vec::new();
+        if !lost.is_empty() {
+            let names: Vec<String> = lost.iter().map(|(n, _)| n.clone()).collect();
+            let detection = lost.iter().filter_map(|(_, d)| *d).max();
+            let next = self.plan.as_ref().and_then(|p| self.repair(&p.stages, &names)).or_else(|| self.rebalance(&[]));
+            match next {
+                Some(stages) => actions.push(self.adopt(stages, ChangeReason::NodeLost, names, detection, now)),
+                None => actions.push(self.unservable(names)),
+            }
+            return actions;
+        }
+        if !restarted.is_empty() {
+            if let Some(p) = &self.plan {
+                let stages = p.stages.clone();
+                actions.push(self.adopt(stages, ChangeReason::NodeRestarted, restarted, None, now));
+            }
+            return actions;
+        }
+        // 2. Capacity back after an unservable spell, or a node to take in.
+        let candidates: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| !planned.contains(&n.member.name))
+            .filter(|n| matches!(n.state, NodeState::Up { since } if now.saturating_sub(since) >= self.rejoin_after(n)))
+            .map(|n| n.member.name.clone())
+            .collect();
+        if self.plan.is_none() {
+            if let Some(stages) = self.rebalance(&candidates) {
+                actions.push(self.adopt(stages, ChangeReason::CapacityReturned, candidates, None, now));
+            }
+            return actions;
+        }
+        if !candidates.is_empty() {
+            let current = self.plan.as_ref().map(|p| self.slowest(&p.stages)).unwrap_or(f64::INFINITY);
+            if let Some(stages) = self.rebalance(&candidates) {
+                if self.slowest(&stages) <= self.config.improvement * current {
+                    actions.push(self.adopt(stages, ChangeReason::NodeJoined, candidates, None, now));
+                }
+            }
+        }
+        actions
+    }
+
+    fn member(&self, name: &str) -> Option<&Member> {
+        self.nodes.iter().find(|n| n.member.name == name).map(|n| &n.member)
+    }
+
+    /// The cost of the slowest stage: layers over capacity.
+    fn slowest(&self, stages: &[(String, Range<usize>)]) -> f64 {
+        stages
+            .iter()
+            .map(|(n, r)| r.len() as f64 / self.member(n).map_or(f64::MIN_POSITIVE, |m| m.capacity.max(f64::MIN_POSITIVE)))
+            .fold(0.0, f64::max)
+    }
+
+    /// The survivors next to each lost range take it over (split between the two neighbours in
+    /// proportion to capacity; the last survivor takes a gap at the end); `None` when a
+    /// neighbour cannot hold its share.
+    fn repair(&self, stages: &[(String, Range<usize>)], lost: &[String]) -> Option<Vec<(String, Range<usize>)>> {
+        let mut alive: Vec<(String, Range<usize>)> = stages.iter().filter(|(n, _)| !lost.contains(n)).cloned().collect();
+        if alive.first().is_none_or(|(_, r)| r.start != 0) {
+            return None;
+        }
+        for i in 0..alive.len() {
+            let next_start = alive.get(i + 1).map_or(self.num_layers, |(_, r)| r.start);
+            let gap = next_start.checked_sub(alive[i].1.end)?;
+            if gap == 0 {
+                continue;
+            }
+            if i + 1 == alive.len() {
+                alive[i].1.end = self.num_layers;
+                continue;
+            }
+            let (a, b) = (self.member(&alive[i].0)?.capacity, self.member(&alive[i + 1].0)?.capacity);
+            let to_left = ((gap as f64) * a / (a + b)).round() as usize;
+            alive[i].1.end += to_left.min(gap);
+            alive[i + 1].1.start = alive[i].1.end;
+        }
+        for (name, r) in &alive {
+            if r.is_empty() || r.len() > self.member(name)?.max_layers {
+                return None;
+            }
+        }
+        Some(alive)
+    }
+
+    /// A fresh plan over the head, the live nodes of the current plan and `extra`, in roster
+    /// order after the head, split in proportion to
+    /// capacity within each node's memory; `None` when they cannot hold the model.
+    fn rebalance(&self, extra: &[String]) -> Option<Vec<(String, Range<usize>)>> {
+        let mut names: Vec<String> = vec![self.head.clone()];
+        for n in &self.nodes {
+            let name = &n.member.name;
+            let planned = self.plan.as_ref().is_some_and(|p| p.range_of(name).is_some());
+            let wanted = extra.contains(name) || (planned && self.is_up(name));
+            if *name != self.head && wanted {
+                names.push(name.clone());
+            }
+        }
+        let members: Vec<&Member> = names.iter().filter_map(|n| self.member(n)).collect();
+        let counts = split_capped(self.num_layers, &members.iter().map(|m| (m.capacity, m.max_layers)).collect::<Vec<_>>())?;
+        let mut start = 0;
+        Some(
+            members
+                .iter()
+                .zip(counts)
+                .filter(|(_, c)| *c > 0)
+                .map(|(m, c)| {
+                    let r = start..start + c;
+                    start += c;
+                    (m.name.clone(), r)
+                })
+                .collect(),
+        )
+    }
+
+    fn is_up(&self, name: &str) -> bool {
+        self.nodes.iter().any(|n| n.member.name == name && matches!(n.state, NodeState::Up { .. }))
+    }
+
+    fn adopt(&mut self, stages: Vec<(String, Range<usize>)>, reason: ChangeReason, nodes: Vec<String>, detection_us: Option<u64>, now: u64) -> Action {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let moved = describe_move(self.plan.as_ref().map_or(&[][..], |p| &p.stages[..]), &stages);
+        self.plan = Some(Plan { epoch, stages: stages.clone() });
+        self.unserved = None;
+        for n in &mut self.nodes {
+            // Each node's process as of this plan; a later generation is a restart.
+            n.planned_generation = n.generation;
+        }
+        let change = PlanChange { epoch, reason, nodes, at_us: now, detection_us, moved, stages };
+        self.history.push_back(change.clone());
+        while self.history.len() > self.config.history {
+            self.history.pop_front();
+        }
+        Action::Adopt(change)
+    }
+
+    fn unservable(&mut self, lost: Vec<String>) -> Action {
+        let capacity: usize = self.nodes.iter().filter(|n| matches!(n.state, NodeState::Up { .. }) || n.member.name == self.head).map(|n| n.member.max_layers).sum();
+        let missing = capacity.min(self.num_layers)..self.num_layers;
+        self.plan = None;
+        self.unserved = Some(missing.clone());
+        Action::Unservable { missing, lost }
+    }
+}
+
+/// `num_layers` split in proportion to capacity (in order), no node above its maximum; with
+/// fewer layers than nodes the first nodes take one each and the rest none. `None` when the
+/// maxima add up to less than the model.
+pub fn split_capped(num_layers: usize, nodes: &[(f64, usize)]) -> Option<Vec<usize>> {
+    if nodes.is_empty() || nodes.iter().map(|n| n.1).sum::<usize>() < num_layers {
+        return None;
+    }
+    let cap = |i: usize| nodes[i].0.max(f64::MIN_POSITIVE);
+    let mut counts = vec![0usize; nodes.len()];
+    let mut open: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].1 > 0).collect();
+    loop {
+        let left = num_layers - counts.iter().sum::<usize>();
+        if left == 0 || open.is_empty() {
+            return (left == 0).then_some(counts);
+        }
+        open.truncate(left);
+        let total: f64 = open.iter().map(|&i| cap(i)).sum();
+        let over: Vec<usize> = open.iter().copied().filter(|&i| left as f64 * cap(i) / total > nodes[i].1 as f64).collect();
+        if over.is_empty() {
+            let caps: Vec<f64> = open.iter().map(|&i| cap(i)).collect();
+            let split = crate::placement::split_layers(left, &caps).ok()?;
+            for (k, &i) in open.iter().enumerate() {
+                counts[i] = split[k].len();
+            }
+            // Rounding may put one layer over a maximum: move it to a node with room.
+            while let Some(i) = open.iter().copied().find(|&i| counts[i] > nodes[i].1) {
+                let j = (0..nodes.len()).find(|&j| counts[j] < nodes[j].1)?;
+                counts[i] -= 1;
+                counts[j] += 1;
+            }
+            return Some(counts);
+        }
+        for &i in &over {
+            counts[i] = nodes[i].1;
+        }
+        open.retain(|i| !over.contains(i));
+    }
+}
+
+/// "node-a 0..10 -> 0..15, node-b 10..20 -> gone, node-c 20..30 -> 15..30".
+pub fn describe_move(old: &[(String, Range<usize>)], new: &[(String, Range<usize>)]) -> String {
+    let mut parts = Vec::new();
+    for (n, r) in new {
+        match old.iter().find(|(o, _)| o == n) {
+            Some((_, was)) if was == r => parts.push(format!("{n} {}..{}", r.start, r.end)),
+            Some((_, was)) => parts.push(format!("{n} {}..{} -> {}..{}", was.start, was.end, r.start, r.end)),
+            None => parts.push(format!("{n} new {}..{}", r.start, r.end)),
+        }
+    }
+    for (o, was) in old {
+        if !new.iter().any(|(n, _)| n == o) {
+            parts.push(format!("{o} {}..{} -> gone", was.start, was.end));
+        }
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests;

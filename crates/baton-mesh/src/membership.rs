@@ -1,0 +1,374 @@
+//! The elastic mesh's shell on a pipeline head: probes every node of its pipeline over the
+//! mutually authenticated control plane, feeds what it sees (answers, silences, broken data-plane
+//! links) to the pure core (`elastic::MeshCore`), carries out its decisions, and hands the head's
+//! shard the plan to run, with a connected and attached link to every remote stage.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::control::{ControlError, ControlNode, PeerLink};
+use crate::elastic::{Action, ChangeReason, CoreConfig, MeshCore, Member, NodeState, PlanChange};
+use crate::stage_service;
+use crate::stage_wire::{StageReply, StageRequest};
+use crate::tensor_plane::{StageLink, TensorPlane};
+
+/// How often each node is probed, and how long a probe may take.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// How often the core decides.
+    pub tick: Duration,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig { interval: Duration::from_millis(100), timeout: Duration::from_millis(500), tick: Duration::from_millis(50) }
+    }
+}
+
+/// Why the head cannot run a plan now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MeshError {
+    /// The live nodes cannot hold the whole model.
+    #[error("no live node can hold layers {}..{} (lost: {})", missing.start, missing.end, lost.join(", "))]
+    Unservable { missing: Range<usize>, lost: Vec<String> },
+    /// A stage of the plan could not be reached; it is reported lost and the plan will change.
+    #[error("stage {stage}: {detail}")]
+    PeerLost { stage: String, detail: String },
+}
+
+/// The plan a head's shard runs: its own layers `0..local_end` and the remote stages in order.
+pub struct ActivePlan {
+    pub epoch: u64,
+    pub local_end: usize,
+    pub remotes: Vec<(StageLink, Range<usize>)>,
+}
+
+/// Where every node of the pipeline is reached, and what the planner may put on it.
+#[derive(Debug, Clone)]
+pub struct Roster {
+    pub members: Vec<Member>,
+    pub control: HashMap<String, SocketAddr>,
+}
+
+/// `baton status` / `/v1/mesh`: the view and the last plan changes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MeshStatus {
+    pub epoch: Option<u64>,
+    pub unserved: Option<[usize; 2]>,
+    pub nodes: Vec<NodeStatus>,
+    pub changes: Vec<ChangeStatus>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub state: &'static str,
+    pub generation: Option<u64>,
+    pub layers: Option<[usize; 2]>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChangeStatus {
+    pub epoch: u64,
+    pub reason: &'static str,
+    pub nodes: Vec<String>,
+    /// Seconds since the head started.
+    pub at_s: f64,
+    pub detection_ms: Option<f64>,
+    pub moved: String,
+}
+
+/// A head's membership driver (see the module doc).
+pub struct MeshDriver {
+    me: String,
+    node: Arc<ControlNode>,
+    plane: Arc<TensorPlane>,
+    control: HashMap<String, SocketAddr>,
+    window_bytes: usize,
+    started: Instant,
+    core: Mutex<MeshCore>,
+    /// Attached links to stages, by node; a node lost or restarted loses its link here (a link
+    /// to a dead process can look open for a while).
+    links: Mutex<HashMap<String, StageLink>>,
+    /// Bumped on every decision (a new plan, or none possible).
+    notices: watch::Sender<u64>,
+    /// When each plan was decided (for the time to serve again).
+    decided: Mutex<HashMap<u64, Instant>>,
+}
+
+impl MeshDriver {
+    /// Reaches every stage of `initial` (waiting up to `patience` for each, as nodes start in
+    /// any order), then starts probing. `me` heads the pipeline (its range starts at layer 0).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        me: &str,
+        node: Arc<ControlNode>,
+        plane: Arc<TensorPlane>,
+        roster: Roster,
+        num_layers: usize,
+        initial: Vec<(String, Range<usize>)>,
+        window_bytes: usize,
+        patience: Duration,
+        probe: ProbeConfig,
+    ) -> Result<Arc<MeshDriver>, ControlError> {
+        let mut links = HashMap::new();
+        for (name, _) in initial.iter().filter(|(n, _)| n != me) {
+            let addr = *roster.control.get(name).ok_or_else(|| ControlError::Protocol(format!("the plan names an unknown node {name}")))?;
+            let link = connect_stage(&node, &plane, name, addr, window_bytes, patience).await?;
+            eprintln!("baton: stage {name}: activations over {}", link.transport());
+            links.insert(name.clone(), link);
+        }
+        let config = CoreConfig { dead_after_us: (probe.interval * 8).as_micros() as u64, ..CoreConfig::default() };
+        let started = Instant::now();
+        let core = MeshCore::new(me, roster.members.clone(), num_layers, initial, config, 0);
+        let (notices, _) = watch::channel(0);
+        let driver = Arc::new(MeshDriver {
+            me: me.to_string(),
+            node,
+            plane,
+            control: roster.control,
+            window_bytes,
+            started,
+            core: Mutex::new(core),
+            links: Mutex::new(links),
+            notices,
+            decided: Mutex::new(HashMap::new()),
+        });
+        for m in roster.members.iter().filter(|m| m.name != me) {
+            let Some(&addr) = driver.control.get(&m.name) else { continue };
+            tokio::spawn(Arc::clone(&driver).probe_loop(m.name.clone(), addr, probe));
+        }
+        tokio::spawn(Arc::clone(&driver).tick_loop(probe.tick));
+        Ok(driver)
+    }
+
+    fn now_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+
+    fn core(&self) -> std::sync::MutexGuard<'_, MeshCore> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes whenever the core decides something (a new plan, or no plan possible).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notices.subscribe()
+    }
+
+    /// The current plan's epoch (`None` while the mesh cannot serve).
+    pub fn epoch(&self) -> Option<u64> {
+        self.core().plan().map(|p| p.epoch)
+    }
+
+    /// The change that produced `epoch`, and when it was decided.
+    pub fn change(&self, epoch: u64) -> Option<(PlanChange, Instant)> {
+        let change = self.core().history().find(|c| c.epoch == epoch).cloned()?;
+        let at = self.decided.lock().unwrap_or_else(|p| p.into_inner()).get(&epoch).copied()?;
+        Some((change, at))
+    }
+
+    /// The plan to run now, every remote stage connected and attached. A stage that cannot be
+    /// reached is reported lost (so the next plan goes around it).
+    pub async fn active(&self) -> Result<ActivePlan, MeshError> {
+        let plan = {
+            let core = self.core();
+            match core.plan() {
+                Some(p) => p.clone(),
+                None => {
+                    let missing = core.unserved().unwrap_or(0..0);
+                    let lost = core.view().into_iter().filter(|n| n.1 == NodeState::Down).map(|n| n.0).collect();
+                    return Err(MeshError::Unservable { missing, lost });
+                }
+            }
+        };
+        let local_end = plan.range_of(&self.me).map_or(0, |r| r.end);
+        let mut remotes = Vec::new();
+        for (name, range) in plan.stages.iter().filter(|(n, _)| *n != self.me) {
+            let cached = self.links().get(name).filter(|l| !l.is_closed()).cloned();
+            let link = match cached {
+                Some(l) => l,
+                None => {
+                    let Some(&addr) = self.control.get(name) else {
+                        return Err(MeshError::PeerLost { stage: name.clone(), detail: "no control address".into() });
+                    };
+                    match connect_stage(&self.node, &self.plane, name, addr, self.window_bytes, Duration::from_secs(1)).await {
+                        Ok(l) => {
+                            tracing::info!(stage = %name, transport = l.transport(), "connected a stage link");
+                            self.links().insert(name.clone(), l.clone());
+                            l
+                        }
+                        Err(e) => {
+                            self.report_lost(name, plan.epoch);
+                            return Err(MeshError::PeerLost { stage: name.clone(), detail: e.to_string() });
+                        }
+                    }
+                }
+            };
+            remotes.push((link, range.clone()));
+        }
+        Ok(ActivePlan { epoch: plan.epoch, local_end, remotes })
+    }
+
+    fn links(&self) -> std::sync::MutexGuard<'_, HashMap<String, StageLink>> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The data plane lost `stage` while running `epoch`: decided at once (no waiting for the
+    /// probes), unless the plan has moved on already.
+    pub fn report_lost(&self, stage: &str, epoch: u64) {
+        let now = self.now_us();
+        let actions = {
+            let mut core = self.core();
+            if core.plan().is_none_or(|p| p.epoch != epoch) {
+                return;
+            }
+            core.stage_failed(stage, now);
+            core.tick(now)
+        };
+        self.apply(actions);
+    }
+
+    /// Every stage of `epoch` answered its `Init`.
+    pub fn initialised(&self, epoch: u64) {
+        self.core().initialised(epoch);
+    }
+
+    fn apply(&self, actions: Vec<Action>) {
+        if actions.is_empty() {
+            return;
+        }
+        for a in actions {
+            match a {
+                Action::Adopt(c) => {
+                    if matches!(c.reason, ChangeReason::NodeLost | ChangeReason::NodeRestarted) {
+                        let mut links = self.links();
+                        for n in &c.nodes {
+                            links.remove(n);
+                        }
+                    }
+                    self.decided.lock().unwrap_or_else(|p| p.into_inner()).insert(c.epoch, Instant::now());
+                    let detection = c.detection_us.map(|d| format!(" (silent for {} ms)", d / 1000)).unwrap_or_default();
+                    tracing::info!(epoch = c.epoch, reason = c.reason.as_str(), nodes = ?c.nodes, "plan change: {}", c.moved);
+                    eprintln!("baton: plan epoch {} ({}: {}{detection}): {}", c.epoch, c.reason.as_str(), c.nodes.join(", "), c.moved);
+                }
+                Action::Unservable { missing, lost } => {
+                    let mut links = self.links();
+                    for n in &lost {
+                        links.remove(n);
+                    }
+                    drop(links);
+                    tracing::warn!(lost = ?lost, "the live nodes cannot hold layers {}..{}", missing.start, missing.end);
+                    eprintln!("baton: cannot serve: no live node holds layers {}..{} (lost: {})", missing.start, missing.end, lost.join(", "));
+                }
+            }
+        }
+        self.notices.send_modify(|n| *n += 1);
+    }
+
+    async fn tick_loop(self: Arc<Self>, every: Duration) {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            t.tick().await;
+            let now = self.now_us();
+            let actions = self.core().tick(now);
+            self.apply(actions);
+        }
+    }
+
+    async fn probe_loop(self: Arc<Self>, name: String, addr: SocketAddr, probe: ProbeConfig) {
+        let mut link: Option<PeerLink> = None;
+        let mut nonce = 0u64;
+        loop {
+            let started = Instant::now();
+            nonce += 1;
+            let answer = tokio::time::timeout(probe.timeout, ping(&self.node, &mut link, &name, addr, nonce)).await;
+            let now = self.now_us();
+            match answer {
+                Ok(Ok(generation)) => self.core().probe_ok(&name, generation, now),
+                _ => {
+                    // A new process on the same address needs a new connection.
+                    link = None;
+                    self.core().probe_failed(&name, now);
+                }
+            }
+            tokio::time::sleep_until((started + probe.interval).into()).await;
+        }
+    }
+
+    /// The view for `baton status` and `/v1/mesh`.
+    pub fn status(&self) -> MeshStatus {
+        let core = self.core();
+        MeshStatus {
+            epoch: core.plan().map(|p| p.epoch),
+            unserved: core.unserved().map(|r| [r.start, r.end]),
+            nodes: core
+                .view()
+                .into_iter()
+                .map(|(name, state, generation, layers)| NodeStatus {
+                    state: match state {
+                        NodeState::Up { .. } if layers.is_some() => "serving",
+                        NodeState::Up { .. } => "spare",
+                        NodeState::Down => "down",
+                    },
+                    name,
+                    generation,
+                    layers: layers.map(|r| [r.start, r.end]),
+                })
+                .collect(),
+            changes: core
+                .history()
+                .map(|c| ChangeStatus {
+                    epoch: c.epoch,
+                    reason: c.reason.as_str(),
+                    nodes: c.nodes.clone(),
+                    at_s: c.at_us as f64 / 1e6,
+                    detection_ms: c.detection_us.map(|d| d as f64 / 1e3),
+                    moved: c.moved.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One probe: (re)connects if needed, pings, returns the node's generation.
+async fn ping(node: &ControlNode, link: &mut Option<PeerLink>, name: &str, addr: SocketAddr, nonce: u64) -> Result<u64, ControlError> {
+    let l = match link {
+        Some(l) if l.connection.close_reason().is_none() => l.clone(),
+        _ => {
+            let l = node.connect(addr, name).await?;
+            *link = Some(l.clone());
+            l
+        }
+    };
+    match stage_service::call(&l, &StageRequest::Ping { nonce }).await? {
+        StageReply::Pong { nonce: n, generation, .. } if n == nonce => Ok(generation),
+        other => Err(ControlError::Protocol(format!("{name} answered a ping with {other:?}"))),
+    }
+}
+
+/// Connects to stage `name` (retrying until `patience` runs out) and agrees on the tensor plane.
+pub async fn connect_stage(node: &ControlNode, plane: &TensorPlane, name: &str, addr: SocketAddr, window_bytes: usize, patience: Duration) -> Result<StageLink, ControlError> {
+    let deadline = Instant::now() + patience;
+    let link = loop {
+        match tokio::time::timeout(Duration::from_secs(1), node.connect(addr, name)).await {
+            Ok(Ok(l)) => break l,
+            Ok(Err(e)) if Instant::now() >= deadline => return Err(e),
+            Err(_) if Instant::now() >= deadline => {
+                return Err(ControlError::Connect { peer: name.to_string(), message: format!("no answer from {addr}") });
+            }
+            _ => {
+                tracing::debug!(peer = %name, "waiting for a stage");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    StageLink::attach(link, plane, window_bytes).await
+}

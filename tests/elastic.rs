@@ -1,0 +1,203 @@
+//! The elastic mesh with real processes on loopback: a three-node pipeline under 32 streaming
+//! greedy requests loses a stage to `kill -9` mid-stream; every request still completes with
+//! the tokens one node gives, the survivors take over the dead node's layers, and when the node
+//! is started again (a new generation) it is taken back while streams run, with no request
+//! failed. Also: the mesh answers 503 with Retry-After naming the layers when the live nodes
+//! cannot hold the model, and serves again by itself when capacity returns.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::cluster::{log_tail, spawn_node, write_cluster, Nodes};
+
+/// A tiny model with 12 layers, so three nodes split it 4/4/4, two 6/6, and taking a third
+/// node back improves the slowest stage past the planner's threshold.
+fn deep_tiny_model(name: &str) -> std::path::PathBuf {
+    let dir = support::scratch(name);
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["gen-model", "--preset", "tiny", "--layers", "12", "--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+/// What one node gives for `prompt`, greedy.
+fn reference(model: &std::path::Path, prompt: &str, max_tokens: usize) -> Vec<u64> {
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-tokens", &max_tokens.to_string(), "--ignore-eos", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
+}
+
+/// Streams one greedy completion; returns the HTTP status and every token id streamed.
+fn stream(head: &support::Server, prompt: &str, max_tokens: usize) -> (u16, Vec<u64>, String) {
+    let body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true, "return_token_ids": true});
+    let (status, _, text) = support::http(head, "POST", "/v1/completions", Some(&body.to_string()));
+    let mut tokens = Vec::new();
+    for data in text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
+        let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+        if let Some(ids) = v["choices"][0]["token_ids"].as_array() {
+            tokens.extend(ids.iter().filter_map(Value::as_u64));
+        }
+    }
+    (status, tokens, text)
+}
+
+fn metric(head: &support::Server, name: &str) -> f64 {
+    let text = support::http(head, "GET", "/metrics", None).2;
+    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+fn mesh(head: &support::Server) -> Value {
+    serde_json::from_str(&support::http(head, "GET", "/v1/mesh", None).2).unwrap_or(Value::Null)
+}
+
+fn node_state(view: &Value, name: &str) -> String {
+    view["nodes"].as_array().and_then(|n| n.iter().find(|n| n["name"] == name)).map_or(String::new(), |n| n["state"].as_str().unwrap_or("").to_string())
+}
+
+fn wait_for(what: &str, secs: u64, cfg: &std::path::Path, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}\nnode-a log:\n{}", log_tail(cfg, "node-a"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const PROMPTS: [&str; 8] = ["Hello", "The mesh", "Once upon a time", "Pipeline stages", "KV cache", "a b c d", "Failover", "Tokens"];
+
+#[test]
+fn a_stage_killed_mid_stream_loses_no_request_and_rejoins_when_restarted() {
+    let bin = env!("CARGO_BIN_EXE_baton");
+    let model = deep_tiny_model("elastic-model");
+    let (cfg, ports) = write_cluster("elastic", &model);
+    assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
+    let max_tokens = 400;
+    let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&model, p, max_tokens)).collect();
+
+    let mut nodes = Nodes(Vec::new());
+    for name in ["node-c", "node-b", "node-a"] {
+        nodes.0.push(spawn_node(&cfg, name, &[], Some("tcp")));
+    }
+    let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{}", ports.http), quic: None, model: model.clone() };
+    wait_for("the pipeline head to be ready", 60, &cfg, || {
+        std::net::TcpStream::connect(&head.addr).is_ok() && support::http(&head, "GET", "/health", None).0 == 200
+    });
+    let start = mesh(&head);
+    assert_eq!(start["epoch"], 1, "{start}");
+    // Tokens streamed so far (one inter-token latency per token after each stream's first).
+    let streamed = |h: &support::Server| metric(h, "baton:inter_token_latency_seconds_count");
+
+    // 32 streams; node-b (layers 4..8) is killed once they are well under way.
+    let head_ref = &head;
+    let results = std::thread::scope(|scope| {
+        let streams: Vec<_> = (0..32).map(|i| scope.spawn(move || stream(head_ref, PROMPTS[i % 8], max_tokens))).collect();
+        wait_for("the streams to get going", 60, &cfg, || streamed(head_ref) >= 32.0 * 10.0);
+        let _ = nodes.0[1].kill(); // node-b: SIGKILL
+        let _ = nodes.0[1].wait();
+        streams.into_iter().map(|s| s.join().unwrap()).collect::<Vec<_>>()
+    });
+    for (i, (status, tokens, text)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {text}");
+        assert_eq!(*tokens, want[i % 8], "request {i}: tokens differ from one node's\n{}", log_tail(&cfg, "node-a"));
+    }
+    wait_for("the head to re-place node-b's layers", 10, &cfg, || mesh(&head)["epoch"].as_u64() >= Some(2));
+    let after = mesh(&head);
+    assert_eq!(node_state(&after, "node-b"), "down", "{after}");
+    let lost = &after["changes"][0];
+    assert_eq!(lost["reason"], "node_lost", "{after}");
+    assert_eq!(lost["nodes"], json!(["node-b"]), "{after}");
+    // The survivors next to the gap took it over: node-a 0..6, node-c 6..12.
+    let layers = |v: &Value, n: &str| v["nodes"].as_array().unwrap().iter().find(|x| x["name"] == n).unwrap()["layers"].clone();
+    assert_eq!(layers(&after, "node-a"), json!([0, 6]), "{after}");
+    assert_eq!(layers(&after, "node-c"), json!([6, 12]), "{after}");
+    assert!(metric(&head, "baton:requests_migrated_total") >= 1.0, "no request was migrated: the kill came too late");
+    assert_eq!(metric(&head, "baton:request_failure_total"), 0.0);
+    assert_eq!(metric(&head, "baton:plan_changes_total{reason=\"node_lost\"}"), 1.0);
+    assert_eq!(metric(&head, "baton:failure_detection_seconds_count"), 1.0);
+
+    // Two nodes serve on their own.
+    let (status, tokens, text) = stream(&head, PROMPTS[0], 16);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(tokens, want[0][..16]);
+
+    // node-b starts again (a new process, a new generation): once it has answered long enough it
+    // is taken back, while streams run, and none of them notices but in latency.
+    // (Long streams: the planner waits 2 s of steady answers before taking a node back.)
+    let long = 1500;
+    let want_long: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&model, p, long)).collect();
+    nodes.0[1] = spawn_node(&cfg, "node-b", &[], Some("tcp"));
+    wait_for("node-b to answer the head's probes", 60, &cfg, || node_state(&mesh(&head), "node-b") == "spare");
+    let results = std::thread::scope(|scope| {
+        let streams: Vec<_> = (0..8).map(|i| scope.spawn(move || stream(head_ref, PROMPTS[i], long))).collect();
+        wait_for("node-b to be taken back", 60, &cfg, || node_state(&mesh(head_ref), "node-b") == "serving");
+        let joined_with_streams_running = streams.iter().any(|s| !s.is_finished());
+        (streams.into_iter().map(|s| s.join().unwrap()).collect::<Vec<_>>(), joined_with_streams_running)
+    });
+    let (results, during) = results;
+    assert!(during, "every stream had finished before node-b was taken back: the join was not tested under load");
+    for (i, (status, tokens, text)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {text}");
+        assert_eq!(*tokens, want_long[i], "request {i} across the join");
+    }
+    let back = mesh(&head);
+    assert_eq!(back["changes"].as_array().unwrap().last().unwrap()["reason"], "node_joined", "{back}");
+    assert_eq!(layers(&back, "node-b"), json!([4, 8]), "{back}");
+    assert_eq!(metric(&head, "baton:request_failure_total"), 0.0);
+
+    // `baton status` tells the story.
+    let out = Command::new(bin).args(["status", "--cluster", cfg.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("node_lost (node-b") && text.contains("node_joined (node-b") && text.contains("plan epoch"), "{text}");
+}
+
+/// With node memory that holds only part of the model, losing a stage leaves layers no live
+/// node can hold: requests get 503 with Retry-After naming them, and the mesh serves again by
+/// itself when the node is back.
+#[test]
+fn without_room_for_every_layer_the_mesh_answers_503_until_capacity_returns() {
+    let bin = env!("CARGO_BIN_EXE_baton");
+    let model = deep_tiny_model("elastic-503-model");
+    let (cfg, ports) = write_cluster("elastic-503", &model);
+    // Each node holds 4 layers of this model: a layer of the tiny model has 2 * 64 * 64 +
+    // 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64 = 36,992 parameters, 73,984 bytes in bf16, and
+    // 0.00031 GiB is 4.5 layers' worth.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("memory_gb = 1", "memory_gb = 0.00031");
+    std::fs::write(&cfg, text).unwrap();
+    assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
+    let mut nodes = Nodes(Vec::new());
+    for name in ["node-c", "node-b", "node-a"] {
+        nodes.0.push(spawn_node(&cfg, name, &[], Some("tcp")));
+    }
+    let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{}", ports.http), quic: None, model: model.clone() };
+    wait_for("the pipeline head to be ready", 60, &cfg, || {
+        std::net::TcpStream::connect(&head.addr).is_ok() && support::http(&head, "GET", "/health", None).0 == 200
+    });
+    let _ = nodes.0[0].kill(); // node-c
+    let _ = nodes.0[0].wait();
+    wait_for("the head to say it cannot serve", 30, &cfg, || support::http(&head, "GET", "/health", None).0 == 503);
+    let (status, headers, body) = support::http(&head, "POST", "/v1/completions", Some(&json!({"prompt": "Hello", "max_tokens": 4}).to_string()));
+    assert_eq!(status, 503, "{body}");
+    assert!(headers.to_lowercase().contains("retry-after"), "{headers}");
+    let err: Value = serde_json::from_str(&body).unwrap();
+    let message = err["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("layers 8..12") && message.contains("node-c"), "{body}");
+    assert!(mesh(&head)["epoch"].is_null());
+
+    nodes.0[0] = spawn_node(&cfg, "node-c", &[], Some("tcp"));
+    wait_for("the mesh to serve again", 60, &cfg, || support::http(&head, "GET", "/health", None).0 == 200);
+    let want = reference(&model, "Hello", 8);
+    let (status, tokens, text) = stream(&head, "Hello", 8);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(tokens, want);
+    assert_eq!(mesh(&head)["changes"].as_array().unwrap().last().unwrap()["reason"], "capacity_returned");
+}

@@ -1,0 +1,99 @@
+//! A three-node cluster.toml on loopback and `baton node` processes for it (the mesh and
+//! elastic-mesh tests).
+
+use std::process::{Child, Command, Stdio};
+
+pub struct Nodes(pub Vec<Child>);
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn free_udp() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn free_tcp() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `baton node` for `name` of `cfg` (1 thread, 64 MiB of KV), with extra arguments and
+/// UCX_TLS (unset when `None`), stderr appended to `NAME.log` beside `cfg` (see [`log_tail`]).
+pub fn spawn_node(cfg: &std::path::Path, name: &str, extra: &[&str], ucx_tls: Option<&str>) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+    cmd.args(["node", "--cluster", cfg.to_str().unwrap(), "--name", name, "--threads", "1", "--kv-cache-mb", "64"]).args(extra);
+    match ucx_tls {
+        Some(tls) => cmd.env("UCX_TLS", tls),
+        None => cmd.env_remove("UCX_TLS"),
+    };
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(cfg, name)).unwrap();
+    cmd.stderr(Stdio::from(log)).spawn().unwrap()
+}
+
+fn log_path(cfg: &std::path::Path, name: &str) -> std::path::PathBuf {
+    cfg.with_file_name(format!("{name}.log"))
+}
+
+/// The last lines a node wrote (for failure messages).
+pub fn log_tail(cfg: &std::path::Path, name: &str) -> String {
+    let text = std::fs::read_to_string(log_path(cfg, name)).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Ports of a test cluster.
+pub struct Ports {
+    pub http: u16,
+    pub quic: u16,
+    pub control_b: u16,
+    pub http_b: u16,
+    pub quic_b: u16,
+    pub http_c: u16,
+}
+
+/// A three-node cluster.toml on free loopback ports.
+pub fn write_cluster(name: &str, model: &std::path::Path) -> (std::path::PathBuf, Ports) {
+    let dir = super::scratch(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cb, cc, http, quic, http_b, quic_b, http_c) = (free_udp(), free_udp(), free_udp(), free_tcp(), free_udp(), free_tcp(), free_udp(), free_tcp());
+    let cfg = dir.join("cluster.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[cluster]
+name = "test"
+[model]
+path = "{model}"
+[placement]
+mode = "auto"
+[[nodes]]
+name = "node-a"
+control = "127.0.0.1:{ca}"
+http = "127.0.0.1:{http}"
+quic = "127.0.0.1:{quic}"
+memory_gb = 1
+[[nodes]]
+name = "node-b"
+control = "127.0.0.1:{cb}"
+http = "127.0.0.1:{http_b}"
+quic = "127.0.0.1:{quic_b}"
+memory_gb = 1
+[[nodes]]
+name = "node-c"
+control = "127.0.0.1:{cc}"
+http = "127.0.0.1:{http_c}"
+memory_gb = 1
+"#,
+            model = model.display()
+        ),
+    )
+    .unwrap();
+    (cfg, Ports { http, quic, control_b: cb, http_b, quic_b, http_c })
+}
+
