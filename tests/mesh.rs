@@ -62,7 +62,7 @@ fn bootstrap_starts_reports_and_stops_a_cluster_with_a_remote_node() {
     }
     assert!(text.contains("started node-b on 127.0.0.1"), "{text}");
     assert!(text.contains(&format!("http://127.0.0.1:{http}/v1")), "{text}");
-    assert_eq!(text.matches("stage loaded").count(), 2, "{text}");
+    assert_eq!(text.matches("serving epoch 1").count(), 2, "{text}");
     assert!(text.contains("head") && text.contains("ready"), "{text}");
     assert!(home.join("baton-cluster/cluster-tls/node-b.key.der").exists(), "node-b's key was not copied");
     assert!(!home.join("baton-cluster/cluster-tls/node-a.key.der").exists(), "another node's key was copied");

@@ -138,6 +138,8 @@ pub struct MeshCore {
     plan: Option<Plan>,
     next_epoch: u64,
     unserved: Option<Range<usize>>,
+    /// The nodes lost since the mesh last had a plan.
+    unserved_lost: Vec<String>,
     history: VecDeque<PlanChange>,
 }
 
@@ -168,6 +170,7 @@ impl MeshCore {
             plan: Some(Plan { epoch: 1, stages: initial }),
             next_epoch: 2,
             unserved: None,
+            unserved_lost: Vec::new(),
             history: VecDeque::new(),
         }
     }
@@ -293,7 +296,20 @@ impl MeshCore {
         if !lost.is_empty() {
             let names: Vec<String> = lost.iter().map(|(n, _)| n.clone()).collect();
             let detection = lost.iter().filter_map(|(_, d)| *d).max();
-            let next = self.plan.as_ref().and_then(|p| self.repair(&p.stages, &names)).or_else(|| self.rebalance(&[]));
+            // The neighbours take the gap; else a fresh split over the survivors; else one that
+            // also takes in the live nodes waiting outside the plan (better than a 503).
+            let waiting: Vec<String> = self
+                .nodes
+                .iter()
+                .filter(|n| !planned.contains(&n.member.name) && matches!(n.state, NodeState::Up { .. }))
+                .map(|n| n.member.name.clone())
+                .collect();
+            let next = self
+                .plan
+                .as_ref()
+                .and_then(|p| self.repair(&p.stages, &names))
+                .or_else(|| self.rebalance(&[]))
+                .or_else(|| self.rebalance(&waiting));
             match next {
                 Some(stages) => actions.push(self.adopt(stages, ChangeReason::NodeLost, names, detection, now)),
                 None => actions.push(self.unservable(names)),
@@ -317,7 +333,9 @@ impl MeshCore {
             .collect();
         if self.plan.is_none() {
             if let Some(stages) = self.rebalance(&candidates) {
-                actions.push(self.adopt(stages, ChangeReason::CapacityReturned, candidates, None, now));
+                // Name the nodes that came back, not the survivors that never left.
+                let back: Vec<String> = self.unserved_lost.iter().filter(|n| candidates.contains(n)).cloned().collect();
+                actions.push(self.adopt(stages, ChangeReason::CapacityReturned, back, None, now));
             }
             return actions;
         }
@@ -415,6 +433,7 @@ impl MeshCore {
         let moved = describe_move(self.plan.as_ref().map_or(&[][..], |p| &p.stages[..]), &stages);
         self.plan = Some(Plan { epoch, stages: stages.clone() });
         self.unserved = None;
+        self.unserved_lost.clear();
         for n in &mut self.nodes {
             // Each node's process as of this plan; a later generation is a restart.
             n.planned_generation = n.generation;
@@ -428,10 +447,21 @@ impl MeshCore {
     }
 
     fn unservable(&mut self, lost: Vec<String>) -> Action {
-        let capacity: usize = self.nodes.iter().filter(|n| matches!(n.state, NodeState::Up { .. }) || n.member.name == self.head).map(|n| n.member.max_layers).sum();
+        // What the head and every live node could hold, against the model.
+        let capacity: usize = self
+            .nodes
+            .iter()
+            .filter(|n| n.member.name == self.head || (matches!(n.state, NodeState::Up { .. }) && !lost.contains(&n.member.name)))
+            .map(|n| n.member.max_layers)
+            .sum();
         let missing = capacity.min(self.num_layers)..self.num_layers;
         self.plan = None;
         self.unserved = Some(missing.clone());
+        for n in &lost {
+            if !self.unserved_lost.contains(n) {
+                self.unserved_lost.push(n.clone());
+            }
+        }
         Action::Unservable { missing, lost }
     }
 }
@@ -475,7 +505,8 @@ pub fn split_capped(num_layers: usize, nodes: &[(f64, usize)]) -> Option<Vec<usi
     }
 }
 
-/// "node-a 0..10 -> 0..15, node-b 10..20 -> gone, node-c 20..30 -> 15..30".
+/// "node-a 0..10 -> 0..15, node-c 20..30 -> 15..30, node-b 10..20 -> gone": the new plan's
+/// stages in order, then the nodes it dropped.
 pub fn describe_move(old: &[(String, Range<usize>)], new: &[(String, Range<usize>)]) -> String {
     let mut parts = Vec::new();
     for (n, r) in new {
