@@ -201,3 +201,83 @@ fn without_room_for_every_layer_the_mesh_answers_503_until_capacity_returns() {
     assert_eq!(tokens, want);
     assert_eq!(mesh(&head)["changes"].as_array().unwrap().last().unwrap()["reason"], "capacity_returned");
 }
+
+/// A fourth node that cluster.toml never names joins a running mesh through the seeds with a
+/// certificate from `baton cluster add-node` and takes layers while streams run; it then
+/// drains (`baton node --drain`): its layers move back while it still serves, and it exits
+/// once released, with no request failed. A revoked node is refused.
+#[test]
+fn a_new_node_joins_through_the_seeds_takes_layers_and_drains_away() {
+    let bin = env!("CARGO_BIN_EXE_baton");
+    let model = deep_tiny_model("elastic-join-model");
+    let (cfg, ports) = write_cluster("elastic-join", &model);
+    assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
+    let mut nodes = Nodes(Vec::new());
+    for name in ["node-c", "node-b", "node-a"] {
+        nodes.0.push(spawn_node(&cfg, name, &[], Some("tcp")));
+    }
+    let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{}", ports.http), quic: None, model: model.clone() };
+    wait_for("the pipeline head to be ready", 60, &cfg, || {
+        std::net::TcpStream::connect(&head.addr).is_ok() && support::http(&head, "GET", "/health", None).0 == 200
+    });
+    let long = 1500;
+    let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&model, p, long)).collect();
+
+    // node-d: a certificate from add-node, a name the file does not have.
+    let out = Command::new(bin).args(["cluster", "add-node", "node-d", "--cluster", cfg.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let control_d = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let control_d = format!("127.0.0.1:{control_d}");
+    let head_ref = &head;
+    let (results, joined_under_load) = std::thread::scope(|scope| {
+        let streams: Vec<_> = (0..8).map(|i| scope.spawn(move || stream(head_ref, PROMPTS[i], long))).collect();
+        nodes.0.push(spawn_node(&cfg, "node-d", &["--control", &control_d], Some("tcp")));
+        wait_for("node-d to be taken into the plan", 60, &cfg, || node_state(&mesh(head_ref), "node-d") == "serving");
+        let under_load = streams.iter().any(|s| !s.is_finished());
+        (streams.into_iter().map(|s| s.join().unwrap()).collect::<Vec<_>>(), under_load)
+    });
+    assert!(joined_under_load, "every stream had finished before node-d joined");
+    for (i, (status, tokens, text)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {text}");
+        assert_eq!(*tokens, want[i], "request {i} across node-d's join");
+    }
+    let view = mesh(&head);
+    let layers = |v: &Value, n: &str| v["nodes"].as_array().unwrap().iter().find(|x| x["name"] == n).unwrap()["layers"].clone();
+    assert_eq!(layers(&view, "node-d"), json!([9, 12]), "{view}");
+
+    // node-d drains: its layers move while it serves, then it is released and exits.
+    let results = std::thread::scope(|scope| {
+        let streams: Vec<_> = (0..8).map(|i| scope.spawn(move || stream(head_ref, PROMPTS[i], long))).collect();
+        let out = Command::new(bin).args(["node", "--cluster", cfg.to_str().unwrap(), "--name", "node-d", "--control", &control_d, "--drain"]).output().unwrap();
+        assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while nodes.0[3].try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "node-d did not exit after draining\n{}", log_tail(&cfg, "node-d"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        streams.into_iter().map(|s| s.join().unwrap()).collect::<Vec<_>>()
+    });
+    for (i, (status, tokens, text)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {text}");
+        assert_eq!(*tokens, want[i], "request {i} across node-d's drain");
+    }
+    let view = mesh(&head);
+    assert!(view["changes"].as_array().unwrap().iter().any(|c| c["reason"] == "node_drained" && c["nodes"] == json!(["node-d"])), "{view}");
+    assert!(layers(&view, "node-d").is_null(), "{view}");
+    assert_eq!(metric(&head, "baton:request_failure_total"), 0.0);
+
+    // Revoked: node-d's certificate is refused from the nodes' next start or SIGHUP.
+    assert!(Command::new(bin).args(["cluster", "revoke", "node-d", "--cluster", cfg.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
+    for child in &nodes.0[..3] {
+        assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
+    }
+    wait_for("the nodes to reload the revocation list", 10, &cfg, || log_tail(&cfg, "node-a").contains("revocation list reloaded"));
+    nodes.0[3] = spawn_node(&cfg, "node-d", &["--control", &control_d], Some("tcp"));
+    std::thread::sleep(Duration::from_millis(100));
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < deadline {
+        assert_ne!(node_state(&mesh(&head), "node-d"), "spare", "a revoked node answered the head's probes");
+        assert_ne!(node_state(&mesh(&head), "node-d"), "serving", "a revoked node was given layers");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

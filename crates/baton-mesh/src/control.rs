@@ -1,6 +1,7 @@
 //! The control plane between nodes: QUIC (quinn) with mutual TLS from the cluster CA. A node
-//! accepts only peers whose certificate the cluster CA signed (checked in the handshake) and
-//! whose certificate names a node of the cluster (checked before any message is read). Messages
+//! accepts any peer whose certificate the cluster CA signed and whose name is not on the
+//! cluster's revocation list (both checked in the handshake); the peer's identity is the DNS
+//! name in its certificate (nodes join with a certificate from `baton cluster add-node`). Messages
 //! are versioned rkyv frames (baton-proto's codec), validated on receipt; a malformed frame
 //! closes that connection and the node keeps serving. Keep-alives keep idle links up.
 
@@ -9,14 +10,78 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_proto::{decode, encode, read_frame, write_frame, FrameError, CLOSE_MALFORMED};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 
 use crate::pki::NodeIdentity;
 
 pub const CONTROL_ALPN: &[u8] = b"baton-control/1";
 pub const CONTROL_VERSION: u16 = 1;
-/// Close code: the peer's certificate names no node of this cluster.
+/// Close code: the peer's certificate names no node (no DNS name), or a revoked one.
 pub const CLOSE_UNKNOWN_PEER: u32 = 0x43_01;
+
+/// Node names whose certificates are refused (the TLS directory's `revoked` file), shared by
+/// a node's verifier and re-read on SIGHUP.
+pub type Revoked = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
+
+/// The node name a certificate was issued for: its first DNS subject name.
+pub fn cert_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    let name = ee.valid_dns_names().next().map(str::to_string);
+    name
+}
+
+fn is_revoked(revoked: &Revoked, name: &str) -> bool {
+    revoked.read().unwrap_or_else(|p| p.into_inner()).contains(name)
+}
+
+/// The cluster CA's client verifier, refusing revoked names in the handshake.
+#[derive(Debug)]
+struct ClusterClientVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    revoked: Revoked,
+}
+
+impl rustls::server::danger::ClientCertVerifier for ClusterClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        match cert_name(end_entity) {
+            Some(name) if !is_revoked(&self.revoked, &name) => Ok(verified),
+            Some(name) => Err(rustls::Error::General(format!("the certificate of {name} is revoked"))),
+            None => Err(rustls::Error::General("the certificate names no node".into())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
 
 /// Node-to-node control messages (grows with membership and placement).
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -67,7 +132,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
 pub struct ControlNode {
     endpoint: quinn::Endpoint,
     identity: NodeIdentity,
-    roster: Arc<Vec<String>>,
+    revoked: Revoked,
 }
 
 /// A mutually authenticated link to a named peer.
@@ -77,22 +142,15 @@ pub struct PeerLink {
     pub connection: quinn::Connection,
 }
 
-/// The node name a peer's certificate is valid for, if it is one of `roster`.
-pub fn peer_name(cert: &CertificateDer<'_>, roster: &[String]) -> Option<String> {
-    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
-    roster
-        .iter()
-        .find(|name| ServerName::try_from(name.as_str()).is_ok_and(|sn| ee.verify_is_valid_for_subject_name(&sn).is_ok()))
-        .cloned()
-}
-
 impl ControlNode {
-    /// Binds the control endpoint; `roster` lists the cluster's node names.
-    pub fn bind(addr: SocketAddr, identity: NodeIdentity, roster: Vec<String>) -> Result<Self, ControlError> {
+    /// Binds the control endpoint; peers named in `revoked` are refused (now and whenever
+    /// the set changes).
+    pub fn bind(addr: SocketAddr, identity: NodeIdentity, revoked: Revoked) -> Result<Self, ControlError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&identity)?), provider.clone())
+        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&identity)?), provider.clone())
             .build()
             .map_err(|e| ControlError::Tls(e.to_string()))?;
+        let verifier = Arc::new(ClusterClientVerifier { inner, revoked: revoked.clone() });
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ControlError::Tls(e.to_string()))?
@@ -116,7 +174,7 @@ impl ControlNode {
         client_config.transport_config(transport());
         let mut endpoint = quinn::Endpoint::server(server_config, addr).map_err(|source| ControlError::Bind { addr, source })?;
         endpoint.set_default_client_config(client_config);
-        Ok(ControlNode { endpoint, identity, roster: Arc::new(roster) })
+        Ok(ControlNode { endpoint, identity, revoked })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -127,9 +185,12 @@ impl ControlNode {
         &self.identity.name
     }
 
-    /// Connects to node `peer` at `addr`; the peer's certificate must be the cluster's and name
-    /// `peer`.
+    /// Connects to node `peer` at `addr`; the peer's certificate must be the cluster's, name
+    /// `peer`, and not be revoked.
     pub async fn connect(&self, addr: SocketAddr, peer: &str) -> Result<PeerLink, ControlError> {
+        if is_revoked(&self.revoked, peer) {
+            return Err(ControlError::Refused(format!("{peer}'s certificate is revoked")));
+        }
         let connecting = self
             .endpoint
             .connect(addr, peer)
@@ -138,8 +199,9 @@ impl ControlNode {
         Ok(PeerLink { peer: peer.to_string(), connection })
     }
 
-    /// Accepts the next authenticated peer. Peers whose certificate names no node of the
-    /// roster are closed with `CLOSE_UNKNOWN_PEER` here, before any message is read.
+    /// Accepts the next authenticated peer (named by its certificate). A peer whose name was
+    /// revoked after its handshake is closed with `CLOSE_UNKNOWN_PEER` here, before any message
+    /// is read.
     pub async fn accept(&self) -> Option<Result<PeerLink, ControlError>> {
         let incoming = self.endpoint.accept().await?;
         let connection = match incoming.await {
@@ -150,12 +212,12 @@ impl ControlNode {
             .peer_identity()
             .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
             .and_then(|certs| certs.first().cloned());
-        match cert.and_then(|c| peer_name(&c, &self.roster)) {
-            Some(peer) => Some(Ok(PeerLink { peer, connection })),
-            None => {
-                tracing::warn!(remote = %connection.remote_address(), "refusing a peer whose certificate names no node of this cluster");
-                connection.close(CLOSE_UNKNOWN_PEER.into(), b"unknown node");
-                Some(Err(ControlError::Refused("certificate names no node of this cluster".into())))
+        match cert.and_then(|c| cert_name(&c)) {
+            Some(peer) if !is_revoked(&self.revoked, &peer) => Some(Ok(PeerLink { peer, connection })),
+            _ => {
+                tracing::warn!(remote = %connection.remote_address(), "refusing a peer whose certificate names no node or is revoked");
+                connection.close(CLOSE_UNKNOWN_PEER.into(), b"unknown or revoked node");
+                Some(Err(ControlError::Refused("certificate names no node or is revoked".into())))
             }
         }
     }

@@ -13,6 +13,9 @@
 //!   each loss of that node, so a flapping node is taken back less and less often) is taken in
 //!   when the rebalanced plan's slowest stage is at most `improvement` times the current one's
 //!   (Petals' hysteresis).
+//! - A node of the plan that asks to leave (drain) is re-placed the way a lost one is, while it
+//!   still serves; it is never taken back, and `drained` says when it may stop.
+//! - Nodes that join after the start (`add_member`, from the gossip) wait like returning ones.
 //! - When the live nodes cannot hold every layer, there is no plan (`unserved` says which
 //!   layers lack a home) until capacity returns.
 //! - The head (this node) is never lost in its own view; a dead head is the next issue's work.
@@ -53,6 +56,8 @@ pub enum ChangeReason {
     NodeJoined,
     /// Capacity came back after the live nodes could not hold the model.
     CapacityReturned,
+    /// A node of the plan asked to leave: its layers moved while it still served.
+    NodeDrained,
 }
 
 impl ChangeReason {
@@ -62,6 +67,7 @@ impl ChangeReason {
             ChangeReason::NodeRestarted => "node_restarted",
             ChangeReason::NodeJoined => "node_joined",
             ChangeReason::CapacityReturned => "capacity_returned",
+            ChangeReason::NodeDrained => "node_drained",
         }
     }
 }
@@ -126,6 +132,8 @@ struct Node {
     losses: u32,
     /// A data-plane failure reported since the last tick.
     failed: bool,
+    /// The node asked to leave: it is moved out of the plan and never taken back.
+    draining: bool,
 }
 
 /// The membership view and the plan of one pipeline, headed by `head`.
@@ -159,6 +167,7 @@ impl MeshCore {
                     planned_generation: None,
                     losses: 0,
                     failed: false,
+                    draining: false,
                 }
             })
             .collect();
@@ -206,6 +215,37 @@ impl MeshCore {
 
     fn in_plan(&self, name: &str) -> bool {
         self.plan.as_ref().is_some_and(|p| p.range_of(name).is_some())
+    }
+
+    /// A node that joined after the start (through the gossip): it is taken in once it has
+    /// answered probes long enough, as any returning node. Known names are left as they are.
+    pub fn add_member(&mut self, member: Member) {
+        if self.nodes.iter().any(|n| n.member.name == member.name) {
+            return;
+        }
+        self.nodes.push(Node {
+            member,
+            state: NodeState::Down,
+            last_ok: None,
+            generation: None,
+            planned_generation: None,
+            losses: 0,
+            failed: false,
+            draining: false,
+        });
+    }
+
+    /// `name` asked to leave: its layers move at the next tick (while it still serves them).
+    pub fn drain(&mut self, name: &str) {
+        let head = self.head.clone();
+        if let Some(n) = self.node_mut(name).filter(|n| n.member.name != head) {
+            n.draining = true;
+        }
+    }
+
+    /// Draining nodes the plan no longer uses: they may stop.
+    pub fn drained(&self) -> Vec<String> {
+        self.nodes.iter().filter(|n| n.draining && !self.in_plan(&n.member.name)).map(|n| n.member.name.clone()).collect()
     }
 
     /// `name` answered a probe; `generation` identifies its process.
@@ -323,11 +363,32 @@ impl MeshCore {
             }
             return actions;
         }
+        // A draining node of the plan: the same re-placement as a loss, but while it still
+        // serves (add before drop); if the others cannot hold its layers it stays.
+        let leaving: Vec<String> = self.nodes.iter().filter(|n| n.draining && planned.contains(&n.member.name)).map(|n| n.member.name.clone()).collect();
+        if !leaving.is_empty() {
+            let waiting: Vec<String> = self
+                .nodes
+                .iter()
+                .filter(|n| !n.draining && !planned.contains(&n.member.name) && matches!(n.state, NodeState::Up { .. }))
+                .map(|n| n.member.name.clone())
+                .collect();
+            let next = self
+                .plan
+                .as_ref()
+                .and_then(|p| self.repair(&p.stages, &leaving))
+                .or_else(|| self.rebalance_without(&[], &leaving))
+                .or_else(|| self.rebalance_without(&waiting, &leaving));
+            if let Some(stages) = next {
+                actions.push(self.adopt(stages, ChangeReason::NodeDrained, leaving, None, now));
+                return actions;
+            }
+        }
         // 2. Capacity back after an unservable spell, or a node to take in.
         let candidates: Vec<String> = self
             .nodes
             .iter()
-            .filter(|n| !planned.contains(&n.member.name))
+            .filter(|n| !planned.contains(&n.member.name) && !n.draining)
             .filter(|n| matches!(n.state, NodeState::Up { since } if now.saturating_sub(since) >= self.rejoin_after(n)))
             .map(|n| n.member.name.clone())
             .collect();
@@ -397,12 +458,17 @@ impl MeshCore {
     /// order after the head, split in proportion to
     /// capacity within each node's memory; `None` when they cannot hold the model.
     fn rebalance(&self, extra: &[String]) -> Option<Vec<(String, Range<usize>)>> {
+        self.rebalance_without(extra, &[])
+    }
+
+    /// [`Self::rebalance`] leaving out `without`.
+    fn rebalance_without(&self, extra: &[String], without: &[String]) -> Option<Vec<(String, Range<usize>)>> {
         let mut names: Vec<String> = vec![self.head.clone()];
         for n in &self.nodes {
             let name = &n.member.name;
             let planned = self.plan.as_ref().is_some_and(|p| p.range_of(name).is_some());
             let wanted = extra.contains(name) || (planned && self.is_up(name));
-            if *name != self.head && wanted {
+            if *name != self.head && wanted && !without.contains(name) {
                 names.push(name.clone());
             }
         }

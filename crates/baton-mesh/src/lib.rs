@@ -6,6 +6,7 @@
 pub mod config;
 pub mod control;
 pub mod elastic;
+pub mod gossip;
 pub mod membership;
 pub mod pki;
 pub mod placement;

@@ -90,7 +90,10 @@ pub struct MeshDriver {
     me: String,
     node: Arc<ControlNode>,
     plane: Arc<TensorPlane>,
-    control: HashMap<String, SocketAddr>,
+    control: Mutex<HashMap<String, SocketAddr>>,
+    probe: ProbeConfig,
+    /// Where its tasks run (some calls come from the shard's own thread).
+    runtime: tokio::runtime::Handle,
     window_bytes: usize,
     started: Instant,
     core: Mutex<MeshCore>,
@@ -133,7 +136,9 @@ impl MeshDriver {
             me: me.to_string(),
             node,
             plane,
-            control: roster.control,
+            control: Mutex::new(roster.control),
+            probe,
+            runtime: tokio::runtime::Handle::current(),
             window_bytes,
             started,
             core: Mutex::new(core),
@@ -142,11 +147,54 @@ impl MeshDriver {
             decided: Mutex::new(HashMap::new()),
         });
         for m in roster.members.iter().filter(|m| m.name != me) {
-            let Some(&addr) = driver.control.get(&m.name) else { continue };
+            let Some(addr) = driver.control_addr(&m.name) else { continue };
             tokio::spawn(Arc::clone(&driver).probe_loop(m.name.clone(), addr, probe));
         }
         tokio::spawn(Arc::clone(&driver).tick_loop(probe.tick));
         Ok(driver)
+    }
+
+    fn control_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner()).get(name).copied()
+    }
+
+    /// A node that joined after the start (the gossip brought it): probed from now on, taken
+    /// into the plan by the core's rules.
+    pub fn add_member(self: &Arc<Self>, member: Member, control: SocketAddr) {
+        let name = member.name.clone();
+        {
+            let mut addrs = self.control.lock().unwrap_or_else(|p| p.into_inner());
+            if addrs.contains_key(&name) || name == self.me {
+                return;
+            }
+            addrs.insert(name.clone(), control);
+        }
+        tracing::info!(node = %name, %control, "a new node joined the gossip; probing it");
+        eprintln!("baton: node {name} joined the mesh (control plane {control})");
+        self.core().add_member(member);
+        self.runtime.spawn(Arc::clone(self).probe_loop(name, control, self.probe));
+    }
+
+    /// Follows the gossip: new members of this pipeline's replica are added, and members that
+    /// say they are draining are moved out of the plan.
+    pub async fn follow(self: Arc<Self>, gossip: Arc<crate::gossip::Gossip>, replica: u32, layer_bytes: u64) {
+        let mut changes = gossip.subscribe();
+        loop {
+            for info in gossip.members() {
+                if info.name == self.me || info.replica != replica {
+                    continue;
+                }
+                if info.state == crate::gossip::NodeState::Draining {
+                    self.core().drain(&info.name);
+                }
+                let member = Member { name: info.name.clone(), capacity: info.memory_bytes as f64, max_layers: (info.memory_bytes / layer_bytes.max(1)) as usize };
+                self.add_member(member, info.control);
+            }
+            // On every gossip change, and once a second besides.
+            if let Ok(Err(_)) = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await {
+                return;
+            }
+        }
     }
 
     fn now_us(&self) -> u64 {
@@ -195,7 +243,7 @@ impl MeshDriver {
             let link = match cached {
                 Some(l) => l,
                 None => {
-                    let Some(&addr) = self.control.get(name) else {
+                    let Some(addr) = self.control_addr(name) else {
                         return Err(MeshError::PeerLost { stage: name.clone(), detail: "no control address".into() });
                     };
                     match connect_stage(&self.node, &self.plane, name, addr, self.window_bytes, Duration::from_secs(1)).await {
@@ -235,9 +283,28 @@ impl MeshDriver {
         self.apply(actions);
     }
 
-    /// Every stage of `epoch` answered its `Init`.
-    pub fn initialised(&self, epoch: u64) {
-        self.core().initialised(epoch);
+    /// Every stage of `epoch` answered its `Init`: draining nodes it no longer uses may stop.
+    pub fn initialised(self: &Arc<Self>, epoch: u64) {
+        let drained = {
+            let mut core = self.core();
+            core.initialised(epoch);
+            core.drained()
+        };
+        for name in drained {
+            self.links().remove(&name);
+            let Some(addr) = self.control_addr(&name) else { continue };
+            let node = self.node.clone();
+            self.runtime.spawn(async move {
+                let released = async {
+                    let link = node.connect(addr, &name).await?;
+                    stage_service::call(&link, &StageRequest::Release).await
+                };
+                match tokio::time::timeout(Duration::from_secs(2), released).await {
+                    Ok(Ok(StageReply::Ack)) => eprintln!("baton: released drained node {name}"),
+                    other => tracing::debug!(node = %name, ?other, "releasing a drained node"),
+                }
+            });
+        }
     }
 
     fn apply(&self, actions: Vec<Action>) {
@@ -292,7 +359,13 @@ impl MeshDriver {
             let answer = tokio::time::timeout(probe.timeout, ping(&self.node, &mut link, &name, addr, nonce)).await;
             let now = self.now_us();
             match answer {
-                Ok(Ok(generation)) => self.core().probe_ok(&name, generation, now),
+                Ok(Ok((generation, draining))) => {
+                    let mut core = self.core();
+                    core.probe_ok(&name, generation, now);
+                    if draining {
+                        core.drain(&name);
+                    }
+                }
                 _ => {
                     // A new process on the same address needs a new connection.
                     link = None;
@@ -338,8 +411,9 @@ impl MeshDriver {
     }
 }
 
-/// One probe: (re)connects if needed, pings, returns the node's generation.
-async fn ping(node: &ControlNode, link: &mut Option<PeerLink>, name: &str, addr: SocketAddr, nonce: u64) -> Result<u64, ControlError> {
+/// One probe: (re)connects if needed, pings, returns the node's generation and whether it is
+/// draining.
+async fn ping(node: &ControlNode, link: &mut Option<PeerLink>, name: &str, addr: SocketAddr, nonce: u64) -> Result<(u64, bool), ControlError> {
     let l = match link {
         Some(l) if l.connection.close_reason().is_none() => l.clone(),
         _ => {
@@ -349,7 +423,7 @@ async fn ping(node: &ControlNode, link: &mut Option<PeerLink>, name: &str, addr:
         }
     };
     match stage_service::call(&l, &StageRequest::Ping { nonce }).await? {
-        StageReply::Pong { nonce: n, generation, .. } if n == nonce => Ok(generation),
+        StageReply::Pong { nonce: n, generation, draining, .. } if n == nonce => Ok((generation, draining)),
         other => Err(ControlError::Protocol(format!("{name} answered a ping with {other:?}"))),
     }
 }

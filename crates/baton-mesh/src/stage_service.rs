@@ -27,6 +27,9 @@ pub struct StageService {
     state: Mutex<Option<Loaded>>,
     /// What the stage serves, readable while a step holds `state` (pings never wait on work).
     serving: Mutex<Serving>,
+    /// Set when the node asked to leave; `released` when the head let it go.
+    draining: tokio::sync::watch::Sender<bool>,
+    released: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -60,7 +63,24 @@ impl StageService {
             ucx: Arc::default(),
             state: Mutex::new(None),
             serving: Mutex::new(Serving::default()),
+            draining: tokio::sync::watch::channel(false).0,
+            released: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// Starts leaving: pongs say so, and the head moves this node's layers away.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Becomes true when the node asked to leave.
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// Becomes true when the head no longer needs this draining node.
+    pub fn released(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.released.subscribe()
     }
 
     /// Steps that came over UCX, and those of them whose hidden states came by RMA.
@@ -100,9 +120,27 @@ impl StageService {
             end_layer: layers.end as u32,
             epoch: serving.epoch,
             loaded: serving.layers.is_some(),
+            draining: *self.draining.borrow(),
             tensor_plane: self.plane.describe().to_string(),
             ucx_steps,
             window_steps,
+        }
+    }
+
+    /// `Drain` and `Release`: answered at once, never queued behind a step.
+    fn leave(&self, req: &StageRequest) -> StageReply {
+        match req {
+            StageRequest::Drain => {
+                tracing::info!("asked to drain: leaving once the head has moved this node's layers");
+                self.drain();
+                StageReply::Ack
+            }
+            StageRequest::Release if *self.draining.borrow() => {
+                self.released.send_replace(true);
+                StageReply::Ack
+            }
+            StageRequest::Release => StageReply::Error("this node is not draining".into()),
+            _ => StageReply::Error("not a leave request".into()),
         }
     }
 
@@ -110,6 +148,7 @@ impl StageService {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match req {
             StageRequest::Ping { nonce } => self.pong(nonce),
+            StageRequest::Drain | StageRequest::Release => self.leave(&req),
             StageRequest::Attach { .. } => StageReply::Error("Attach is handled by the serving loop".into()),
             StageRequest::Init { block_size, num_blocks, first_layer, end_layer, epoch } => {
                 let geometry = KvGeometry { block_size: block_size as usize, num_blocks: num_blocks as usize };
@@ -221,7 +260,7 @@ async fn run(shard: &ractor::ActorRef<StageShardMsg>, req: StageRequest) -> Stag
 
 /// Serves the stage to whichever cluster peer connects (the pipeline head), over the control
 /// plane and, when it is on, UCX.
-pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>) {
+pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Option<Arc<crate::gossip::Gossip>>) {
     let shard = match ractor::Actor::spawn(Some(format!("stage-shard-{}", node.name())), StageShard, svc.clone()).await {
         Ok((shard, _)) => shard,
         Err(e) => {
@@ -238,6 +277,7 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>) {
             async move {
                 match req {
                     StageRequest::Ping { nonce } => pinger.pong(nonce),
+                    StageRequest::Drain | StageRequest::Release => pinger.leave(&req),
                     req => run(&shard, req).await,
                 }
             }
@@ -245,6 +285,9 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>) {
     }
     while let Some(link) = node.accept().await {
         let Ok(link) = link else { continue };
+        if let Some(g) = &gossip {
+            tokio::spawn(crate::gossip::serve_connection(g.clone(), link.clone()));
+        }
         let (svc, shard) = (svc.clone(), shard.clone());
         tokio::spawn(async move {
             while let Ok((mut send, mut recv)) = link.connection.accept_bi().await {
@@ -263,8 +306,9 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>) {
                 };
                 let reply = match req {
                     StageRequest::Attach { tensor_address, window_bytes } => svc.attach(&link.peer, tensor_address, window_bytes).await,
-                    // Liveness probes are answered here, never queued behind a step.
+                    // Liveness probes and leave requests are answered here, never queued behind a step.
                     StageRequest::Ping { nonce } => svc.pong(nonce),
+                    StageRequest::Drain | StageRequest::Release => svc.leave(&req),
                     req => run(&shard, req).await,
                 };
                 match encode(&reply) {

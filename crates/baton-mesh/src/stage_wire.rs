@@ -68,6 +68,11 @@ pub enum StageRequest {
     /// The head's tensor-plane address (its UCX worker), if it has one, and how large an RMA
     /// window it would like for hidden states; answered by `Attached`.
     Attach { tensor_address: Option<Vec<u8>>, window_bytes: u64 },
+    /// Leave gracefully (`baton node --drain`, or SIGUSR1 at the node): the node says so in its
+    /// pongs, the head moves its layers, then sends `Release`. Answered by `Ack`.
+    Drain,
+    /// The head no longer needs this (draining) node: it may stop. Answered by `Ack`.
+    Release,
     Step {
         /// The plan the head runs; a stage initialised for another one refuses the step.
         epoch: u64,
@@ -97,7 +102,9 @@ pub enum StageReply {
     /// `generation`: identifies the node's process (a restart changes it).
     /// `ucx_steps`: steps that arrived over UCX; `window_steps`: of those, steps whose hidden
     /// states came by RMA into the stage's window.
-    Pong { nonce: u64, generation: u64, first_layer: u32, end_layer: u32, epoch: u64, loaded: bool, tensor_plane: String, ucx_steps: u64, window_steps: u64 },
+    /// `draining`: the node asked to leave.
+    Pong { nonce: u64, generation: u64, first_layer: u32, end_layer: u32, epoch: u64, loaded: bool, draining: bool, tensor_plane: String, ucx_steps: u64, window_steps: u64 },
+    Ack,
     /// The stage's UCX worker address and RMA window, when both ends have UCX.
     Attached { tensor_address: Option<Vec<u8>>, window: Option<WireWindow> },
     Ready { first_layer: u32, end_layer: u32, epoch: u64 },

@@ -106,9 +106,8 @@ pub fn run(args: HopArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let local: std::net::IpAddr = [127, 0, 0, 1].into();
         let ids = pki::generate("hop", &[("node-a".into(), local), ("node-b".into(), local)])?.nodes;
-        let roster = vec!["node-a".to_string(), "node-b".to_string()];
         let any: SocketAddr = "127.0.0.1:0".parse()?;
-        let b = Arc::new(ControlNode::bind(any, ids[1].clone(), roster.clone())?);
+        let b = Arc::new(ControlNode::bind(any, ids[1].clone(), Arc::default())?);
         let b_addr = b.local_addr()?;
         // node-b echoes every frame back.
         let server = b.clone();
@@ -126,7 +125,7 @@ pub fn run(args: HopArgs) -> anyhow::Result<()> {
                 });
             }
         });
-        let a = ControlNode::bind(any, ids[0].clone(), roster)?;
+        let a = ControlNode::bind(any, ids[0].clone(), Arc::default())?;
         let link = a.connect(b_addr, "node-b").await?;
         #[cfg(feature = "ucx")]
         let mut ucx_links = Vec::new();

@@ -1,4 +1,5 @@
-//! `baton cluster`: make the cluster's certificates and check a cluster description.
+//! `baton cluster`: make the cluster's certificates (`init`, `add-node`), revoke a node's
+//! (`revoke`), and check a cluster description.
 
 use std::path::PathBuf;
 
@@ -18,6 +19,24 @@ pub enum Command {
         #[arg(default_value = "cluster.toml")]
         config: PathBuf,
     },
+    /// Sign a certificate for a new node (not in cluster.toml) with the cluster CA; the node
+    /// then joins a running mesh with `baton node --name NAME --control HOST:PORT`.
+    AddNode {
+        /// The new node's name (a DNS name, e.g. node-d).
+        name: String,
+        #[arg(long, default_value = "cluster.toml")]
+        cluster: PathBuf,
+        /// The IP address its control plane listens on (put in its certificate).
+        #[arg(long, default_value = "127.0.0.1")]
+        ip: std::net::IpAddr,
+    },
+    /// Revoke a node for good: its name goes on the TLS directory's revocation list, which
+    /// nodes read at start and on SIGHUP (`pkill -HUP -f 'baton node'`).
+    Revoke {
+        name: String,
+        #[arg(long, default_value = "cluster.toml")]
+        cluster: PathBuf,
+    },
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<()> {
@@ -26,6 +45,20 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             let c = ClusterConfig::from_file(&config)?;
             let dir = pki::init(&c)?;
             println!("cluster `{}`: CA and {} node certificates written to {}", c.name, c.nodes.len(), dir.display());
+        }
+        Command::AddNode { name, cluster, ip } => {
+            let c = ClusterConfig::from_file(&cluster)?;
+            if c.node(&name).is_some() {
+                anyhow::bail!("{}: {name} is already a node of this cluster (its certificate comes from `baton cluster init`)", cluster.display());
+            }
+            pki::add_node(&c.tls_dir, &c.name, &name, ip)?;
+            println!("cluster `{}`: certificate for {name} written to {}", c.name, c.tls_dir.display());
+            println!("start it with: baton node --cluster {} --name {name} --control {ip}:PORT [--memory-gb N]", cluster.display());
+        }
+        Command::Revoke { name, cluster } => {
+            let c = ClusterConfig::from_file(&cluster)?;
+            let path = pki::revoke(&c.tls_dir, &name)?;
+            println!("{name} revoked in {}; nodes refuse it from their next start or SIGHUP", path.display());
         }
         Command::Check { config } => {
             let c = ClusterConfig::from_file(&config)?;

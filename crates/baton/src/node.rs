@@ -1,17 +1,22 @@
 //! `baton node`: runs one node of a cluster.toml. The node holding layer 0 is the pipeline
 //! head: it serves the HTTP and QUIC client APIs, schedules, and sends each step down the other
 //! stages over the tensor plane (UCX, or QUIC streams), having agreed on it over the mutually
-//! authenticated QUIC control plane. The other nodes serve their stage.
+//! authenticated QUIC control plane, and follows the membership (gossip, its own probes) to
+//! re-place stages. The other nodes serve whatever stage the head gives them. A node not in
+//! cluster.toml joins through the seeds (the file's nodes) with a certificate from `baton
+//! cluster add-node`; `--drain` (or SIGUSR1 at the node) makes a node leave gracefully.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use baton_engine::ModelConfig;
-use baton_mesh::config::ClusterConfig;
-use baton_mesh::control::ControlNode;
+use baton_mesh::config::{ClusterConfig, NodeConfig};
+use baton_mesh::control::{ControlNode, Revoked};
 use baton_mesh::elastic::Member;
+use baton_mesh::gossip::{self, Gossip, NodeInfo};
 use baton_mesh::membership::{MeshDriver, ProbeConfig, Roster};
 use baton_mesh::stage_service::{self, StageService};
 use baton_mesh::tensor_plane::{PlaneChoice, TensorPlane};
@@ -47,6 +52,23 @@ pub struct Args {
     /// Pipeline head: seconds a request may take before it ends with a timeout error (504).
     #[arg(long, default_value_t = 600)]
     request_timeout: u64,
+    /// A node not in cluster.toml (it joins through the file's nodes): its control-plane
+    /// address (UDP), which the other nodes reach it at.
+    #[arg(long)]
+    control: Option<SocketAddr>,
+    /// A node not in cluster.toml: where it takes HTTP requests (forwarded to a head).
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// A node not in cluster.toml: its memory budget for layers, in GiB.
+    #[arg(long, default_value_t = 1.0)]
+    memory_gb: f64,
+    /// A node not in cluster.toml: the pipeline (replica) it joins.
+    #[arg(long, default_value_t = 0)]
+    replica: usize,
+    /// Ask the running node `--name` to leave gracefully (the head moves its layers first,
+    /// then lets it stop), and exit.
+    #[arg(long)]
+    drain: bool,
 }
 
 fn parse_plane(s: &str) -> Result<PlaneChoice, String> {
@@ -57,19 +79,91 @@ fn parse_plane(s: &str) -> Result<PlaneChoice, String> {
     }
 }
 
+/// This node as cluster.toml describes it, or, for a node that joins, as its flags do.
+fn this_node(c: &ClusterConfig, args: &Args) -> anyhow::Result<NodeConfig> {
+    if let Some(n) = c.node(&args.name) {
+        return Ok(n.clone());
+    }
+    let control = args.control.with_context(|| {
+        format!("--name: {} has no node {:?}; a node that joins needs --control HOST:PORT (and a certificate from `baton cluster add-node {}`)", args.cluster.display(), args.name, args.name)
+    })?;
+    if !(args.memory_gb.is_finite() && args.memory_gb > 0.0) {
+        anyhow::bail!("--memory-gb: must be a positive number");
+    }
+    if args.replica >= c.replicas {
+        anyhow::bail!("--replica: {} has {} replica(s)", args.cluster.display(), c.replicas);
+    }
+    Ok(NodeConfig {
+        name: args.name.clone(),
+        control,
+        http: args.http,
+        quic: None,
+        devices: vec!["cpu".into()],
+        memory_bytes: (args.memory_gb * (1u64 << 30) as f64) as u64,
+        layers: None,
+        replica: args.replica,
+    })
+}
+
+/// The revocation list, read now and again on every SIGHUP.
+fn revocations(tls_dir: &std::path::Path) -> anyhow::Result<Revoked> {
+    let revoked: Revoked = Arc::new(std::sync::RwLock::new(pki::revoked(tls_dir)?));
+    Ok(revoked)
+}
+
+async fn reload_revocations_on_sighup(tls_dir: PathBuf, revoked: Revoked) {
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        while hup.recv().await.is_some() {
+            match pki::revoked(&tls_dir) {
+                Ok(set) => {
+                    eprintln!("baton: revocation list reloaded: {} name(s)", set.len());
+                    *revoked.write().unwrap_or_else(|p| p.into_inner()) = set;
+                }
+                Err(e) => eprintln!("baton: cannot reload the revocation list: {e}"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (tls_dir, revoked);
+}
+
+/// `baton node --drain`: asks the node to leave and waits for its answer.
+fn drain_remote(c: &ClusterConfig, me: &NodeConfig) -> anyhow::Result<()> {
+    let identity = pki::load(&c.tls_dir, &me.name).with_context(|| format!("{}'s certificate", me.name))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let any: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
+        let client = ControlNode::bind(any, identity, Arc::default())?;
+        let link = tokio::time::timeout(Duration::from_secs(5), client.connect(me.control, &me.name))
+            .await
+            .map_err(|_| anyhow::anyhow!("{} at {} did not answer", me.name, me.control))??;
+        let reply = stage_service::call(&link, &baton_mesh::stage_wire::StageRequest::Drain).await?;
+        client.close();
+        match reply {
+            baton_mesh::stage_wire::StageReply::Ack => {
+                println!("{} is draining: it stops once its layers have moved", me.name);
+                Ok(())
+            }
+            other => anyhow::bail!("{} answered {other:?}", me.name),
+        }
+    })
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let c = ClusterConfig::from_file(&args.cluster)?;
-    let me = c.node(&args.name).with_context(|| format!("--name: {}: no node named {:?}", args.cluster.display(), args.name))?.clone();
+    let me = this_node(&c, &args)?;
+    if args.drain {
+        return drain_remote(&c, &me);
+    }
     let dir = load::ClusterModel::of(&c, &args.cluster)?.dir()?;
     let mc = ModelConfig::from_dir(&dir)?;
     c.check_layers(&args.cluster, mc.num_layers)?;
     let plan = placement::plan(&c, mc.num_layers).with_context(|| format!("{}: placement", args.cluster.display()))?;
-    // This node's pipeline (replica) and its stage in it.
-    let (stages, index) = plan
-        .pipelines
-        .iter()
-        .find_map(|p| p.stages.iter().position(|(n, _)| n == &me.name).map(|i| (p.stages.clone(), i)))
-        .context("this node has no stage in the placement")?;
+    // This node's pipeline (replica) and its stage in it; a joining node has none yet.
+    let placed = plan.pipelines.iter().find_map(|p| p.stages.iter().position(|(n, _)| n == &me.name).map(|i| (p.stages.clone(), i)));
+    let (stages, index) = placed.clone().unwrap_or_default();
+    let is_head = placed.is_some() && index == 0;
     // Every replica's head, where requests entering at a non-head node go.
     let heads: Vec<HeadAddr> = plan
         .pipelines
@@ -78,27 +172,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .filter_map(|(n, _)| c.node(n))
         .filter_map(|n| n.http.map(|http| HeadAddr { name: n.name.clone(), http, quic: n.quic }))
         .collect();
-    let layers = stages[index].1.clone();
-    let identity = pki::load(&c.tls_dir, &me.name)
-        .with_context(|| format!("this node's certificate (run `baton cluster init {}` first)", args.cluster.display()))?;
-    let roster: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
+    let layers = stages.get(index).map(|s| s.1.clone());
+    let identity = pki::load(&c.tls_dir, &me.name).with_context(|| {
+        format!("this node's certificate (run `baton cluster init {0}`, or `baton cluster add-node {1} --cluster {0}` for a node that joins)", args.cluster.display(), me.name)
+    })?;
+    let revoked = revocations(&c.tls_dir)?;
     let threads = args.threads.unwrap_or_else(load::default_threads);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("baton-io").build()?;
     runtime.block_on(async move {
-        let node = Arc::new(ControlNode::bind(me.control, identity.clone(), roster)?);
+        let node = Arc::new(ControlNode::bind(me.control, identity.clone(), revoked.clone())?);
+        tokio::spawn(reload_revocations_on_sighup(c.tls_dir.clone(), revoked));
         let plane = Arc::new(TensorPlane::start(args.tensor_plane.unwrap_or_else(PlaneChoice::default_for_build), &me.name).await?);
-        eprintln!(
-            "baton: node {} of cluster `{}`: control plane on {} (QUIC, mutual TLS), layers {}..{} of {}; tensor plane: {}",
-            me.name,
-            c.name,
-            me.control,
-            layers.start,
-            layers.end,
-            mc.num_layers,
-            plane.describe()
-        );
-        if index > 0 {
+        let initial = match &layers {
+            Some(l) => format!("layers {}..{} of {} to start with", l.start, l.end, mc.num_layers),
+            None => format!("joining through the seeds; layers as the head places them (of {})", mc.num_layers),
+        };
+        eprintln!("baton: node {} of cluster `{}`: control plane on {} (QUIC, mutual TLS), {initial}; tensor plane: {}", me.name, c.name, me.control, plane.describe());
+        let info = NodeInfo {
+            name: me.name.clone(),
+            generation: stage_service::generation(),
+            version: 0,
+            control: me.control,
+            http: me.http,
+            quic: me.quic,
+            memory_bytes: me.memory_bytes,
+            replica: me.replica as u32,
+            state: gossip::NodeState::Ready,
+        };
+        let seeds: Vec<(String, SocketAddr)> = c.nodes.iter().map(|n| (n.name.clone(), n.control)).collect();
+        let gossip = Gossip::start(node.clone(), info, seeds.clone());
+        tokio::spawn(announce_until_known(gossip.clone(), seeds));
+        if !is_head {
             let svc = Arc::new(StageService::new(dir, threads, plane.clone()));
             // Requests entering here (HTTP or QUIC) go to a head.
             if !heads.is_empty() && (me.http.is_some() || me.quic.is_some()) {
@@ -120,12 +225,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     });
                 }
             }
+            tokio::spawn(drain_on_sigusr1(svc.clone()));
+            let mut draining = svc.draining();
+            let mut released = svc.released();
+            let leave = {
+                let gossip = gossip.clone();
+                async move {
+                    let _ = draining.wait_for(|d| *d).await;
+                    eprintln!("baton: draining: waiting for the head to move this node's layers");
+                    gossip.update(|i| i.state = gossip::NodeState::Draining);
+                    let _ = released.wait_for(|r| *r).await;
+                    eprintln!("baton: released by the head; leaving");
+                    gossip.leave();
+                    // Let the leave message go out.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            };
             tokio::select! {
-                _ = stage_service::serve(node.clone(), svc) => {},
+                _ = stage_service::serve(node.clone(), svc, Some(gossip)) => {},
+                _ = leave => node.close(),
                 _ = crate::serve::shutdown_signal() => node.close(),
             }
             return Ok(());
         }
+        tokio::spawn(gossip::accept(node.clone(), gossip.clone()));
         // The head: reach every other stage of the initial plan, agree on the tensor plane, then
         // follow the membership (stages re-placed when nodes are lost, restart or come back).
         // The stages' RMA windows hold one step's hidden states at the head's token budget.
@@ -143,6 +266,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mesh = MeshDriver::start(&me.name, node.clone(), plane.clone(), roster, mc.num_layers, stages.clone(), window_bytes, Duration::from_secs(120), ProbeConfig::default())
             .await
             .context("reaching the pipeline's stages")?;
+        tokio::spawn(mesh.clone().follow(gossip.clone(), me.replica as u32, layer_bytes));
         let pipeline = (stages.len() > 1).then(|| {
             Arc::new(PipelinePlan { micro_batches: args.micro_batches, mesh: mesh.clone(), runtime: tokio::runtime::Handle::current() })
         });
@@ -184,4 +308,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         node.close();
         Ok(())
     })
+}
+
+/// Re-announces this node to the seeds every 2 s until the gossip knows another member (the
+/// seeds may start after it).
+async fn announce_until_known(gossip: Arc<Gossip>, seeds: Vec<(String, SocketAddr)>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if gossip.members().len() > 1 {
+            return;
+        }
+        for (name, control) in &seeds {
+            gossip.announce(name, *control);
+        }
+    }
+}
+
+/// SIGUSR1: leave gracefully, as `baton node --drain` asks.
+async fn drain_on_sigusr1(svc: Arc<StageService>) {
+    #[cfg(unix)]
+    if let Ok(mut usr1) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+        if usr1.recv().await.is_some() {
+            svc.drain();
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = svc;
 }

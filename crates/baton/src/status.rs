@@ -42,7 +42,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let plan = placement::plan(&c, layers)?;
     let head = &plan.pipelines[0].stages[0].0;
     let identity = pki::load(&c.tls_dir, head).with_context(|| format!("the head's certificate (run `baton cluster init {}`)", args.cluster.display()))?;
-    let roster: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut rows = Vec::new();
     for (pi, p) in plan.pipelines.iter().enumerate() {
@@ -63,7 +62,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             } else {
                 rt.block_on(async {
                     let bind: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-                    let me = ControlNode::bind(bind, identity.clone(), roster.clone()).ok()?;
+                    let me = ControlNode::bind(bind, identity.clone(), std::sync::Arc::default()).ok()?;
                     let link = tokio::time::timeout(Duration::from_secs(3), me.connect(node.control, name)).await.ok()?.ok()?;
                     let start = Instant::now();
                     let reply = tokio::time::timeout(Duration::from_secs(3), stage_service::call(&link, &StageRequest::Ping { nonce: 1 })).await.ok()?.ok()?;

@@ -418,6 +418,44 @@ fn unservable_until_capacity_returns() {
     assert_eq!(core.unserved(), None);
 }
 
+#[test]
+fn a_draining_node_is_replaced_while_it_answers_and_never_taken_back() {
+    let config = CoreConfig::default();
+    let mut core = trio(30, config);
+    core.drain("b");
+    core.drain("a"); // the head cannot drain itself here: ignored
+    let acts = drive(&mut core, 0, 100_000, |_| vec![("b", 1), ("c", 1)]);
+    let (_, change) = one_change(acts);
+    assert_eq!(change.reason, ChangeReason::NodeDrained);
+    assert_eq!(change.nodes, ["b"]);
+    assert_eq!(change.stages, stages(&[("a", 0..15), ("c", 15..30)]));
+    assert_eq!(core.drained(), ["b"]);
+    // It keeps answering, but it is leaving: no join, however long it answers.
+    assert!(drive(&mut core, 100_000, 20_000_000, |_| vec![("b", 1), ("c", 1)]).is_empty());
+}
+
+#[test]
+fn a_drain_that_the_others_cannot_absorb_keeps_the_node() {
+    let mut core = trio(12, CoreConfig::default());
+    core.drain("c");
+    assert!(drive(&mut core, 0, 2_000_000, |_| vec![("b", 1), ("c", 1)]).is_empty(), "a and b hold 24 of 30 layers");
+    assert!(core.drained().is_empty());
+}
+
+#[test]
+fn a_member_added_later_joins_once_it_has_answered_long_enough() {
+    let config = CoreConfig::default();
+    let mut core = core_of(&[("a", 1.0, 40), ("b", 1.0, 40), ("c", 1.0, 40)], 12, &[("a", 0..4), ("b", 4..8), ("c", 8..12)], config);
+    core.add_member(member("d", 1.0, 40));
+    core.add_member(member("a", 9.0, 1)); // known names are left as they are
+    let acts = drive(&mut core, 0, 5_000_000, |t| if t >= 1_000_000 { vec![("b", 1), ("c", 1), ("d", 1)] } else { vec![("b", 1), ("c", 1)] });
+    let (t, change) = one_change(acts);
+    // 3 layers each: 3 <= 0.75 × 4.
+    assert_eq!(t, 1_000_000 + config.rejoin_after_us);
+    assert_eq!(change.reason, ChangeReason::NodeJoined);
+    assert_eq!(change.stages, stages(&[("a", 0..3), ("b", 3..6), ("c", 6..9), ("d", 9..12)]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Seeded simulations in virtual time.
 
@@ -813,6 +851,7 @@ impl Sim {
                         self.stats.returned += 1;
                         assert!(prev.is_none(), "{at}: capacity returned while there was a plan: {change:?}");
                     }
+                    ChangeReason::NodeDrained => panic!("{at}: nothing drains in the simulation: {change:?}"),
                 }
                 for (name, _) in &change.stages {
                     let i = self.idx(name);

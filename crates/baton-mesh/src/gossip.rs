@@ -1,0 +1,335 @@
+//! Gossip membership over the authenticated control plane. foca (SWIM with suspicion and
+//! dissemination; sans-IO) decides; this shell carries its packets as QUIC uni streams on the
+//! mutually authenticated control connections, never as plaintext UDP. A packet whose SWIM
+//! header names a sender other than the certificate of the connection it came on is dropped.
+//! Each node publishes a `NodeInfo` (addresses, memory, replica, state, layers, generation) as a
+//! versioned custom broadcast; a newer (generation, version) of a node replaces the older
+//! everywhere. Nodes join by announcing themselves to the seeds (cluster.toml's nodes).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use foca::{AccumulatingRuntime, BroadcastHandler, Codec, Config, Foca, Identity, Invalidates, OwnedNotification, PostcardCodec, Timer};
+use rand::SeedableRng;
+use tokio::sync::watch;
+
+use crate::control::{ControlNode, PeerLink};
+
+/// The largest gossip packet accepted.
+pub const MAX_GOSSIP_PACKET: usize = 64 << 10;
+
+/// A member's identity in the gossip: its certificate name, its process generation and where
+/// its control plane listens.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeId {
+    pub name: String,
+    pub generation: u64,
+    pub control: SocketAddr,
+}
+
+impl Identity for NodeId {
+    type Addr = String;
+
+    /// Declared down while alive (a partition healed): rejoin under a newer generation.
+    fn renew(&self) -> Option<Self> {
+        Some(NodeId { generation: self.generation + 1, ..self.clone() })
+    }
+
+    fn addr(&self) -> String {
+        self.name.clone()
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.generation > adversary.generation
+    }
+}
+
+/// What the serving state of a node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum NodeState {
+    /// Serving, or ready to take layers.
+    Ready,
+    /// Leaving: its layers should move elsewhere before it stops.
+    Draining,
+}
+
+/// What a node publishes: what the planner and the routers need to know of it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub generation: u64,
+    /// Bumped on every change this node makes to its own info.
+    pub version: u64,
+    pub control: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub quic: Option<SocketAddr>,
+    pub memory_bytes: u64,
+    pub replica: u32,
+    pub state: NodeState,
+}
+
+/// The key of a `NodeInfo` broadcast: a newer one of the same node replaces the older.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfoKey {
+    name: String,
+    stamp: (u64, u64),
+}
+
+impl Invalidates for InfoKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.name == other.name && self.stamp >= other.stamp
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed node info: {0}")]
+pub struct InfoError(String);
+
+/// Every node's latest info, as the gossip brought it; `fresh` is set when one changed.
+#[derive(Debug, Default, Clone)]
+struct Infos(Arc<Mutex<HashMap<String, NodeInfo>>>, Arc<std::sync::atomic::AtomicBool>);
+
+impl Infos {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeInfo>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl BroadcastHandler<NodeId> for Infos {
+    type Key = InfoKey;
+    type Error = InfoError;
+
+    fn receive_item(&mut self, data: &[u8], _sender: Option<&NodeId>) -> Result<Option<InfoKey>, InfoError> {
+        let info: NodeInfo = postcard::from_bytes(data).map_err(|e| InfoError(e.to_string()))?;
+        let stamp = (info.generation, info.version);
+        let mut map = self.lock();
+        if map.get(&info.name).is_some_and(|old| (old.generation, old.version) >= stamp) {
+            return Ok(None);
+        }
+        let key = InfoKey { name: info.name.clone(), stamp };
+        map.insert(info.name.clone(), info);
+        self.1.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(key))
+    }
+}
+
+type Swim = Foca<NodeId, PostcardCodec, rand::rngs::SmallRng, Infos>;
+
+/// A node's gossip agent.
+pub struct Gossip {
+    me: NodeId,
+    node: Arc<ControlNode>,
+    swim: Mutex<Swim>,
+    infos: Infos,
+    mine: Mutex<NodeInfo>,
+    links: Mutex<HashMap<String, PeerLink>>,
+    /// Bumped whenever membership or a node's info changes.
+    changes: watch::Sender<u64>,
+}
+
+/// Foca's settings for this mesh: a LAN profile probing every 500 ms.
+fn config() -> Config {
+    let mut c = Config::new_lan(std::num::NonZeroU32::new(32).unwrap_or(std::num::NonZeroU32::MIN));
+    c.probe_period = Duration::from_millis(500);
+    c.probe_rtt = Duration::from_millis(250);
+    c.max_packet_size = std::num::NonZeroUsize::new(MAX_GOSSIP_PACKET).unwrap_or(std::num::NonZeroUsize::MIN);
+    c
+}
+
+impl Gossip {
+    /// Starts the agent for `info` (this node) and announces it to every seed.
+    pub fn start(node: Arc<ControlNode>, info: NodeInfo, seeds: Vec<(String, SocketAddr)>) -> Arc<Gossip> {
+        let me = NodeId { name: info.name.clone(), generation: info.generation, control: info.control };
+        let infos = Infos::default();
+        let rng = rand::rngs::SmallRng::seed_from_u64(info.generation ^ 0x9e37_79b9_7f4a_7c15);
+        let swim = Foca::with_custom_broadcast(me.clone(), config(), rng, PostcardCodec, infos.clone());
+        let (changes, _) = watch::channel(0);
+        let g = Arc::new(Gossip {
+            me,
+            node,
+            swim: Mutex::new(swim),
+            infos,
+            mine: Mutex::new(info.clone()),
+            links: Mutex::new(HashMap::new()),
+            changes,
+        });
+        g.publish(info);
+        for (name, control) in seeds.into_iter().filter(|(n, _)| *n != g.me.name) {
+            let seed = NodeId { name, generation: 0, control };
+            g.with_swim(|swim, rt| swim.announce(seed, rt));
+        }
+        // Re-announce to the seeds until some member knows us (seeds may start later).
+        g
+    }
+
+    /// Announces this node to `seed` again (the node's start-up loop calls this until a member
+    /// answers).
+    pub fn announce(self: &Arc<Self>, name: &str, control: SocketAddr) {
+        if name != self.me.name {
+            let seed = NodeId { name: name.to_string(), generation: 0, control };
+            self.with_swim(|swim, rt| swim.announce(seed, rt));
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.me.name
+    }
+
+    /// Changes whenever a member comes or goes or a node's info changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Every live member's latest info (this node's too).
+    pub fn members(&self) -> Vec<NodeInfo> {
+        let alive: Vec<String> = self.swim.lock().unwrap_or_else(|p| p.into_inner()).iter_members().map(|m| m.id().name.clone()).collect();
+        let infos = self.infos.lock();
+        let mut out: Vec<NodeInfo> = alive.iter().filter_map(|n| infos.get(n).cloned()).collect();
+        out.push(self.mine.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        out
+    }
+
+    /// Changes this node's published info (state, ...).
+    pub fn update(self: &Arc<Self>, f: impl FnOnce(&mut NodeInfo)) {
+        let info = {
+            let mut mine = self.mine.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut mine);
+            mine.version += 1;
+            mine.clone()
+        };
+        self.publish(info);
+    }
+
+    fn publish(self: &Arc<Self>, info: NodeInfo) {
+        match postcard::to_allocvec(&info) {
+            Ok(bytes) => {
+                // foca hands it to `Infos::receive_item`, which stores it and has it sent on.
+                let mut swim = self.swim.lock().unwrap_or_else(|p| p.into_inner());
+                match swim.add_broadcast(&bytes) {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!("this node's info was not newer than the one published"),
+                    Err(e) => tracing::warn!(error = %e, "cannot publish this node's info"),
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode this node's info"),
+        }
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// A gossip packet that arrived on the control connection of `peer` (its certificate name).
+    pub fn receive(self: &Arc<Self>, peer: &str, data: &[u8]) {
+        let mut codec = PostcardCodec;
+        let claimed = match Codec::<NodeId>::decode_header(&mut codec, data) {
+            Ok(h) => h.src,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "dropping a malformed gossip packet");
+                return;
+            }
+        };
+        if claimed.name != peer {
+            tracing::warn!(%peer, claimed = %claimed.name, "dropping a gossip packet that claims another identity");
+            return;
+        }
+        self.with_swim(|swim, rt| swim.handle_data(data, rt));
+    }
+
+    /// Leaves the cluster (a draining node, at the end).
+    pub fn leave(self: &Arc<Self>) {
+        self.with_swim(|swim, rt| swim.leave_cluster(rt));
+    }
+
+    fn with_swim(self: &Arc<Self>, f: impl FnOnce(&mut Swim, &mut AccumulatingRuntime<NodeId>) -> Result<(), foca::Error>) {
+        let mut rt = AccumulatingRuntime::new();
+        {
+            let mut swim = self.swim.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = f(&mut swim, &mut rt) {
+                tracing::debug!(error = %e, "gossip");
+            }
+        }
+        self.drain(rt);
+    }
+
+    /// Carries out what foca asked for: packets to send, timers, notifications.
+    fn drain(self: &Arc<Self>, mut rt: AccumulatingRuntime<NodeId>) {
+        while let Some((to, data)) = rt.to_send() {
+            let g = Arc::clone(self);
+            tokio::spawn(async move { g.send(to, data.to_vec()).await });
+        }
+        while let Some((after, timer)) = rt.to_schedule() {
+            let g = Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                g.timer(timer);
+            });
+        }
+        let mut changed = self.infos.1.swap(false, std::sync::atomic::Ordering::Relaxed);
+        while let Some(n) = rt.to_notify() {
+            changed = true;
+            match n {
+                OwnedNotification::MemberUp(id) => tracing::info!(member = %id.name, generation = id.generation, "gossip: member up"),
+                OwnedNotification::MemberDown(id) => tracing::info!(member = %id.name, "gossip: member down"),
+                OwnedNotification::Rename(a, b) => tracing::info!(member = %b.name, from = a.generation, to = b.generation, "gossip: member renamed"),
+                other => tracing::debug!(?other, "gossip"),
+            }
+        }
+        if changed {
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn timer(self: &Arc<Self>, timer: Timer<NodeId>) {
+        self.with_swim(|swim, rt| swim.handle_timer(timer, rt));
+    }
+
+    async fn send(&self, to: NodeId, data: Vec<u8>) {
+        let cached = self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&to.name).filter(|l| l.connection.close_reason().is_none()).cloned();
+        let link = match cached {
+            Some(l) => l,
+            None => match tokio::time::timeout(Duration::from_secs(1), self.node.connect(to.control, &to.name)).await {
+                Ok(Ok(l)) => {
+                    self.links.lock().unwrap_or_else(|p| p.into_inner()).insert(to.name.clone(), l.clone());
+                    l
+                }
+                _ => return,
+            },
+        };
+        let sent = async {
+            let mut s = link.connection.open_uni().await.ok()?;
+            // One length-prefixed frame per stream (as baton-proto reads them).
+            let mut frame = Vec::with_capacity(4 + data.len());
+            frame.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            frame.extend_from_slice(&data);
+            s.write_all(&frame).await.ok()?;
+            s.finish().ok()
+        };
+        if tokio::time::timeout(Duration::from_secs(1), sent).await.ok().flatten().is_none() {
+            self.links.lock().unwrap_or_else(|p| p.into_inner()).remove(&to.name);
+        }
+    }
+}
+
+/// Reads gossip packets from the uni streams of one authenticated control connection.
+pub async fn serve_connection(gossip: Arc<Gossip>, link: PeerLink) {
+    while let Ok(mut recv) = link.connection.accept_uni().await {
+        let gossip = gossip.clone();
+        let peer = link.peer.clone();
+        tokio::spawn(async move {
+            match baton_proto::read_frame_limited(&mut recv, MAX_GOSSIP_PACKET).await {
+                Ok(Some(body)) => gossip.receive(&peer, &body),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%peer, error = %e, "dropping an unreadable gossip packet"),
+            }
+        });
+    }
+}
+
+/// A node that serves no stage (a pipeline head): accepts peers for the gossip alone.
+pub async fn accept(node: Arc<ControlNode>, gossip: Arc<Gossip>) {
+    while let Some(link) = node.accept().await {
+        if let Ok(link) = link {
+            tokio::spawn(serve_connection(gossip.clone(), link));
+        }
+    }
+}
