@@ -5,13 +5,11 @@ mod bench;
 mod bench_http;
 mod bench_hop;
 mod client;
-mod forward;
 mod cluster;
 mod gen_model;
 mod generate;
 mod load;
 mod node;
-mod quic_relay;
 mod serve;
 mod status;
 

@@ -1,30 +1,14 @@
-//! `baton node`: runs one node of a cluster.toml. The node holding layer 0 is the pipeline
-//! head: it serves the HTTP and QUIC client APIs, schedules, and sends each step down the other
-//! stages over the tensor plane (UCX, or QUIC streams), having agreed on it over the mutually
-//! authenticated QUIC control plane, and follows the membership (gossip, its own probes) to
-//! re-place stages. The other nodes serve whatever stage the head gives them. A node not in
-//! cluster.toml joins through the seeds (the file's nodes) with a certificate from `baton
-//! cluster add-node`; `--drain` (or SIGUSR1 at the node) makes a node leave gracefully.
+//! `baton node`: the command-line face of `baton_node`: parses the flags, resolves the
+//! cluster's model, and runs the node until SIGINT/SIGTERM (or until it is drained).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use baton_engine::ModelConfig;
-use baton_mesh::config::{ClusterConfig, NodeConfig};
-use baton_mesh::control::{ControlNode, Revoked};
-use baton_mesh::elastic::Member;
-use baton_mesh::gossip::{self, Gossip, NodeInfo};
-use baton_mesh::membership::{MeshDriver, ProbeConfig, Roster};
-use baton_mesh::stage_service::{self, StageService};
-use baton_mesh::tensor_plane::{PlaneChoice, TensorPlane};
-use baton_mesh::{pki, placement};
-use baton_serve::shard::PipelinePlan;
-use baton_serve::{serve, ServeOptions};
+use baton_mesh::config::ClusterConfig;
+use baton_mesh::tensor_plane::PlaneChoice;
+use baton_node::node::{JoinArgs, NodeOptions};
 
-use crate::forward::{Front, HeadAddr};
 use crate::load;
 
 #[derive(clap::Args)]
@@ -79,259 +63,26 @@ fn parse_plane(s: &str) -> Result<PlaneChoice, String> {
     }
 }
 
-/// This node as cluster.toml describes it, or, for a node that joins, as its flags do.
-fn this_node(c: &ClusterConfig, args: &Args) -> anyhow::Result<NodeConfig> {
-    if let Some(n) = c.node(&args.name) {
-        return Ok(n.clone());
-    }
-    let control = args.control.with_context(|| {
-        format!("--name: {} has no node {:?}; a node that joins needs --control HOST:PORT (and a certificate from `baton cluster add-node {}`)", args.cluster.display(), args.name, args.name)
-    })?;
-    if !(args.memory_gb.is_finite() && args.memory_gb > 0.0) {
-        anyhow::bail!("--memory-gb: must be a positive number");
-    }
-    if args.replica >= c.replicas {
-        anyhow::bail!("--replica: {} has {} replica(s)", args.cluster.display(), c.replicas);
-    }
-    Ok(NodeConfig {
-        name: args.name.clone(),
-        control,
-        http: args.http,
-        quic: None,
-        devices: vec!["cpu".into()],
-        memory_bytes: (args.memory_gb * (1u64 << 30) as f64) as u64,
-        layers: None,
-        replica: args.replica,
-    })
-}
-
-/// The revocation list, read now and again on every SIGHUP.
-fn revocations(tls_dir: &std::path::Path) -> anyhow::Result<Revoked> {
-    let revoked: Revoked = Arc::new(std::sync::RwLock::new(pki::revoked(tls_dir)?));
-    Ok(revoked)
-}
-
-async fn reload_revocations_on_sighup(tls_dir: PathBuf, revoked: Revoked) {
-    #[cfg(unix)]
-    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        while hup.recv().await.is_some() {
-            match pki::revoked(&tls_dir) {
-                Ok(set) => {
-                    eprintln!("baton: revocation list reloaded: {} name(s)", set.len());
-                    *revoked.write().unwrap_or_else(|p| p.into_inner()) = set;
-                }
-                Err(e) => eprintln!("baton: cannot reload the revocation list: {e}"),
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = (tls_dir, revoked);
-}
-
-/// `baton node --drain`: asks the node to leave and waits for its answer.
-fn drain_remote(c: &ClusterConfig, me: &NodeConfig) -> anyhow::Result<()> {
-    let identity = pki::load(&c.tls_dir, &me.name).with_context(|| format!("{}'s certificate", me.name))?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async {
-        let any: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
-        let client = ControlNode::bind(any, identity, Arc::default())?;
-        let link = tokio::time::timeout(Duration::from_secs(5), client.connect(me.control, &me.name))
-            .await
-            .map_err(|_| anyhow::anyhow!("{} at {} did not answer", me.name, me.control))??;
-        let reply = stage_service::call(&link, &baton_mesh::stage_wire::StageRequest::Drain).await?;
-        client.close();
-        match reply {
-            baton_mesh::stage_wire::StageReply::Ack => {
-                println!("{} is draining: it stops once its layers have moved", me.name);
-                Ok(())
-            }
-            other => anyhow::bail!("{} answered {other:?}", me.name),
-        }
-    })
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     let c = ClusterConfig::from_file(&args.cluster)?;
-    let me = this_node(&c, &args)?;
-    if args.drain {
-        return drain_remote(&c, &me);
-    }
-    let dir = load::ClusterModel::of(&c, &args.cluster)?.dir()?;
-    let mc = ModelConfig::from_dir(&dir)?;
-    c.check_layers(&args.cluster, mc.num_layers)?;
-    let plan = placement::plan(&c, mc.num_layers).with_context(|| format!("{}: placement", args.cluster.display()))?;
-    // This node's pipeline (replica) and its stage in it; a joining node has none yet.
-    let placed = plan.pipelines.iter().find_map(|p| p.stages.iter().position(|(n, _)| n == &me.name).map(|i| (p.stages.clone(), i)));
-    let (stages, index) = placed.clone().unwrap_or_default();
-    let is_head = placed.is_some() && index == 0;
-    // Every replica's head, where requests entering at a non-head node go.
-    let heads: Vec<HeadAddr> = plan
-        .pipelines
-        .iter()
-        .filter_map(|p| p.stages.first())
-        .filter_map(|(n, _)| c.node(n))
-        .filter_map(|n| n.http.map(|http| HeadAddr { name: n.name.clone(), http, quic: n.quic }))
-        .collect();
-    let layers = stages.get(index).map(|s| s.1.clone());
-    let identity = pki::load(&c.tls_dir, &me.name).with_context(|| {
-        format!("this node's certificate (run `baton cluster init {0}`, or `baton cluster add-node {1} --cluster {0}` for a node that joins)", args.cluster.display(), me.name)
-    })?;
-    let revoked = revocations(&c.tls_dir)?;
-    let threads = args.threads.unwrap_or_else(load::default_threads);
-
+    let join = JoinArgs { control: args.control, http: args.http, memory_gb: args.memory_gb, replica: args.replica };
+    let me = baton_node::node::joining_node(&c, &args.cluster, &args.name, &join)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("baton-io").build()?;
-    runtime.block_on(async move {
-        let node = Arc::new(ControlNode::bind(me.control, identity.clone(), revoked.clone())?);
-        tokio::spawn(reload_revocations_on_sighup(c.tls_dir.clone(), revoked));
-        let plane = Arc::new(TensorPlane::start(args.tensor_plane.unwrap_or_else(PlaneChoice::default_for_build), &me.name).await?);
-        let initial = match &layers {
-            Some(l) => format!("layers {}..{} of {} to start with", l.start, l.end, mc.num_layers),
-            None => format!("joining through the seeds; layers as the head places them (of {})", mc.num_layers),
-        };
-        eprintln!("baton: node {} of cluster `{}`: control plane on {} (QUIC, mutual TLS), {initial}; tensor plane: {}", me.name, c.name, me.control, plane.describe());
-        let info = NodeInfo {
-            name: me.name.clone(),
-            generation: stage_service::generation(),
-            version: 0,
-            control: me.control,
-            http: me.http,
-            quic: me.quic,
-            memory_bytes: me.memory_bytes,
-            replica: me.replica as u32,
-            state: gossip::NodeState::Ready,
-        };
-        let seeds: Vec<(String, SocketAddr)> = c.nodes.iter().map(|n| (n.name.clone(), n.control)).collect();
-        let gossip = Gossip::start(node.clone(), info, seeds.clone());
-        tokio::spawn(announce_until_known(gossip.clone(), seeds));
-        if !is_head {
-            let svc = Arc::new(StageService::new(dir, threads, plane.clone()));
-            // Requests entering here (HTTP or QUIC) go to a head.
-            if !heads.is_empty() && (me.http.is_some() || me.quic.is_some()) {
-                let front = Front::start(heads);
-                if let Some(listen) = me.http {
-                    let front = front.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = crate::forward::serve(listen, front, std::future::pending()).await {
-                            eprintln!("baton: {e}");
-                        }
-                    });
-                }
-                if let Some(listen) = me.quic {
-                    let identity = identity.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = crate::quic_relay::serve(listen, front, &identity).await {
-                            eprintln!("baton: QUIC relay: {e}");
-                        }
-                    });
-                }
-            }
-            tokio::spawn(drain_on_sigusr1(svc.clone()));
-            let mut draining = svc.draining();
-            let mut released = svc.released();
-            let leave = {
-                let gossip = gossip.clone();
-                async move {
-                    let _ = draining.wait_for(|d| *d).await;
-                    eprintln!("baton: draining: waiting for the head to move this node's layers");
-                    gossip.update(|i| i.state = gossip::NodeState::Draining);
-                    let _ = released.wait_for(|r| *r).await;
-                    eprintln!("baton: released by the head; leaving");
-                    gossip.leave();
-                    // Let the leave message go out.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            };
-            tokio::select! {
-                _ = stage_service::serve(node.clone(), svc, Some(gossip)) => {},
-                _ = leave => node.close(),
-                _ = crate::serve::shutdown_signal() => node.close(),
-            }
-            return Ok(());
-        }
-        tokio::spawn(gossip::accept(node.clone(), gossip.clone()));
-        // The head: reach every other stage of the initial plan, agree on the tensor plane, then
-        // follow the membership (stages re-placed when nodes are lost, restart or come back).
-        // The stages' RMA windows hold one step's hidden states at the head's token budget.
-        let max_batched_tokens = 512;
-        let window_bytes = max_batched_tokens * mc.hidden_size * 4;
-        let layer_bytes = placement::layer_bytes(&mc).max(1);
-        let pipeline_nodes: Vec<_> = c.nodes.iter().filter(|n| n.replica == me.replica).collect();
-        let roster = Roster {
-            members: pipeline_nodes
-                .iter()
-                .map(|n| Member { name: n.name.clone(), capacity: n.memory_bytes as f64, max_layers: (n.memory_bytes / layer_bytes) as usize })
-                .collect(),
-            control: pipeline_nodes.iter().map(|n| (n.name.clone(), n.control)).collect(),
-        };
-        let mesh = MeshDriver::start(&me.name, node.clone(), plane.clone(), roster, mc.num_layers, stages.clone(), window_bytes, Duration::from_secs(120), ProbeConfig::default())
-            .await
-            .context("reaching the pipeline's stages")?;
-        tokio::spawn(mesh.clone().follow(gossip.clone(), me.replica as u32, layer_bytes));
-        let pipeline = (stages.len() > 1).then(|| {
-            Arc::new(PipelinePlan { micro_batches: args.micro_batches, mesh: mesh.clone(), runtime: tokio::runtime::Handle::current() })
-        });
-        let listen = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", args.cluster.display(), me.name))?;
-        // With several replicas, requests arriving here directly are spread over the heads too.
-        let spread = match heads.iter().position(|h| h.name == me.name) {
-            Some(me_index) if heads.len() > 1 => Some((Front::start(heads.clone()), me_index)),
-            _ => None,
-        };
-        // `/v1/mesh`: the membership view and the last plan changes (`baton status`).
-        let view = mesh.clone();
-        let http_layer = Some(baton_serve::HttpLayer(Arc::new(move |app| {
-            let view = view.clone();
-            let app = app.route("/v1/mesh", axum::routing::get(move || async move { axum::Json(view.status()) }));
-            match &spread {
-                Some(state) => app.layer(axum::middleware::from_fn_with_state(state.clone(), crate::forward::spread)),
-                None => app,
-            }
-        })));
-        let model_name = dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
-        let opts = ServeOptions {
-            model_dir: dir,
-            model_name,
-            listen,
-            threads,
-            kv_cache_bytes: args.kv_cache_mb << 20,
-            max_num_seqs: 64,
-            max_batched_tokens,
-            max_waiting: 1024,
-            max_model_len: None,
-            quic_listen: me.quic,
-            quic_cert_out: None,
-            quic_identity: Some(baton_serve::quic::Identity { cert_der: identity.cert.to_vec(), key_der: identity.key.secret_pkcs8_der().to_vec() }),
-            pipeline,
-            http_layer,
-            request_timeout: Duration::from_secs(args.request_timeout),
-        };
-        serve(opts, crate::serve::shutdown_signal()).await?;
-        node.close();
-        Ok(())
-    })
-}
-
-/// Re-announces this node to the seeds every 2 s until the gossip knows another member (the
-/// seeds may start after it).
-async fn announce_until_known(gossip: Arc<Gossip>, seeds: Vec<(String, SocketAddr)>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        if gossip.members().len() > 1 {
-            return;
-        }
-        for (name, control) in &seeds {
-            gossip.announce(name, *control);
-        }
+    if args.drain {
+        return runtime.block_on(baton_node::node::drain_remote(&c, &me));
     }
-}
-
-/// SIGUSR1: leave gracefully, as `baton node --drain` asks.
-async fn drain_on_sigusr1(svc: Arc<StageService>) {
-    #[cfg(unix)]
-    if let Ok(mut usr1) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
-        if usr1.recv().await.is_some() {
-            svc.drain();
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = svc;
+    let model_dir = load::ClusterModel::of(&c, &args.cluster)?.dir()?;
+    let opts = NodeOptions {
+        cluster: c,
+        cluster_path: args.cluster.clone(),
+        me,
+        model_dir,
+        threads: args.threads.unwrap_or_else(load::default_threads),
+        kv_cache_mb: args.kv_cache_mb,
+        micro_batches: args.micro_batches,
+        tensor_plane: args.tensor_plane.unwrap_or_else(PlaneChoice::default_for_build),
+        request_timeout: Duration::from_secs(args.request_timeout),
+        signals: true,
+    };
+    runtime.block_on(baton_node::node::run(opts, crate::serve::shutdown_signal()))
 }
