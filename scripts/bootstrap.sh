@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Start every node of a cluster: scripts/bootstrap.sh [cluster.toml]; stop them: --stop.
+# Run again, it starts the local nodes that are not running (a node that was killed comes back
+# as a new generation and the head takes it in again).
 #
 # Nodes whose control address is on loopback start here as local processes (logs and pid files
 # under .baton/ beside cluster.toml). Other nodes start over ssh: the script copies cluster.toml
@@ -17,7 +19,7 @@ stop=0
 for arg in "$@"; do
     case $arg in
         --stop) stop=1 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) cfg=$arg ;;
     esac
 done
@@ -76,6 +78,11 @@ tls=$(echo "$nodes" | head -n1 | awk '{print $4}')
 start() {
     local name=$1 host=$2 tls=$4 written=$5
     if is_local "$name" "$host"; then
+        # Running again starts only the nodes that are not running (one killed, say).
+        if [ -f "$state/$name.pid" ] && kill -0 "$(cat "$state/$name.pid")" 2>/dev/null; then
+            echo "$name is running (pid $(cat "$state/$name.pid"))"
+            return
+        fi
         nohup "$baton" node --cluster "$cfg" --name "$name" > "$state/logs/$name.log" 2>&1 &
         echo $! > "$state/$name.pid"
         echo "started $name (pid $!, log $state/logs/$name.log)"

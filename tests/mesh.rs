@@ -137,8 +137,11 @@ fn three_stage_pipeline_matches_one_node(plane: Plane) {
         let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
         let stderr = BufReader::new(child.stderr.take().unwrap());
         let (tx, rx) = std::sync::mpsc::channel();
+        let mut log = std::fs::File::create(cfg.with_file_name(format!("{name}.log"))).unwrap();
         std::thread::spawn(move || {
+            use std::io::Write;
             for line in stderr.lines().map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
                 let _ = tx.send(line);
             }
         });
@@ -229,10 +232,12 @@ fn three_stage_pipeline_matches_one_node(plane: Plane) {
         r.max_tokens = Some(3);
         let mut g = good.generate(&r).await.unwrap();
         let mut n = 0;
+        let mut frames = Vec::new();
         while let Some(f) = g.next().await.unwrap() {
             n += matches!(f, baton_proto::Frame::Token { .. }) as usize;
+            frames.push(format!("{f:?}"));
         }
-        assert_eq!(n, 3);
+        assert_eq!(n, 3, "frames: {frames:?}\nnode-a: {}", std::fs::read_to_string(cfg.with_file_name("node-a.log")).unwrap_or_default());
     });
 
     // Garbage datagrams at a stage's control port: the mesh keeps serving.

@@ -182,6 +182,11 @@ impl Gossip {
         self.changes.subscribe()
     }
 
+    /// The names SWIM holds as live members (whether or not their info has arrived).
+    pub fn alive(&self) -> Vec<String> {
+        self.swim.lock().unwrap_or_else(|p| p.into_inner()).iter_members().map(|m| m.id().name.clone()).collect()
+    }
+
     /// Every live member's latest info (this node's too).
     pub fn members(&self) -> Vec<NodeInfo> {
         let alive: Vec<String> = self.swim.lock().unwrap_or_else(|p| p.into_inner()).iter_members().map(|m| m.id().name.clone()).collect();

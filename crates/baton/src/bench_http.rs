@@ -266,7 +266,7 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
         "requests_per_s": g.ok as f64 / elapsed,
         "output_tokens_per_s": g.output_tokens as f64 / elapsed,
         "ttft_ms": {"p50": pct(&g.ttft, 0.5), "p90": pct(&g.ttft, 0.9), "p99": pct(&g.ttft, 0.99), "mean": g.ttft.mean() / 1000.0},
-        "itl_ms": {"p50": pct(&g.itl, 0.5), "p90": pct(&g.itl, 0.9), "p99": pct(&g.itl, 0.99), "mean": g.itl.mean() / 1000.0},
+        "itl_ms": {"p50": pct(&g.itl, 0.5), "p90": pct(&g.itl, 0.9), "p99": pct(&g.itl, 0.99), "mean": g.itl.mean() / 1000.0, "max": g.itl.max() as f64 / 1000.0},
         "e2e_ms": {"p50": pct(&g.e2e, 0.5), "p90": pct(&g.e2e, 0.9), "p99": pct(&g.e2e, 0.99), "mean": g.e2e.mean() / 1000.0},
         "first_error": g.first_error,
     });
