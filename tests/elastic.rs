@@ -73,6 +73,21 @@ fn wait_for(what: &str, secs: u64, cfg: &std::path::Path, mut done: impl FnMut()
     }
 }
 
+/// Certificates, then node-c, node-b and node-a (UCX over TCP); returns once the head is ready.
+fn start_mesh(cfg: &std::path::Path, http: u16, model: &std::path::Path) -> (Nodes, support::Server) {
+    let bin = env!("CARGO_BIN_EXE_baton");
+    assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
+    let mut nodes = Nodes(Vec::new());
+    for name in ["node-c", "node-b", "node-a"] {
+        nodes.0.push(spawn_node(cfg, name, &[], Some("tcp")));
+    }
+    let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{http}"), quic: None, model: model.to_path_buf() };
+    wait_for("the pipeline head to be ready", 60, cfg, || {
+        std::net::TcpStream::connect(&head.addr).is_ok() && support::http(&head, "GET", "/health", None).0 == 200
+    });
+    (nodes, head)
+}
+
 const PROMPTS: [&str; 8] = ["Hello", "The mesh", "Once upon a time", "Pipeline stages", "KV cache", "a b c d", "Failover", "Tokens"];
 
 #[test]
@@ -80,18 +95,10 @@ fn a_stage_killed_mid_stream_loses_no_request_and_rejoins_when_restarted() {
     let bin = env!("CARGO_BIN_EXE_baton");
     let model = deep_tiny_model("elastic-model");
     let (cfg, ports) = write_cluster("elastic", &model);
-    assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
     let max_tokens = 400;
     let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&model, p, max_tokens)).collect();
 
-    let mut nodes = Nodes(Vec::new());
-    for name in ["node-c", "node-b", "node-a"] {
-        nodes.0.push(spawn_node(&cfg, name, &[], Some("tcp")));
-    }
-    let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{}", ports.http), quic: None, model: model.clone() };
-    wait_for("the pipeline head to be ready", 60, &cfg, || {
-        std::net::TcpStream::connect(&head.addr).is_ok() && support::http(&head, "GET", "/health", None).0 == 200
-    });
+    let (mut nodes, head) = start_mesh(&cfg, ports.http, &model);
     let start = mesh(&head);
     assert_eq!(start["epoch"], 1, "{start}");
     // Tokens streamed so far (one inter-token latency per token after each stream's first).
@@ -120,7 +127,7 @@ fn a_stage_killed_mid_stream_loses_no_request_and_rejoins_when_restarted() {
     let layers = |v: &Value, n: &str| v["nodes"].as_array().unwrap().iter().find(|x| x["name"] == n).unwrap()["layers"].clone();
     assert_eq!(layers(&after, "node-a"), json!([0, 6]), "{after}");
     assert_eq!(layers(&after, "node-c"), json!([6, 12]), "{after}");
-    assert!(metric(&head, "baton:requests_migrated_total") >= 1.0, "no request was migrated: the kill came too late");
+    assert!(metric(&head, "baton:requests_recomputed_total") >= 1.0, "no request was migrated: the kill came too late");
     assert_eq!(metric(&head, "baton:request_failure_total"), 0.0);
     assert_eq!(metric(&head, "baton:plan_changes_total{reason=\"node_lost\"}"), 1.0);
     assert_eq!(metric(&head, "baton:failure_detection_seconds_count"), 1.0);
@@ -165,7 +172,6 @@ fn a_stage_killed_mid_stream_loses_no_request_and_rejoins_when_restarted() {
 /// itself when the node is back.
 #[test]
 fn without_room_for_every_layer_the_mesh_answers_503_until_capacity_returns() {
-    let bin = env!("CARGO_BIN_EXE_baton");
     let model = deep_tiny_model("elastic-503-model");
     let (cfg, ports) = write_cluster("elastic-503", &model);
     // Each node holds 4 layers of this model: a layer of the tiny model has 2 * 64 * 64 +
@@ -173,15 +179,7 @@ fn without_room_for_every_layer_the_mesh_answers_503_until_capacity_returns() {
     // 0.00031 GiB is 4.5 layers' worth.
     let text = std::fs::read_to_string(&cfg).unwrap().replace("memory_gb = 1", "memory_gb = 0.00031");
     std::fs::write(&cfg, text).unwrap();
-    assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
-    let mut nodes = Nodes(Vec::new());
-    for name in ["node-c", "node-b", "node-a"] {
-        nodes.0.push(spawn_node(&cfg, name, &[], Some("tcp")));
-    }
-    let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{}", ports.http), quic: None, model: model.clone() };
-    wait_for("the pipeline head to be ready", 60, &cfg, || {
-        std::net::TcpStream::connect(&head.addr).is_ok() && support::http(&head, "GET", "/health", None).0 == 200
-    });
+    let (mut nodes, head) = start_mesh(&cfg, ports.http, &model);
     let _ = nodes.0[0].kill(); // node-c
     let _ = nodes.0[0].wait();
     wait_for("the head to say it cannot serve", 30, &cfg, || support::http(&head, "GET", "/health", None).0 == 503);
@@ -211,15 +209,7 @@ fn a_new_node_joins_through_the_seeds_takes_layers_and_drains_away() {
     let bin = env!("CARGO_BIN_EXE_baton");
     let model = deep_tiny_model("elastic-join-model");
     let (cfg, ports) = write_cluster("elastic-join", &model);
-    assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
-    let mut nodes = Nodes(Vec::new());
-    for name in ["node-c", "node-b", "node-a"] {
-        nodes.0.push(spawn_node(&cfg, name, &[], Some("tcp")));
-    }
-    let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{}", ports.http), quic: None, model: model.clone() };
-    wait_for("the pipeline head to be ready", 60, &cfg, || {
-        std::net::TcpStream::connect(&head.addr).is_ok() && support::http(&head, "GET", "/health", None).0 == 200
-    });
+    let (mut nodes, head) = start_mesh(&cfg, ports.http, &model);
     let long = 1500;
     let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&model, p, long)).collect();
 
@@ -229,6 +219,7 @@ fn a_new_node_joins_through_the_seeds_takes_layers_and_drains_away() {
     let control_d = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let control_d = format!("127.0.0.1:{control_d}");
     let head_ref = &head;
+    let recomputed = metric(&head, "baton:requests_recomputed_total");
     let (results, joined_under_load) = std::thread::scope(|scope| {
         let streams: Vec<_> = (0..8).map(|i| scope.spawn(move || stream(head_ref, PROMPTS[i], long))).collect();
         nodes.0.push(spawn_node(&cfg, "node-d", &["--control", &control_d], Some("tcp")));
@@ -263,6 +254,9 @@ fn a_new_node_joins_through_the_seeds_takes_layers_and_drains_away() {
     }
     let view = mesh(&head);
     assert!(view["changes"].as_array().unwrap().iter().any(|c| c["reason"] == "node_drained" && c["nodes"] == json!(["node-d"])), "{view}");
+    // A join and a drain move the KV with the layers: nothing was recomputed.
+    assert!(metric(&head, "baton:requests_migrated_total") >= 8.0, "the join and the drain moved no running request");
+    assert_eq!(metric(&head, "baton:requests_recomputed_total"), recomputed, "a planned change recomputed KV\n{}", log_tail(&cfg, "node-a"));
     assert!(layers(&view, "node-d").is_null(), "{view}");
     assert_eq!(metric(&head, "baton:request_failure_total"), 0.0);
 

@@ -32,7 +32,7 @@ pub fn spawn_node(cfg: &std::path::Path, name: &str, extra: &[&str], ucx_tls: Op
         None => cmd.env_remove("UCX_TLS"),
     };
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(cfg, name)).unwrap();
-    cmd.stderr(Stdio::from(log)).spawn().unwrap()
+    cmd.stdout(Stdio::null()).stderr(Stdio::from(log)).spawn().unwrap()
 }
 
 fn log_path(cfg: &std::path::Path, name: &str) -> std::path::PathBuf {

@@ -315,6 +315,40 @@ impl Backend for CudaBackend {
             .map(drop).map_err(|e| err("launch", e))
     }
 
+    /// Downloads the whole cache and picks the blocks (a planned plan change is rare; a
+    /// device-side gather is left for when this runs on a GPU).
+    fn read_kv_blocks(&self, cache: &CudaKv, blocks: &[u32], block_size: usize) -> Result<Vec<f32>> {
+        let (k, v) = (self.download(&cache.k)?, self.download(&cache.v)?);
+        let ranges = baton_engine::backend::kv_block_ranges(blocks, block_size * cache.kv_dim, k.len())?;
+        let mut out = Vec::new();
+        for half in [&k, &v] {
+            for r in &ranges {
+                out.extend_from_slice(&half[r.clone()]);
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_kv_blocks(&self, cache: &mut CudaKv, blocks: &[u32], block_size: usize, data: &[f32]) -> Result<()> {
+        let (mut k, mut v) = (self.download(&cache.k)?, self.download(&cache.v)?);
+        let ranges = baton_engine::backend::kv_block_ranges(blocks, block_size * cache.kv_dim, k.len())?;
+        let per_half: usize = ranges.iter().map(|r| r.len()).sum();
+        if data.len() != 2 * per_half {
+            return Err(EngineError::BadBatch(format!("write_kv_blocks: {} values for {} blocks", data.len(), blocks.len())));
+        }
+        let (k_data, v_data) = data.split_at(per_half);
+        for (half, src) in [(&mut k, k_data), (&mut v, v_data)] {
+            let mut at = 0;
+            for r in &ranges {
+                half[r.clone()].copy_from_slice(&src[at..at + r.len()]);
+                at += r.len();
+            }
+        }
+        cache.k = self.upload(&k)?;
+        cache.v = self.upload(&v)?;
+        Ok(())
+    }
+
     fn write_kv(&self, b: &CudaBatch, cache: &mut CudaKv, k: &CudaSlice<f32>, v: &CudaSlice<f32>) -> Result<()> {
         let d = cache.kv_dim as i32;
         // SAFETY: k and v hold tokens x kv_dim values; every slot is inside the cache.

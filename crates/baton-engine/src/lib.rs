@@ -16,6 +16,7 @@ pub mod rope;
 pub mod sampling;
 pub mod stage;
 pub mod tokenizer;
+pub mod worker;
 
 pub use backend::cpu::CpuBackend;
 pub use backend::{Backend, BatchLayout, SeqChunk};
@@ -27,3 +28,4 @@ pub use kv::{BlockAllocator, BlockTable, KvGeometry};
 pub use sampling::{FinishReason, SampledToken, Sampled, SamplerSet, SamplingParams, SequenceSampler};
 pub use stage::{Stage, StageInput, StageOutput};
 pub use tokenizer::{Detokenizer, TextTokenizer};
+pub use worker::{SequenceStart, StageWorker, StepResult};

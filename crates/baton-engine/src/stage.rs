@@ -208,6 +208,38 @@ impl<B: Backend> Stage<B> {
         self.range.end == self.config.num_layers
     }
 
+    /// The K/V contents of `blocks` for layers `layers` (absolute layer numbers, within this
+    /// stage), layer after layer.
+    pub fn export_kv(&self, layers: Range<usize>, blocks: &[u32]) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for l in self.local_layers(&layers)? {
+            out.extend(self.backend.read_kv_blocks(&self.kv[l], blocks, self.kv_geometry.block_size)?);
+        }
+        Ok(out)
+    }
+
+    /// Writes what [`Stage::export_kv`] produced (for the same layers and blocks) into this
+    /// stage's cache.
+    pub fn import_kv(&mut self, layers: Range<usize>, blocks: &[u32], data: &[f32]) -> Result<()> {
+        let local = self.local_layers(&layers)?;
+        let per_layer = data.len() / local.len().max(1);
+        if per_layer * local.len() != data.len() {
+            return Err(EngineError::BadBatch(format!("{} KV values do not split over {} layers", data.len(), local.len())));
+        }
+        for (i, l) in local.enumerate() {
+            self.backend.write_kv_blocks(&mut self.kv[l], blocks, self.kv_geometry.block_size, &data[i * per_layer..(i + 1) * per_layer])?;
+        }
+        Ok(())
+    }
+
+    /// Indices into this stage's layers of the absolute range `layers`.
+    fn local_layers(&self, layers: &Range<usize>) -> Result<Range<usize>> {
+        if layers.start < self.range.start || layers.end > self.range.end || layers.is_empty() {
+            return Err(EngineError::LayerRange { start: layers.start, end: layers.end, num_layers: self.range.end });
+        }
+        Ok(layers.start - self.range.start..layers.end - self.range.start)
+    }
+
     pub fn kv_geometry(&self) -> KvGeometry {
         self.kv_geometry
     }

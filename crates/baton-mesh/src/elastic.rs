@@ -336,20 +336,7 @@ impl MeshCore {
         if !lost.is_empty() {
             let names: Vec<String> = lost.iter().map(|(n, _)| n.clone()).collect();
             let detection = lost.iter().filter_map(|(_, d)| *d).max();
-            // The neighbours take the gap; else a fresh split over the survivors; else one that
-            // also takes in the live nodes waiting outside the plan (better than a 503).
-            let waiting: Vec<String> = self
-                .nodes
-                .iter()
-                .filter(|n| !planned.contains(&n.member.name) && matches!(n.state, NodeState::Up { .. }))
-                .map(|n| n.member.name.clone())
-                .collect();
-            let next = self
-                .plan
-                .as_ref()
-                .and_then(|p| self.repair(&p.stages, &names))
-                .or_else(|| self.rebalance(&[]))
-                .or_else(|| self.rebalance(&waiting));
+            let next = self.replace(&names);
             match next {
                 Some(stages) => actions.push(self.adopt(stages, ChangeReason::NodeLost, names, detection, now)),
                 None => actions.push(self.unservable(names)),
@@ -367,18 +354,7 @@ impl MeshCore {
         // serves (add before drop); if the others cannot hold its layers it stays.
         let leaving: Vec<String> = self.nodes.iter().filter(|n| n.draining && planned.contains(&n.member.name)).map(|n| n.member.name.clone()).collect();
         if !leaving.is_empty() {
-            let waiting: Vec<String> = self
-                .nodes
-                .iter()
-                .filter(|n| !n.draining && !planned.contains(&n.member.name) && matches!(n.state, NodeState::Up { .. }))
-                .map(|n| n.member.name.clone())
-                .collect();
-            let next = self
-                .plan
-                .as_ref()
-                .and_then(|p| self.repair(&p.stages, &leaving))
-                .or_else(|| self.rebalance_without(&[], &leaving))
-                .or_else(|| self.rebalance_without(&waiting, &leaving));
+            let next = self.replace(&leaving);
             if let Some(stages) = next {
                 actions.push(self.adopt(stages, ChangeReason::NodeDrained, leaving, None, now));
                 return actions;
@@ -409,6 +385,20 @@ impl MeshCore {
             }
         }
         actions
+    }
+
+    /// A plan without `gone`: the neighbours take their ranges; else a fresh split over the
+    /// rest of the plan; else one that also takes in the live nodes waiting outside the plan
+    /// (better than a 503). `None` when none of these holds the model.
+    fn replace(&self, gone: &[String]) -> Option<Vec<(String, Range<usize>)>> {
+        let plan = self.plan.as_ref()?;
+        let waiting: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| !n.draining && plan.range_of(&n.member.name).is_none() && matches!(n.state, NodeState::Up { .. }))
+            .map(|n| n.member.name.clone())
+            .collect();
+        self.repair(&plan.stages, gone).or_else(|| self.rebalance_without(&[], gone)).or_else(|| self.rebalance_without(&waiting, gone))
     }
 
     fn member(&self, name: &str) -> Option<&Member> {

@@ -128,7 +128,7 @@ impl MeshDriver {
             eprintln!("baton: stage {name}: activations over {}", link.transport());
             links.insert(name.clone(), link);
         }
-        let config = CoreConfig { dead_after_us: (probe.interval * 8).as_micros() as u64, ..CoreConfig::default() };
+        let config = CoreConfig { dead_after_us: (probe.interval * 7).as_micros() as u64, ..CoreConfig::default() };
         let started = Instant::now();
         let core = MeshCore::new(me, roster.members.clone(), num_layers, initial, config, 0);
         let (notices, _) = watch::channel(0);
@@ -239,33 +239,43 @@ impl MeshDriver {
         let local_end = plan.range_of(&self.me).map_or(0, |r| r.end);
         let mut remotes = Vec::new();
         for (name, range) in plan.stages.iter().filter(|(n, _)| *n != self.me) {
-            let cached = self.links().get(name).filter(|l| !l.is_closed()).cloned();
-            let link = match cached {
-                Some(l) => l,
-                None => {
-                    let Some(addr) = self.control_addr(name) else {
-                        return Err(MeshError::PeerLost { stage: name.clone(), detail: "no control address".into() });
-                    };
-                    match connect_stage(&self.node, &self.plane, name, addr, self.window_bytes, Duration::from_secs(1)).await {
-                        Ok(l) => {
-                            tracing::info!(stage = %name, transport = l.transport(), "connected a stage link");
-                            self.links().insert(name.clone(), l.clone());
-                            l
-                        }
-                        Err(e) => {
-                            self.report_lost(name, plan.epoch);
-                            return Err(MeshError::PeerLost { stage: name.clone(), detail: e.to_string() });
-                        }
-                    }
+            match self.link(name).await {
+                Ok(l) => remotes.push((l, range.clone())),
+                Err(e) => {
+                    self.report_lost(name, plan.epoch);
+                    return Err(e);
                 }
-            };
-            remotes.push((link, range.clone()));
+            }
         }
         Ok(ActivePlan { epoch: plan.epoch, local_end, remotes })
     }
 
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<String, StageLink>> {
         self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This head's name.
+    pub fn name(&self) -> &str {
+        &self.me
+    }
+
+    /// An attached link to stage `name`: the one in use, or a new one (connected and attached
+    /// within a second).
+    pub async fn link(&self, name: &str) -> Result<StageLink, MeshError> {
+        if let Some(l) = self.links().get(name).filter(|l| !l.is_closed()).cloned() {
+            return Ok(l);
+        }
+        let Some(addr) = self.control_addr(name) else {
+            return Err(MeshError::PeerLost { stage: name.to_string(), detail: "no control address".into() });
+        };
+        match connect_stage(&self.node, &self.plane, name, addr, self.window_bytes, Duration::from_secs(1)).await {
+            Ok(l) => {
+                tracing::info!(stage = %name, transport = l.transport(), "connected a stage link");
+                self.links().insert(name.to_string(), l.clone());
+                Ok(l)
+            }
+            Err(e) => Err(MeshError::PeerLost { stage: name.to_string(), detail: e.to_string() }),
+        }
     }
 
     /// The data plane lost `stage` while running `epoch`: decided at once (no waiting for the

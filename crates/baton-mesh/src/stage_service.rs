@@ -9,11 +9,11 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use baton_engine::{Checkpoint, CpuBackend, KvGeometry, ModelConfig, SamplerSet, Stage, StageInput, StageOutput};
+use baton_engine::{CpuBackend, KvGeometry, SamplingParams, SequenceStart, StageInput, StageWorker, StepResult};
 use baton_proto::{decode, encode, read_frame_limited, write_frame, CLOSE_MALFORMED, MAX_TENSOR_FRAME};
 
 use crate::control::{ControlError, ControlNode, PeerLink};
-use crate::stage_wire::{layout_from_wire, sampled_to_wire, sampling_from_wire, StageReply, StageRequest, WireInput};
+use crate::stage_wire::{layout_from_wire, sampled_to_wire, sampling_from_wire, StageReply, StageRequest, WireInput, WireNewSequence};
 use crate::tensor_plane::TensorPlane;
 
 /// One node's stage, loaded on the head's `Init` with the layer range and epoch of the head's
@@ -39,11 +39,8 @@ struct Serving {
 }
 
 struct Loaded {
-    stage: Stage<CpuBackend>,
-    layers: Range<usize>,
-    geometry: KvGeometry,
+    worker: StageWorker<CpuBackend>,
     epoch: u64,
-    samplers: SamplerSet,
 }
 
 /// This process's generation: its start time in ns since the Unix epoch, so a node started
@@ -155,30 +152,19 @@ impl StageService {
                 let layers = first_layer as usize..end_layer as usize;
                 // The same layers and cache shape: keep the weights and the cache (the head
                 // recomputes every sequence from its start, overwriting what it reads).
-                let reuse = guard.as_ref().is_some_and(|l| l.layers == layers && l.geometry == geometry);
-                if reuse {
-                    if let Some(l) = guard.as_mut() {
-                        l.epoch = epoch;
-                        l.samplers = SamplerSet::default();
-                    }
+                let reuse = guard.as_ref().is_some_and(|l| l.worker.holds(&layers, geometry));
+                if let (true, Some(l)) = (reuse, guard.as_mut()) {
+                    l.epoch = epoch;
+                    l.worker.reset_samplers();
                 } else {
                     // Free the old stage before the new one allocates.
                     *guard = None;
-                    let loaded = (|| -> Result<Loaded, String> {
-                        let config = ModelConfig::from_dir(&self.model_dir).map_err(|e| e.to_string())?;
-                        if layers.is_empty() || layers.end > config.num_layers {
-                            return Err(format!("layers {}..{} are not a range of this model's {} layers", layers.start, layers.end, config.num_layers));
-                        }
-                        let ckpt = Checkpoint::open(&self.model_dir).map_err(|e| e.to_string())?;
-                        let backend = CpuBackend::new(self.threads).map_err(|e| e.to_string())?;
-                        let stage = Stage::load(backend, &config, &ckpt, layers.clone(), geometry, &mut |_, _| {}).map_err(|e| e.to_string())?;
-                        Ok(Loaded { stage, layers: layers.clone(), geometry, epoch, samplers: SamplerSet::default() })
-                    })();
+                    let loaded = CpuBackend::new(self.threads).and_then(|b| StageWorker::load(b, &self.model_dir, layers.clone(), geometry));
                     match loaded {
-                        Ok(l) => *guard = Some(l),
+                        Ok(worker) => *guard = Some(Loaded { worker, epoch }),
                         Err(e) => {
                             *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Serving::default();
-                            return StageReply::Error(e);
+                            return StageReply::Error(e.to_string());
                         }
                     }
                 }
@@ -186,6 +172,20 @@ impl StageService {
                 tracing::info!(epoch, first = layers.start, end = layers.end, reused = reuse, "stage initialised");
                 StageReply::Ready { first_layer, end_layer, epoch }
             }
+            StageRequest::ExportKv { epoch, first_layer, end_layer, blocks } => match guard.as_ref() {
+                Some(l) if l.epoch == epoch => match l.worker.export_kv(first_layer as usize..end_layer as usize, &blocks) {
+                    Ok(data) => StageReply::Kv { data },
+                    Err(e) => StageReply::Error(e.to_string()),
+                },
+                _ => StageReply::Error(format!("no KV of plan epoch {epoch} here")),
+            },
+            StageRequest::ImportKv { epoch, first_layer, end_layer, blocks, data } => match guard.as_mut() {
+                Some(l) if l.epoch == epoch => match l.worker.import_kv(first_layer as usize..end_layer as usize, &blocks, &data) {
+                    Ok(()) => StageReply::Ack,
+                    Err(e) => StageReply::Error(e.to_string()),
+                },
+                _ => StageReply::Error(format!("the stage is not initialised for plan epoch {epoch}")),
+            },
             StageRequest::Step { epoch, chunks, input, new_sequences, released, ids } => {
                 let Some(l) = guard.as_mut() else {
                     return StageReply::Error("the stage was not initialised".into());
@@ -193,31 +193,22 @@ impl StageService {
                 if l.epoch != epoch {
                     return StageReply::Error(format!("a step of plan epoch {epoch} reached a stage initialised for epoch {}", l.epoch));
                 }
-                l.samplers.release(released);
-                for s in new_sequences {
-                    l.samplers.resume(s.id, sampling_from_wire(&s.params), &s.eos, &s.prompt, &s.generated);
-                }
                 let layout = layout_from_wire(&chunks);
                 let input = match &input {
                     WireInput::Tokens(t) => StageInput::Tokens(t),
                     WireInput::Hidden(h) => StageInput::Hidden(h),
                     WireInput::Window { .. } => return StageReply::Error("window input reached the stage unresolved".into()),
                 };
+                let starts: Vec<(SamplingParams, &WireNewSequence)> = new_sequences.iter().map(|s| (sampling_from_wire(&s.params), s)).collect();
+                let starts = starts.into_iter().map(|(params, s)| SequenceStart { id: s.id, params, eos: &s.eos, prompt: &s.prompt, generated: &s.generated });
                 let started = std::time::Instant::now();
-                let compute_us = || started.elapsed().as_micros() as u64;
-                match l.stage.forward(&layout, input) {
+                match l.worker.step(&layout, input, &ids, released, starts) {
                     Err(e) => StageReply::Error(e.to_string()),
-                    Ok(StageOutput::Hidden(hidden)) => StageReply::Hidden { hidden, compute_us: compute_us() },
-                    Ok(StageOutput::Logits { vocab, data, .. }) => {
-                        let sampling = chunks.iter().zip(&ids).filter(|(c, _)| c.wants_logits).map(|(_, &id)| id);
-                        match l.samplers.sample(sampling, &data, vocab) {
-                            Ok(out) => StageReply::Sampled {
-                                tokens: out.iter().map(|(id, s, finish)| sampled_to_wire(*id, s, *finish)).collect(),
-                                compute_us: compute_us(),
-                            },
-                            Err(e) => StageReply::Error(e.to_string()),
-                        }
-                    }
+                    Ok(StepResult::Hidden(hidden)) => StageReply::Hidden { hidden, compute_us: started.elapsed().as_micros() as u64 },
+                    Ok(StepResult::Sampled(out)) => StageReply::Sampled {
+                        tokens: out.iter().map(|(id, s, finish)| sampled_to_wire(*id, s, *finish)).collect(),
+                        compute_us: started.elapsed().as_micros() as u64,
+                    },
                 }
             }
         }

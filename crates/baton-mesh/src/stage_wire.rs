@@ -68,6 +68,13 @@ pub enum StageRequest {
     /// The head's tensor-plane address (its UCX worker), if it has one, and how large an RMA
     /// window it would like for hidden states; answered by `Attached`.
     Attach { tensor_address: Option<Vec<u8>>, window_bytes: u64 },
+    /// A planned plan change moves layers: the K/V contents of `blocks` for layers
+    /// `first_layer..end_layer`, from the stage as plan `epoch` (the one it runs) left them;
+    /// answered by `Kv`.
+    ExportKv { epoch: u64, first_layer: u32, end_layer: u32, blocks: Vec<u32> },
+    /// Writes what an `ExportKv` gave into the stage, initialised for plan `epoch`; answered
+    /// by `Ack`.
+    ImportKv { epoch: u64, first_layer: u32, end_layer: u32, blocks: Vec<u32>, data: Vec<f32> },
     /// Leave gracefully (`baton node --drain`, or SIGUSR1 at the node): the node says so in its
     /// pongs, the head moves its layers, then sends `Release`. Answered by `Ack`.
     Drain,
@@ -112,6 +119,7 @@ pub enum StageReply {
     /// so the head can tell transfer time from compute.
     Hidden { hidden: Vec<f32>, compute_us: u64 },
     Sampled { tokens: Vec<WireSampled>, compute_us: u64 },
+    Kv { data: Vec<f32> },
     Error(String),
 }
 

@@ -115,7 +115,9 @@ pub async fn drain_remote(c: &ClusterConfig, me: &NodeConfig) -> anyhow::Result<
         let link = tokio::time::timeout(Duration::from_secs(5), client.connect(me.control, &me.name))
             .await
             .map_err(|_| anyhow::anyhow!("{} at {} did not answer", me.name, me.control))??;
-        let reply = stage_service::call(&link, &baton_mesh::stage_wire::StageRequest::Drain).await?;
+        let reply = tokio::time::timeout(Duration::from_secs(5), stage_service::call(&link, &baton_mesh::stage_wire::StageRequest::Drain))
+            .await
+            .map_err(|_| anyhow::anyhow!("{} did not take the drain request (a pipeline head cannot drain yet)", me.name))??;
         client.close();
         match reply {
             baton_mesh::stage_wire::StageReply::Ack => {

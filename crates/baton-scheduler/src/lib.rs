@@ -244,6 +244,11 @@ impl Scheduler {
         moved
     }
 
+    /// The KV blocks of every running sequence (what a planned plan change moves).
+    pub fn blocks_in_use(&self) -> Vec<u32> {
+        self.running.iter().filter_map(|id| self.seqs.get(id)).flat_map(|s| s.table.blocks().iter().copied()).collect()
+    }
+
     /// The tokens `id` produced so far.
     pub fn generated(&self, id: SeqId) -> Option<&[u32]> {
         self.seqs.get(&id).map(|s| &s.tokens[s.prompt_len..])

@@ -76,6 +76,7 @@ struct Inner {
     gauges: Gauges,
     plan_changes: BTreeMap<&'static str, u64>,
     migrated: u64,
+    recomputed: u64,
 }
 
 /// Shared by the scheduler (writer) and the HTTP edge (reader).
@@ -102,6 +103,7 @@ impl Metrics {
                 gauges: Gauges::default(),
                 plan_changes: BTreeMap::new(),
                 migrated: 0,
+                recomputed: 0,
             }),
         }
     }
@@ -135,9 +137,15 @@ impl Metrics {
         self.with(|m| *m.plan_changes.entry(reason).or_insert(0) += 1);
     }
 
-    /// `n` running requests were re-queued to continue under a new plan.
-    pub fn migrated(&self, n: usize) {
-        self.with(|m| m.migrated += n as u64);
+    /// `n` running requests went on under a new plan; `recomputed`: their KV had to be
+    /// recomputed (a stage was lost), else it moved with the layers (a planned change).
+    pub fn migrated(&self, n: usize, recomputed: bool) {
+        self.with(|m| {
+            m.migrated += n as u64;
+            if recomputed {
+                m.recomputed += n as u64;
+            }
+        });
     }
 
     pub fn failed(&self) {
@@ -170,7 +178,8 @@ impl Metrics {
                 let n = m.success.get(reason).copied().unwrap_or(0);
                 let _ = writeln!(out, "baton:request_success_total{{finished_reason=\"{reason}\"}} {n}");
             }
-            let _ = writeln!(out, "# HELP baton:requests_migrated_total Running requests re-queued to continue under a new plan (a stage lost or moved)\n# TYPE baton:requests_migrated_total counter\nbaton:requests_migrated_total {}", m.migrated);
+            let _ = writeln!(out, "# HELP baton:requests_migrated_total Running requests that went on under a new plan (a stage lost, joined or drained)\n# TYPE baton:requests_migrated_total counter\nbaton:requests_migrated_total {}", m.migrated);
+            let _ = writeln!(out, "# HELP baton:requests_recomputed_total Of those, requests whose KV was recomputed (a stage lost) rather than moved\n# TYPE baton:requests_recomputed_total counter\nbaton:requests_recomputed_total {}", m.recomputed);
             let _ = writeln!(out, "# HELP baton:plan_changes_total Pipeline plan changes, by reason\n# TYPE baton:plan_changes_total counter");
             for reason in ["node_lost", "node_restarted", "node_joined", "capacity_returned"] {
                 let n = m.plan_changes.get(reason).copied().unwrap_or(0);
@@ -228,6 +237,7 @@ impl Metrics {
                 "requests": m.success,
                 "request_failures": m.errors,
                 "requests_migrated": m.migrated,
+                "requests_recomputed": m.recomputed,
                 "plan_changes": m.plan_changes,
                 "histograms": hists,
             })

@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::error::ServeError;
 use crate::metrics::{self, Metrics};
 use crate::request::{Event, Finish, GenerateRequest, TokenEvent};
-use crate::shard::{InjectedFault, NewSequence, Shard, ShardArgs, ShardFailure, ShardLoaded, ShardMsg, ShardWork, StepOutput};
+use crate::shard::{InjectedFault, Migration, MigrationSlot, NewSequence, Shard, ShardArgs, ShardFailure, ShardLoaded, ShardMsg, ShardWork, StepOutput};
 
 pub enum SchedulerMsg {
     Submit {
@@ -89,8 +89,13 @@ pub struct State {
     next_id: SeqId,
     shard: Option<ActorRef<ShardMsg>>,
     shard_ready: bool,
-    /// The plan epoch the shard runs (pipeline heads).
+    /// The plan epoch the shard runs (pipeline heads), and its stages.
     shard_epoch: Option<u64>,
+    shard_plan: Vec<(String, std::ops::Range<usize>)>,
+    /// A planned change (join, drain) waiting for the steps in flight to finish, after which
+    /// the KV moves to the new plan's stages instead of being recomputed.
+    switching: Option<u64>,
+    migration: MigrationSlot,
     /// A plan change waiting for its shard to be ready: its epoch and when it was decided.
     replanning: Option<(u64, Instant)>,
     /// The last plan epoch whose change was counted.
@@ -154,8 +159,8 @@ impl State {
         self.released.clear();
         self.in_flight.clear();
         if !moved.is_empty() {
-            tracing::info!(sequences = moved.len(), "re-queued the running sequences for the next plan");
-            self.metrics.migrated(moved.len());
+            eprintln!("baton: re-queued {} running request(s) for the next plan (their KV is recomputed)", moved.len());
+            self.metrics.migrated(moved.len(), true);
         }
         self.publish_load();
     }
@@ -196,8 +201,12 @@ impl State {
         self.in_flight.clear();
     }
 
-    /// Starts steps while the shard has room (one per pipeline stage) and there is work.
+    /// Starts steps while the shard has room (one per pipeline stage) and there is work; none
+    /// while a planned change waits for the pipeline to empty.
     fn kick(&mut self) {
+        if self.switching.is_some() {
+            return;
+        }
         while self.in_flight.len() < self.max_in_flight {
             if !self.kick_one() {
                 break;
@@ -331,8 +340,40 @@ impl State {
         }
         self.shard_ready = false;
         self.shard_epoch = None;
+        self.switching = None;
+        self.migration.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.requeue_started();
-        self.shard = Some(spawn_shard(myself, &self.shard_args, self.core.geometry()).await?);
+        self.shard = Some(spawn_shard(myself, &self.shard_args, self.core.geometry(), &self.migration).await?);
+        Ok(())
+    }
+
+    /// A planned change, once nothing is in flight: takes the head's worker from the shard,
+    /// leaves it and the KV blocks of the running sequences for the next shard (which moves the
+    /// KV of every re-placed layer to its new owner) and starts that shard. The running
+    /// sequences keep their place; only their samplers are set up again. If the worker cannot
+    /// be had, the change goes the recompute way.
+    async fn migrate(&mut self, myself: &ActorRef<SchedulerMsg>) -> Result<(), ActorProcessingErr> {
+        let (Some(shard), Some(from_epoch)) = (self.shard.take(), self.shard_epoch) else {
+            return self.replace_shard(myself).await;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = shard.cast(ShardMsg::Handover(tx));
+        let handed = tokio::time::timeout(std::time::Duration::from_secs(10), rx).await;
+        shard.stop(Some("the plan changed".into()));
+        let Ok(Ok(head)) = handed else {
+            tracing::warn!("the shard did not hand its worker over; recomputing the running sequences instead");
+            return self.replace_shard(myself).await;
+        };
+        let blocks = self.core.blocks_in_use();
+        *self.migration.lock().unwrap_or_else(|p| p.into_inner()) = Some(Migration { from: self.shard_plan.clone(), from_epoch, blocks, head });
+        self.switching = None;
+        self.shard_ready = false;
+        self.shard_epoch = None;
+        // Every sequence's sampler is set up again on the new last stage, from what it produced.
+        self.on_shard.clear();
+        self.released.clear();
+        self.in_flight.clear();
+        self.shard = Some(spawn_shard(myself, &self.shard_args, self.core.geometry(), &self.migration).await?);
         Ok(())
     }
 }
@@ -346,8 +387,9 @@ fn admit_error(e: AdmitError) -> ServeError {
     }
 }
 
-async fn spawn_shard(myself: &ActorRef<SchedulerMsg>, args: &ShardArgsTemplate, geometry: baton_engine::KvGeometry) -> Result<ActorRef<ShardMsg>, ActorProcessingErr> {
+async fn spawn_shard(myself: &ActorRef<SchedulerMsg>, args: &ShardArgsTemplate, geometry: baton_engine::KvGeometry, migration: &MigrationSlot) -> Result<ActorRef<ShardMsg>, ActorProcessingErr> {
     let shard_args = ShardArgs {
+        migration: migration.clone(),
         model_dir: args.model_dir.clone(),
         threads: args.threads,
         geometry,
@@ -365,7 +407,7 @@ impl Actor for SchedulerActor {
     type Arguments = SchedulerArgs;
 
     async fn pre_start(&self, myself: ActorRef<SchedulerMsg>, args: SchedulerArgs) -> Result<State, ActorProcessingErr> {
-        let shard = spawn_shard(&myself, &args.shard, args.core.geometry()).await?;
+        let shard = spawn_shard(&myself, &args.shard, args.core.geometry(), &MigrationSlot::default()).await?;
         if let Some(p) = &args.shard.pipeline {
             let mut notices = p.mesh.subscribe();
             let me = myself.clone();
@@ -396,6 +438,9 @@ impl Actor for SchedulerActor {
             shard: Some(shard),
             shard_ready: false,
             shard_epoch: None,
+            shard_plan: Vec::new(),
+            switching: None,
+            migration: MigrationSlot::default(),
             replanning: None,
             counted_epoch: 1,
             unready: args.unready,
@@ -459,6 +504,11 @@ impl Actor for SchedulerActor {
                 }
                 state.shard_ready = true;
                 state.shard_epoch = loaded.epoch;
+                state.shard_plan = loaded.plan.clone();
+                if loaded.migrated {
+                    eprintln!("baton: plan epoch {}: moved the KV of {} running request(s) with their layers (nothing recomputed)", loaded.epoch.unwrap_or(0), state.core.num_running());
+                    state.metrics.migrated(state.core.num_running(), false);
+                }
                 state.failures = 0;
                 let micro_batches = state.shard_args.pipeline.as_ref().and_then(|p| p.micro_batches);
                 state.max_in_flight = if loaded.stages > 1 { micro_batches.unwrap_or(loaded.stages).clamp(1, loaded.stages) } else { 1 };
@@ -498,6 +548,18 @@ impl Actor for SchedulerActor {
                 if state.shard_ready && epoch.is_some() && epoch == state.shard_epoch {
                     return Ok(());
                 }
+                // A join or a drain, every stage of the running plan alive: move the KV once the
+                // steps in flight are done. Anything else recomputes.
+                let planned = epoch.and_then(|e| mesh.change(e)).is_some_and(|(c, _)| {
+                    matches!(c.reason, baton_mesh::elastic::ChangeReason::NodeJoined | baton_mesh::elastic::ChangeReason::NodeDrained)
+                });
+                if planned && state.shard_ready && !state.shard_plan.is_empty() {
+                    state.switching = epoch;
+                    if state.in_flight.is_empty() {
+                        state.migrate(&myself).await?;
+                    }
+                    return Ok(());
+                }
                 state.replace_shard(&myself).await?;
             }
             SchedulerMsg::Tick => {
@@ -506,6 +568,9 @@ impl Actor for SchedulerActor {
             }
             SchedulerMsg::StepDone(out) => {
                 state.step_done(out);
+                if state.switching.is_some() && state.in_flight.is_empty() {
+                    state.migrate(&myself).await?;
+                }
                 state.kick();
             }
             SchedulerMsg::Load(reply) => {
@@ -514,7 +579,7 @@ impl Actor for SchedulerActor {
             SchedulerMsg::RestartShard => {
                 if state.shard.is_none() {
                     state.shard_ready = false;
-                    state.shard = Some(spawn_shard(&myself, &state.shard_args, state.core.geometry()).await?);
+                    state.shard = Some(spawn_shard(&myself, &state.shard_args, state.core.geometry(), &state.migration).await?);
                 }
             }
         }
@@ -529,6 +594,8 @@ impl Actor for SchedulerActor {
                     return Ok(());
                 }
                 state.shard_ready = false;
+                state.switching = None;
+                state.migration.lock().unwrap_or_else(|p| p.into_inner()).take();
                 match err.downcast_ref::<ShardFailure>() {
                     Some(ShardFailure::Stage { stage, detail }) => {
                         tracing::warn!(%stage, %detail, "a pipeline stage failed; the running requests continue on the next plan");

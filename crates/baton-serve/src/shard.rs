@@ -9,10 +9,7 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use baton_engine::{
-    Checkpoint, CpuBackend, FinishReason, KvGeometry, ModelConfig, Sampled, SamplerSet, SamplingParams, Stage, StageInput,
-    StageOutput,
-};
+use baton_engine::{CpuBackend, FinishReason, KvGeometry, ModelConfig, Sampled, SamplingParams, SequenceStart, StageInput, StageWorker, StepResult};
 use baton_scheduler::{SeqId, Step};
 use baton_mesh::membership::{ActivePlan, MeshDriver, MeshError};
 use baton_mesh::stage_wire::{layout_to_wire, sampled_from_wire, sampling_to_wire, StageReply, StageRequest, WireInput, WireNewSequence};
@@ -70,13 +67,30 @@ impl From<MeshError> for ShardFailure {
 }
 
 /// What a shard that finished loading runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardLoaded {
     /// The plan's epoch (pipeline heads).
     pub epoch: Option<u64>,
     /// Stages of the pipeline, this one included.
     pub stages: usize,
+    /// The plan's stages (the head first), on a pipeline head.
+    pub plan: Vec<(String, std::ops::Range<usize>)>,
+    /// Running sequences went on with their KV moved (a planned change), not recomputed.
+    pub migrated: bool,
 }
+
+/// What a planned plan change (a join or a drain: every stage of the old plan still alive)
+/// carries to the next shard, so no running sequence is recomputed: the plan the stages run
+/// now, the KV blocks of every running sequence, and the head's own worker.
+pub struct Migration {
+    pub from: Vec<(String, std::ops::Range<usize>)>,
+    pub from_epoch: u64,
+    pub blocks: Vec<u32>,
+    pub head: StageWorker<CpuBackend>,
+}
+
+/// Where the scheduler leaves a migration for the shard it starts next.
+pub type MigrationSlot = Arc<std::sync::Mutex<Option<Migration>>>;
 
 /// What a shard needs to start.
 #[derive(Clone)]
@@ -87,6 +101,7 @@ pub struct ShardArgs {
     pub scheduler: ActorRef<SchedulerMsg>,
     pub fault: Option<InjectedFault>,
     pub pipeline: Option<Arc<PipelinePlan>>,
+    pub migration: MigrationSlot,
 }
 
 /// A sequence the shard has not seen yet: how to sample it.
@@ -131,15 +146,24 @@ pub struct StepOutput {
 
 pub enum ShardMsg {
     Run(Box<ShardWork>),
+    /// Stop after the steps already sent and hand the stage's worker over (its KV goes on in
+    /// the next shard).
+    Handover(tokio::sync::oneshot::Sender<StageWorker<CpuBackend>>),
     /// From the worker thread.
     Loaded(Result<ShardLoaded, ShardFailure>),
     Finished(Result<StepOutput, ShardFailure>),
 }
 
+/// What the shard's thread is asked to do.
+enum Work {
+    Step(Box<ShardWork>),
+    Handover(tokio::sync::oneshot::Sender<StageWorker<CpuBackend>>),
+}
+
 pub struct Shard;
 
 pub struct ShardState {
-    work: mpsc::Sender<Box<ShardWork>>,
+    work: mpsc::Sender<Work>,
     scheduler: ActorRef<SchedulerMsg>,
 }
 
@@ -149,7 +173,7 @@ impl Actor for Shard {
     type Arguments = ShardArgs;
 
     async fn pre_start(&self, myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
-        let (tx, rx) = mpsc::channel::<Box<ShardWork>>();
+        let (tx, rx) = mpsc::channel::<Work>();
         let me = myself.clone();
         let scheduler = args.scheduler.clone();
         std::thread::Builder::new()
@@ -161,9 +185,12 @@ impl Actor for Shard {
     async fn handle(&self, myself: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Run(work) => {
-                if state.work.send(work).is_err() {
+                if state.work.send(Work::Step(work)).is_err() {
                     return Err("the shard's worker thread is gone".into());
                 }
+            }
+            ShardMsg::Handover(to) => {
+                let _ = state.work.send(Work::Handover(to));
             }
             ShardMsg::Loaded(Ok(loaded)) => {
                 state.scheduler.cast(SchedulerMsg::ShardReady(myself.get_id(), loaded))?;
@@ -193,64 +220,149 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 
 /// Loads this shard's stage: the whole model, or on a pipeline head the layers the mesh's
 /// current plan gives it, after initialising every remote stage with its range and the epoch.
-fn load(args: &ShardArgs) -> Result<(Stage<CpuBackend>, Option<ActivePlan>), ShardFailure> {
+/// With a migration (a planned change) the KV of every layer whose owner reloads is moved from
+/// its old owner first, so the running sequences go on where they were.
+fn load(args: &ShardArgs) -> Result<(StageWorker<CpuBackend>, Option<ActivePlan>, bool), ShardFailure> {
     let engine = |e: baton_engine::EngineError| ShardFailure::Engine(e.to_string());
     let config = ModelConfig::from_dir(&args.model_dir).map_err(engine)?;
-    let active = match &args.pipeline {
-        Some(p) => Some(p.runtime.block_on(p.mesh.active())?),
-        None => None,
+    let migration = args.migration.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let Some(p) = &args.pipeline else {
+        let backend = CpuBackend::new(args.threads).map_err(engine)?;
+        let worker = StageWorker::load(backend, &args.model_dir, 0..config.num_layers, args.geometry).map_err(engine)?;
+        return Ok((worker, None, false));
     };
-    if let (Some(p), Some(active)) = (&args.pipeline, &active) {
-        for (link, range) in &active.remotes {
-            let init = StageRequest::Init {
-                block_size: args.geometry.block_size as u32,
-                num_blocks: args.geometry.num_blocks as u32,
-                first_layer: range.start as u32,
-                end_layer: range.end as u32,
-                epoch: active.epoch,
-            };
-            let lost = |detail: String| {
-                p.mesh.report_lost(link.peer(), active.epoch);
-                ShardFailure::Stage { stage: link.peer().to_string(), detail }
-            };
-            match p.runtime.block_on(link.call(init)) {
-                Ok(StageReply::Ready { first_layer, end_layer, epoch })
-                    if first_layer as usize == range.start && end_layer as usize == range.end && epoch == active.epoch => {}
-                Ok(StageReply::Error(e)) => return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: e }),
-                Ok(other) => return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: format!("answered Init with {other:?}") }),
-                Err(e) => return Err(lost(e.to_string())),
+    let active = p.runtime.block_on(p.mesh.active())?;
+    let mut moved = Vec::new();
+    let mut head = None;
+    if let Some(m) = migration {
+        let keeps_head = m.head.holds(&(0..active.local_end), args.geometry);
+        moved = export_moving_kv(p, &m, &active, keeps_head)?;
+        head = keeps_head.then_some(m.head);
+    }
+    init_remotes(p, args, &active)?;
+    let migrated = !moved.is_empty() || head.is_some();
+    let mut worker = match head {
+        Some(mut w) => {
+            w.reset_samplers();
+            w
+        }
+        None => {
+            let backend = CpuBackend::new(args.threads).map_err(engine)?;
+            StageWorker::load(backend, &args.model_dir, 0..active.local_end, args.geometry).map_err(engine)?
+        }
+    };
+    for (dest, layer, blocks, data) in moved {
+        match active.remotes.iter().find(|(l, _)| l.peer() == dest) {
+            None => worker.import_kv(layer..layer + 1, &blocks, &data).map_err(engine)?,
+            Some((link, _)) => {
+                let req = StageRequest::ImportKv { epoch: active.epoch, first_layer: layer as u32, end_layer: layer as u32 + 1, blocks, data };
+                match p.runtime.block_on(link.call(req)) {
+                    Ok(StageReply::Ack) => {}
+                    other => return Err(ShardFailure::Stage { stage: dest, detail: format!("importing the KV of layer {layer}: {other:?}") }),
+                }
             }
         }
-        p.mesh.initialised(active.epoch);
     }
-    let ckpt = Checkpoint::open(&args.model_dir).map_err(engine)?;
-    let backend = CpuBackend::new(args.threads).map_err(engine)?;
-    let end = active.as_ref().map_or(config.num_layers, |a| a.local_end);
-    let stage = Stage::load(backend, &config, &ckpt, 0..end, args.geometry, &mut |_, _| {}).map_err(engine)?;
-    Ok((stage, active))
+    Ok((worker, Some(active), migrated))
+}
+
+/// One layer's KV on its way to a new owner: (new owner, layer, blocks, data).
+type KvMove = (String, usize, Vec<u32>, Vec<f32>);
+
+/// Reads, from the stages of the old plan (before any is re-initialised), the KV of every layer
+/// whose new owner will load it afresh. The head's old worker answers for its own layers.
+fn export_moving_kv(p: &PipelinePlan, m: &Migration, active: &ActivePlan, keeps_head: bool) -> Result<Vec<KvMove>, ShardFailure> {
+    let me = p.mesh.name().to_string();
+    let old_range = |n: &str| m.from.iter().find(|(o, _)| o == n).map(|(_, r)| r.clone());
+    let new: Vec<(String, std::ops::Range<usize>)> =
+        std::iter::once((me.clone(), 0..active.local_end)).chain(active.remotes.iter().map(|(l, r)| (l.peer().to_string(), r.clone()))).collect();
+    let mut out = Vec::new();
+    for (dest, range) in &new {
+        // A stage given the range it has keeps its weights and cache (its Init reuses them).
+        let keeps = if *dest == me { keeps_head } else { old_range(dest).as_ref() == Some(range) };
+        if keeps {
+            continue;
+        }
+        for layer in range.clone() {
+            let src = m.from.iter().find(|(_, r)| r.contains(&layer)).map(|(n, _)| n.clone());
+            let Some(src) = src else {
+                return Err(ShardFailure::Stage { stage: dest.clone(), detail: format!("no stage of the old plan held layer {layer}") });
+            };
+            let data = if src == me {
+                m.head.export_kv(layer..layer + 1, &m.blocks).map_err(|e| ShardFailure::Engine(e.to_string()))?
+            } else {
+                let link = p.runtime.block_on(p.mesh.link(&src))?;
+                let req = StageRequest::ExportKv { epoch: m.from_epoch, first_layer: layer as u32, end_layer: layer as u32 + 1, blocks: m.blocks.clone() };
+                match p.runtime.block_on(link.call(req)) {
+                    Ok(StageReply::Kv { data }) => data,
+                    other => return Err(ShardFailure::Stage { stage: src, detail: format!("exporting the KV of layer {layer}: {other:?}") }),
+                }
+            };
+            out.push((dest.clone(), layer, m.blocks.clone(), data));
+        }
+    }
+    Ok(out)
+}
+
+/// Initialises every remote stage of `active` with its range and the epoch, and checks what
+/// each answers.
+fn init_remotes(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan) -> Result<(), ShardFailure> {
+    for (link, range) in &active.remotes {
+        let init = StageRequest::Init {
+            block_size: args.geometry.block_size as u32,
+            num_blocks: args.geometry.num_blocks as u32,
+            first_layer: range.start as u32,
+            end_layer: range.end as u32,
+            epoch: active.epoch,
+        };
+        match p.runtime.block_on(link.call(init)) {
+            Ok(StageReply::Ready { first_layer, end_layer, epoch })
+                if first_layer as usize == range.start && end_layer as usize == range.end && epoch == active.epoch => {}
+            Ok(StageReply::Error(e)) => return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: e }),
+            Ok(other) => return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: format!("answered Init with {other:?}") }),
+            Err(e) => {
+                p.mesh.report_lost(link.peer(), active.epoch);
+                return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: e.to_string() });
+            }
+        }
+    }
+    p.mesh.initialised(active.epoch);
+    Ok(())
 }
 
 /// The shard's thread: loads the stage, then runs steps until the actor goes away.
-fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<ShardMsg>) {
+fn worker(args: ShardArgs, rx: mpsc::Receiver<Work>, me: ActorRef<ShardMsg>) {
     let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(&args)))
         .map_err(|p| ShardFailure::Engine(panic_message(p)))
         .and_then(|r| r);
-    let (mut stage, active) = match loaded {
+    let (mut stage, active, migrated) = match loaded {
         Ok(s) => s,
         Err(e) => {
             let _ = me.cast(ShardMsg::Loaded(Err(e)));
             return;
         }
     };
-    let info = ShardLoaded { epoch: active.as_ref().map(|a| a.epoch), stages: 1 + active.as_ref().map_or(0, |a| a.remotes.len()) };
-    let mut samplers = SamplerSet::default();
+    let plan = active.as_ref().map_or_else(Vec::new, |a| {
+        let head = args.pipeline.as_ref().map_or_else(String::new, |p| p.mesh.name().to_string());
+        std::iter::once((head, 0..a.local_end)).chain(a.remotes.iter().map(|(l, r)| (l.peer().to_string(), r.clone()))).collect()
+    });
+    let info = ShardLoaded { epoch: active.as_ref().map(|a| a.epoch), stages: 1 + active.as_ref().map_or(0, |a| a.remotes.len()), plan, migrated };
     let chain = match (&args.pipeline, active) {
         (Some(p), Some(active)) if !active.remotes.is_empty() => Some(start_chain(p, active, me.clone())),
         _ => None,
     };
     let _ = me.cast(ShardMsg::Loaded(Ok(info)));
     let mut steps = 0;
-    while let Ok(work) = rx.recv() {
+    while let Ok(item) = rx.recv() {
+        let work = match item {
+            Work::Step(w) => w,
+            Work::Handover(to) => {
+                // Every step sent was run before this (the channel is in order); the remote
+                // stages' answers are the chain's, which the scheduler has waited for.
+                let _ = to.send(stage);
+                return;
+            }
+        };
         steps += 1;
         let fault = args.fault.as_ref().is_some_and(|f| f.trigger.exists());
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -258,7 +370,7 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<Shar
                 panic!("injected fault at step {steps}");
             }
             match &chain {
-                None => run_step(&mut stage, &mut samplers, &work).map(Some),
+                None => run_step(&mut stage, &work).map(Some),
                 // The remote stages answer later, through the chain.
                 Some(chain) => run_head_stage(&mut stage, chain, &work).map(|()| None),
             }
@@ -276,27 +388,23 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<Shar
     }
 }
 
-fn run_step(stage: &mut Stage<CpuBackend>, samplers: &mut SamplerSet, work: &ShardWork) -> Result<StepOutput, ShardFailure> {
-    let engine = |e: baton_engine::EngineError| ShardFailure::Engine(e.to_string());
-    samplers.release(work.released.iter().copied());
-    for s in &work.new_sequences {
-        samplers.resume(s.id, s.params.clone(), &s.eos, &s.prompt, &s.generated);
-    }
+/// The sequences a step starts (or restarts after a plan change) on this worker.
+fn starts(work: &ShardWork) -> impl Iterator<Item = SequenceStart<'_>> {
+    work.new_sequences.iter().map(|s| SequenceStart { id: s.id, params: s.params.clone(), eos: &s.eos, prompt: &s.prompt, generated: &s.generated })
+}
+
+fn run_step(stage: &mut StageWorker<CpuBackend>, work: &ShardWork) -> Result<StepOutput, ShardFailure> {
     let start = Instant::now();
     let tokens = work.step.tokens();
-    let out = stage.forward(&work.step.layout, StageInput::Tokens(&tokens)).map_err(engine)?;
-    let forward_time = start.elapsed();
-    let StageOutput::Logits { vocab, data, .. } = out else {
+    let ids: Vec<u64> = work.step.scheduled.iter().map(|s| s.id).collect();
+    let out = stage
+        .step(&work.step.layout, StageInput::Tokens(&tokens), &ids, work.released.iter().copied(), starts(work))
+        .map_err(|e| ShardFailure::Engine(e.to_string()))?;
+    let StepResult::Sampled(sampled) = out else {
         return Err(ShardFailure::Engine("the stage did not produce logits".into()));
     };
-    let sampling = work.step.scheduled.iter().filter(|s| s.samples).map(|s| s.id);
-    let sampled = samplers
-        .sample(sampling, &data, vocab)
-        .map_err(engine)?
-        .into_iter()
-        .map(|(id, sampled, finish)| SampledOut { id, sampled, finish })
-        .collect();
-    Ok(StepOutput { number: work.number, sampled, forward_time, transfer_time: None })
+    let sampled = sampled.into_iter().map(|(id, sampled, finish)| SampledOut { id, sampled, finish }).collect();
+    Ok(StepOutput { number: work.number, sampled, forward_time: start.elapsed(), transfer_time: None })
 }
 
 /// One step on its way down the pipeline.
@@ -402,12 +510,14 @@ fn start_chain(plan: &PipelinePlan, active: ActivePlan, me: ActorRef<ShardMsg>) 
 }
 
 /// The head's share of a pipeline step: its layers here, then the step goes down the chain.
-fn run_head_stage(stage: &mut Stage<CpuBackend>, chain: &Chain, work: &ShardWork) -> Result<(), ShardFailure> {
+fn run_head_stage(stage: &mut StageWorker<CpuBackend>, chain: &Chain, work: &ShardWork) -> Result<(), ShardFailure> {
     let started = Instant::now();
     let tokens = work.step.tokens();
-    let hidden = match stage.forward(&work.step.layout, StageInput::Tokens(&tokens)).map_err(|e| ShardFailure::Engine(e.to_string()))? {
-        StageOutput::Hidden(h) => h,
-        StageOutput::Logits { .. } => return Err(ShardFailure::Engine("the head stage unexpectedly ends the model".into())),
+    let ids: Vec<u64> = work.step.scheduled.iter().map(|s| s.id).collect();
+    // The head samples nothing here: the last stage holds the samplers.
+    let out = stage.step(&work.step.layout, StageInput::Tokens(&tokens), &ids, [], []).map_err(|e| ShardFailure::Engine(e.to_string()))?;
+    let StepResult::Hidden(hidden) = out else {
+        return Err(ShardFailure::Engine("the head stage unexpectedly ends the model".into()));
     };
     let item = ChainItem {
         number: work.number,

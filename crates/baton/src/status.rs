@@ -116,6 +116,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if mesh.is_null() {
             continue;
         }
+        // Nodes that joined through the gossip (cluster.toml does not name them).
+        for n in mesh["nodes"].as_array().into_iter().flatten().filter(|n| n["name"].as_str().is_some_and(|name| c.node(name).is_none())) {
+            let layers = match n["layers"].as_array() {
+                Some(l) => format!("layers {:>3}..{:<3}", l[0], l[1]),
+                None => format!("{:<14}", "no layers"),
+            };
+            println!("  {:<10} {:<6} {:<22} {layers} {}, generation {} (joined)", n["name"].as_str().unwrap_or(""), "stage", "-", n["state"].as_str().unwrap_or(""), n["generation"]);
+        }
         match mesh["epoch"].as_u64() {
             Some(e) => println!("pipeline {}: plan epoch {e}", r["pipeline"]),
             None => println!("pipeline {}: NOT SERVING: no live node holds layers {}..{}", r["pipeline"], mesh["unserved"][0], mesh["unserved"][1]),

@@ -145,4 +145,23 @@ pub trait Backend: Send + Sync + 'static {
     fn attention(&self, batch: &Self::Batch, cache: &Self::KvCache, q: &Self::Buffer, out: &mut Self::Buffer) -> Result<()>;
     /// `out[i] = x[rows[i]]` for rows of `width` values.
     fn gather_rows(&self, x: &Self::Buffer, width: usize, rows: &[usize], out: &mut Self::Buffer) -> Result<()>;
+    /// The K then the V contents of `blocks` (each `block_size` tokens of `kv_dim` values), in
+    /// that order: what a planned plan change moves to a layer's new owner.
+    fn read_kv_blocks(&self, cache: &Self::KvCache, blocks: &[u32], block_size: usize) -> Result<Vec<f32>>;
+    /// The inverse of [`Backend::read_kv_blocks`]: writes `data` into `blocks`.
+    fn write_kv_blocks(&self, cache: &mut Self::KvCache, blocks: &[u32], block_size: usize, data: &[f32]) -> Result<()>;
+}
+
+/// The value ranges of `blocks` in a paged cache of `len` values (`block` values each), or an
+/// error naming the first block outside it.
+pub fn kv_block_ranges(blocks: &[u32], block: usize, len: usize) -> Result<Vec<std::ops::Range<usize>>> {
+    blocks
+        .iter()
+        .map(|&b| {
+            let start = b as usize * block;
+            (start + block <= len)
+                .then_some(start..start + block)
+                .ok_or_else(|| crate::EngineError::BadBatch(format!("KV block {b} is outside the cache ({} blocks)", len / block.max(1))))
+        })
+        .collect()
 }

@@ -271,6 +271,32 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn read_kv_blocks(&self, cache: &CpuKvCache, blocks: &[u32], block_size: usize) -> Result<Vec<f32>> {
+        let ranges = super::kv_block_ranges(blocks, block_size * cache.kv_dim, cache.k.len())?;
+        let mut out = Vec::with_capacity(2 * ranges.iter().map(|r| r.len()).sum::<usize>());
+        for half in [&cache.k, &cache.v] {
+            for r in &ranges {
+                out.extend_from_slice(&half[r.clone()]);
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_kv_blocks(&self, cache: &mut CpuKvCache, blocks: &[u32], block_size: usize, data: &[f32]) -> Result<()> {
+        let ranges = super::kv_block_ranges(blocks, block_size * cache.kv_dim, cache.k.len())?;
+        let per_half: usize = ranges.iter().map(|r| r.len()).sum();
+        check_len("write_kv_blocks", data.len(), 2 * per_half)?;
+        let (k_data, v_data) = data.split_at(per_half);
+        for (half, src) in [(&mut cache.k, k_data), (&mut cache.v, v_data)] {
+            let mut at = 0;
+            for r in &ranges {
+                half[r.clone()].copy_from_slice(&src[at..at + r.len()]);
+                at += r.len();
+            }
+        }
+        Ok(())
+    }
+
     fn attention(&self, batch: &CpuBatch, cache: &CpuKvCache, q: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
         let s = batch.shape;
         let hd = s.head_dim;
