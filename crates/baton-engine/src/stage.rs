@@ -208,6 +208,32 @@ impl<B: Backend> Stage<B> {
         self.range.end == self.config.num_layers
     }
 
+    /// Keeps only layers `keep` (a sub-range of this stage's), with their weights and KV cache
+    /// as they are: a plan change that shrinks a stage need not reload it or move its KV.
+    pub fn retain(&mut self, keep: Range<usize>) -> Result<()> {
+        if keep.is_empty() || keep.start < self.range.start || keep.end > self.range.end {
+            return Err(EngineError::LayerRange { start: keep.start, end: keep.end, num_layers: self.config.num_layers });
+        }
+        let (lo, hi) = (keep.start - self.range.start, keep.end - self.range.start);
+        let old_len = self.range.len();
+        self.layers.truncate(hi);
+        self.layers.drain(..lo);
+        self.kv.truncate(hi);
+        self.kv.drain(..lo);
+        let (first, last) = (keep.start == 0, keep.end == self.config.num_layers);
+        if !(first || (last && self.config.tie_word_embeddings)) {
+            self.embed = None;
+        }
+        if !last {
+            self.final_norm = None;
+            self.lm_head = None;
+        }
+        // Layers dominate what a step reads; scale the estimate with them.
+        self.step_weight_bytes = self.step_weight_bytes * keep.len() / old_len.max(1);
+        self.range = keep;
+        Ok(())
+    }
+
     /// The K/V contents of `blocks` for layers `layers` (absolute layer numbers, within this
     /// stage), layer after layer.
     pub fn export_kv(&self, layers: Range<usize>, blocks: &[u32]) -> Result<Vec<f32>> {

@@ -54,10 +54,17 @@ impl<B: Backend> StageWorker<B> {
         self.layers.clone()
     }
 
-    /// Whether this worker already holds `layers` with a cache of `geometry` (a new plan that
-    /// leaves the stage as it is need not reload it).
+    /// Whether this worker holds every layer of `layers` with a cache of `geometry`: a new plan
+    /// giving it those (the same range, or a smaller one) need not reload it, nor move their KV.
     pub fn holds(&self, layers: &Range<usize>, geometry: KvGeometry) -> bool {
-        self.layers == *layers && self.geometry == geometry
+        self.geometry == geometry && !layers.is_empty() && layers.start >= self.layers.start && layers.end <= self.layers.end
+    }
+
+    /// Shrinks to `layers` (which it [`holds`](Self::holds)), keeping their weights and KV.
+    pub fn retain(&mut self, layers: Range<usize>) -> Result<()> {
+        self.stage.retain(layers.clone())?;
+        self.layers = layers;
+        Ok(())
     }
 
     /// The K/V contents of `blocks` for `layers` (absolute, within this stage): what moves to

@@ -282,3 +282,31 @@ fn kv_exported_and_imported_continues_bit_identically() {
     assert!(new[1].export_kv(0..2, &blocks).is_err(), "layers outside the stage were exported");
     assert!(new[1].import_kv(1..4, &[u32::MAX], &[0.0; 4]).is_err(), "a block outside the cache was written");
 }
+
+/// A stage shrunk in place keeps its layers' KV: [0, 4) runs two steps, gives layers 2..4 (and
+/// their KV) to a new stage, keeps [0, 2), and the rest matches the unsplit model bit for bit.
+#[test]
+fn a_stage_shrunk_in_place_keeps_its_kv() {
+    let dir = tiny_model("kv-retain");
+    let mut whole = vec![stage(&dir, 0..4)];
+    let mut alloc = BlockAllocator::new(GEOMETRY);
+    let mut tables: [BlockTable; 3] = Default::default();
+    let all = steps(&mut alloc, &mut tables);
+    let want: Vec<Vec<f32>> = all.iter().map(|(layout, toks)| run_chain(&mut whole, layout, toks)).collect();
+
+    let mut first = stage(&dir, 0..4);
+    for (layout, toks) in &all[..2] {
+        run_chain(std::slice::from_mut(&mut first), layout, toks);
+    }
+    let blocks: Vec<u32> = tables.iter().flat_map(|t| t.blocks().iter().copied()).collect();
+    let moving = first.export_kv(2..4, &blocks).unwrap();
+    first.retain(0..2).unwrap();
+    assert!(first.is_first() && !first.is_last());
+    let mut second = stage(&dir, 2..4);
+    second.import_kv(2..4, &blocks, &moving).unwrap();
+    let mut chain = vec![first, second];
+    for ((layout, toks), want) in all[2..].iter().zip(&want[2..]) {
+        assert_eq!(&run_chain(&mut chain, layout, toks), want, "logits differ after shrinking in place");
+    }
+    assert!(chain[0].retain(1..3).is_err(), "kept layers it does not hold");
+}

@@ -150,10 +150,15 @@ impl StageService {
             StageRequest::Init { block_size, num_blocks, first_layer, end_layer, epoch } => {
                 let geometry = KvGeometry { block_size: block_size as usize, num_blocks: num_blocks as usize };
                 let layers = first_layer as usize..end_layer as usize;
-                // The same layers and cache shape: keep the weights and the cache (the head
-                // recomputes every sequence from its start, overwriting what it reads).
+                // Layers it holds already (the cache shape unchanged) stay, with their KV: a
+                // planned change moves only the KV of layers that change hands, and after a
+                // loss the head recomputes every sequence, overwriting what it reads.
                 let reuse = guard.as_ref().is_some_and(|l| l.worker.holds(&layers, geometry));
                 if let (true, Some(l)) = (reuse, guard.as_mut()) {
+                    // The same layers, or fewer: kept in place with their KV.
+                    if let Err(e) = l.worker.retain(layers.clone()) {
+                        return StageReply::Error(e.to_string());
+                    }
                     l.epoch = epoch;
                     l.worker.reset_samplers();
                 } else {

@@ -243,6 +243,7 @@ fn load(args: &ShardArgs) -> Result<(StageWorker<CpuBackend>, Option<ActivePlan>
     let migrated = !moved.is_empty() || head.is_some();
     let mut worker = match head {
         Some(mut w) => {
+            w.retain(0..active.local_end).map_err(engine)?;
             w.reset_samplers();
             w
         }
@@ -278,8 +279,9 @@ fn export_moving_kv(p: &PipelinePlan, m: &Migration, active: &ActivePlan, keeps_
         std::iter::once((me.clone(), 0..active.local_end)).chain(active.remotes.iter().map(|(l, r)| (l.peer().to_string(), r.clone()))).collect();
     let mut out = Vec::new();
     for (dest, range) in &new {
-        // A stage given the range it has keeps its weights and cache (its Init reuses them).
-        let keeps = if *dest == me { keeps_head } else { old_range(dest).as_ref() == Some(range) };
+        // A stage given layers it has (the same range, or fewer) keeps them with their KV (its
+        // Init retains them).
+        let keeps = if *dest == me { keeps_head } else { old_range(dest).is_some_and(|o| range.start >= o.start && range.end <= o.end) };
         if keeps {
             continue;
         }
@@ -307,15 +309,25 @@ fn export_moving_kv(p: &PipelinePlan, m: &Migration, active: &ActivePlan, keeps_
 /// Initialises every remote stage of `active` with its range and the epoch, and checks what
 /// each answers.
 fn init_remotes(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan) -> Result<(), ShardFailure> {
-    for (link, range) in &active.remotes {
-        let init = StageRequest::Init {
-            block_size: args.geometry.block_size as u32,
-            num_blocks: args.geometry.num_blocks as u32,
-            first_layer: range.start as u32,
-            end_layer: range.end as u32,
-            epoch: active.epoch,
-        };
-        match p.runtime.block_on(link.call(init)) {
+    // Every stage loads at once.
+    let calls: Vec<_> = active
+        .remotes
+        .iter()
+        .map(|(link, range)| {
+            let init = StageRequest::Init {
+                block_size: args.geometry.block_size as u32,
+                num_blocks: args.geometry.num_blocks as u32,
+                first_layer: range.start as u32,
+                end_layer: range.end as u32,
+                epoch: active.epoch,
+            };
+            let link = link.clone();
+            p.runtime.spawn(async move { link.call(init).await })
+        })
+        .collect();
+    for ((link, range), call) in active.remotes.iter().zip(calls) {
+        let answer = p.runtime.block_on(call).map_err(|e| ShardFailure::Stage { stage: link.peer().to_string(), detail: e.to_string() })?;
+        match answer {
             Ok(StageReply::Ready { first_layer, end_layer, epoch })
                 if first_layer as usize == range.start && end_layer as usize == range.end && epoch == active.epoch => {}
             Ok(StageReply::Error(e)) => return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: e }),
