@@ -6,11 +6,12 @@
 #   every 10 ms) and to serving again (the shard ready under the new plan, /metrics
 #   plan_change_seconds); the longest gap between two tokens of any stream of that load
 #   (`baton bench`'s itl max) and its failed requests. Then the node is started again and taken
-#   back (a join) under a fresh load: the same gap and failures for the join.
+#   back (a join) under a fresh load: the same gap and failures for the join. First, the same
+#   load with nothing happening (its longest gap is the baseline the others compare with).
 # SOAK seconds (default 0): afterwards, full CPU load for that long with nobody killed; prints
 # the plan changes seen (false failure detections).
 #   scripts/bench-failover.sh [KILLS] [SOAK]
-# Prints one JSON line per event and a summary line.
+# Prints one JSON line per event and a summary line; KEEP=1 keeps the nodes' logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kills=${1:-10}
@@ -20,7 +21,7 @@ cargo build --release -q -p baton
 work=$(mktemp -d /tmp/baton-bench-failover.XXXXXX)
 declare -A pid
 stop() { for p in "${pid[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap 'stop; rm -rf "$work"' EXIT
+trap 'stop; [ -n "${KEEP:-}" ] && echo "logs kept in $work" >&2 || rm -rf "$work"' EXIT
 head=127.0.0.1:17280
 cat > "$work/cluster.toml" <<TOML
 [cluster]
@@ -55,7 +56,11 @@ metric() { curl -sf "http://$head/metrics" | awk -v m="$1" '$1 == m {print $2}';
 # A load of 8 streams at a time, long enough to span the event; its JSON goes to $1.
 load() { "$baton" bench --url "http://$head" --concurrency 8 --num-requests 24 --warmup 0 --input-len 64 --output-len 160 --json > "$1" 2>/dev/null & }
 gap() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["itl_ms"]["max"], d["failed"], d["requests"])' "$1"; }
-total_failed=0
+# The same load with nothing happening: the longest inter-token gap it has anyway.
+load "$work/baseline.json"; wait $! || true
+read -r bgap bfailed bok < <(gap "$work/baseline.json")
+echo "{\"baseline_gap_ms\": $bgap, \"baseline_failed\": $bfailed, \"baseline_ok\": $bok}"
+total_failed=$bfailed
 for i in $(seq 1 "$kills"); do
     victim=$([ $((i % 2)) -eq 1 ] && echo node-b || echo node-c)
     before=$(epoch); changes_before=$(metric baton:plan_change_seconds_count)

@@ -232,6 +232,7 @@ fn load(args: &ShardArgs) -> Result<(StageWorker<CpuBackend>, Option<ActivePlan>
         return Ok((worker, None, false));
     };
     let active = p.runtime.block_on(p.mesh.active())?;
+    let started = Instant::now();
     let mut moved = Vec::new();
     let mut head = None;
     if let Some(m) = migration {
@@ -239,7 +240,9 @@ fn load(args: &ShardArgs) -> Result<(StageWorker<CpuBackend>, Option<ActivePlan>
         moved = export_moving_kv(p, &m, &active, keeps_head)?;
         head = keeps_head.then_some(m.head);
     }
+    let exported = started.elapsed();
     init_remotes(p, args, &active)?;
+    let initialised = started.elapsed();
     let migrated = !moved.is_empty() || head.is_some();
     let mut worker = match head {
         Some(mut w) => {
@@ -252,23 +255,41 @@ fn load(args: &ShardArgs) -> Result<(StageWorker<CpuBackend>, Option<ActivePlan>
             StageWorker::load(backend, &args.model_dir, 0..active.local_end, args.geometry).map_err(engine)?
         }
     };
-    for (dest, layer, blocks, data) in moved {
-        match active.remotes.iter().find(|(l, _)| l.peer() == dest) {
-            None => worker.import_kv(layer..layer + 1, &blocks, &data).map_err(engine)?,
-            Some((link, _)) => {
-                let req = StageRequest::ImportKv { epoch: active.epoch, first_layer: layer as u32, end_layer: layer as u32 + 1, blocks, data };
-                match p.runtime.block_on(link.call(req)) {
-                    Ok(StageReply::Ack) => {}
-                    other => return Err(ShardFailure::Stage { stage: dest, detail: format!("importing the KV of layer {layer}: {other:?}") }),
-                }
-            }
-        }
+    if migrated {
+        let layers: usize = moved.iter().map(|m| m.1.len()).sum();
+        let mb = moved.iter().map(|m| m.3.len() * 4).sum::<usize>() as f64 / 1e6;
+        let import = Instant::now();
+        import_moved_kv(p, &active, &mut worker, moved)?;
+        eprintln!(
+            "baton: plan epoch {}: KV of {layers} layer(s) ({mb:.1} MB) read in {} ms; stages initialised in {} ms; KV written in {} ms",
+            active.epoch,
+            exported.as_millis(),
+            (initialised - exported).as_millis(),
+            import.elapsed().as_millis()
+        );
     }
     Ok((worker, Some(active), migrated))
 }
 
-/// One layer's KV on its way to a new owner: (new owner, layer, blocks, data).
-type KvMove = (String, usize, Vec<u32>, Vec<f32>);
+/// Writes the moved KV at the new owners (the head's own worker, or remote stages).
+fn import_moved_kv(p: &PipelinePlan, active: &ActivePlan, worker: &mut StageWorker<CpuBackend>, moved: Vec<KvMove>) -> Result<(), ShardFailure> {
+    for (dest, layers, blocks, data) in moved {
+        match active.remotes.iter().find(|(l, _)| l.peer() == dest) {
+            None => worker.import_kv(layers, &blocks, &data).map_err(|e| ShardFailure::Engine(e.to_string()))?,
+            Some((link, _)) => {
+                let req = StageRequest::ImportKv { epoch: active.epoch, first_layer: layers.start as u32, end_layer: layers.end as u32, blocks, data };
+                match p.runtime.block_on(link.call(req)) {
+                    Ok(StageReply::Ack) => {}
+                    other => return Err(ShardFailure::Stage { stage: dest, detail: format!("importing the KV of layers {}..{}: {other:?}", layers.start, layers.end) }),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Some layers' KV on their way to a new owner: (new owner, layers, blocks, data).
+type KvMove = (String, std::ops::Range<usize>, Vec<u32>, Vec<f32>);
 
 /// Reads, from the stages of the old plan (before any is re-initialised), the KV of every layer
 /// whose new owner will load it afresh. The head's old worker answers for its own layers.
@@ -285,22 +306,25 @@ fn export_moving_kv(p: &PipelinePlan, m: &Migration, active: &ActivePlan, keeps_
         if keeps {
             continue;
         }
-        for layer in range.clone() {
-            let src = m.from.iter().find(|(_, r)| r.contains(&layer)).map(|(n, _)| n.clone());
-            let Some(src) = src else {
+        // One export per run of layers with the same old owner.
+        let mut layer = range.start;
+        while layer < range.end {
+            let Some((src, held)) = m.from.iter().find(|(_, r)| r.contains(&layer)).cloned() else {
                 return Err(ShardFailure::Stage { stage: dest.clone(), detail: format!("no stage of the old plan held layer {layer}") });
             };
+            let run = layer..held.end.min(range.end);
             let data = if src == me {
-                m.head.export_kv(layer..layer + 1, &m.blocks).map_err(|e| ShardFailure::Engine(e.to_string()))?
+                m.head.export_kv(run.clone(), &m.blocks).map_err(|e| ShardFailure::Engine(e.to_string()))?
             } else {
                 let link = p.runtime.block_on(p.mesh.link(&src))?;
-                let req = StageRequest::ExportKv { epoch: m.from_epoch, first_layer: layer as u32, end_layer: layer as u32 + 1, blocks: m.blocks.clone() };
+                let req = StageRequest::ExportKv { epoch: m.from_epoch, first_layer: run.start as u32, end_layer: run.end as u32, blocks: m.blocks.clone() };
                 match p.runtime.block_on(link.call(req)) {
                     Ok(StageReply::Kv { data }) => data,
-                    other => return Err(ShardFailure::Stage { stage: src, detail: format!("exporting the KV of layer {layer}: {other:?}") }),
+                    other => return Err(ShardFailure::Stage { stage: src, detail: format!("exporting the KV of layers {}..{}: {other:?}", run.start, run.end) }),
                 }
             };
-            out.push((dest.clone(), layer, m.blocks.clone(), data));
+            layer = run.end;
+            out.push((dest.clone(), run, m.blocks.clone(), data));
         }
     }
     Ok(out)
