@@ -175,8 +175,8 @@ impl MeshDriver {
         self.runtime.spawn(Arc::clone(self).probe_loop(name, control, self.probe));
     }
 
-    /// Follows the gossip: new members of this pipeline's replica are added, and members that
-    /// say they are draining are moved out of the plan.
+    /// Follows the gossip: new members of this pipeline's replica are added (then probed
+    /// directly over mTLS, which decides everything else about them).
     pub async fn follow(self: Arc<Self>, gossip: Arc<crate::gossip::Gossip>, replica: u32, layer_bytes: u64) {
         let mut changes = gossip.subscribe();
         loop {
@@ -184,9 +184,8 @@ impl MeshDriver {
                 if info.name == self.me || info.replica != replica {
                     continue;
                 }
-                if info.state == crate::gossip::NodeState::Draining {
-                    self.core().drain(&info.name);
-                }
+                // Draining is taken from the node's own (authenticated) pongs, not from gossip,
+                // which any member could forge for another.
                 let member = Member { name: info.name.clone(), capacity: info.memory_bytes as f64, max_layers: (info.memory_bytes / layer_bytes.max(1)) as usize };
                 self.add_member(member, info.control);
             }

@@ -175,7 +175,7 @@ impl StageService {
                 }
                 *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Serving { layers: Some(layers.clone()), epoch };
                 tracing::info!(epoch, first = layers.start, end = layers.end, reused = reuse, "stage initialised");
-                StageReply::Ready { first_layer, end_layer, epoch }
+                StageReply::Ready { first_layer, end_layer, epoch, kept: reuse }
             }
             StageRequest::ExportKv { epoch, first_layer, end_layer, blocks } => match guard.as_ref() {
                 Some(l) if l.epoch == epoch => match l.worker.export_kv(first_layer as usize..end_layer as usize, &blocks) {
@@ -240,7 +240,16 @@ impl ractor::Actor for StageShard {
     async fn handle(&self, _myself: ractor::ActorRef<StageShardMsg>, msg: StageShardMsg, svc: &mut Arc<StageService>) -> Result<(), ractor::ActorProcessingErr> {
         let StageShardMsg::Run(req, reply) = msg;
         let s = svc.clone();
-        let out = tokio::task::spawn_blocking(move || s.handle(req)).await.unwrap_or_else(|e| StageReply::Error(format!("stage worker: {e}")));
+        let out = match tokio::task::spawn_blocking(move || s.handle(req)).await {
+            Ok(out) => out,
+            Err(e) => {
+                // A panic mid-step leaves the stage's KV half taken: drop it, so the head's
+                // next Init loads afresh (and says so) rather than reusing a broken stage.
+                *svc.state.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *svc.serving.lock().unwrap_or_else(|p| p.into_inner()) = Serving::default();
+                StageReply::Error(format!("stage worker: {e}"))
+            }
+        };
         let _ = reply.send(out);
         Ok(())
     }

@@ -114,7 +114,9 @@ pub enum StageReply {
     Ack,
     /// The stage's UCX worker address and RMA window, when both ends have UCX.
     Attached { tensor_address: Option<Vec<u8>>, window: Option<WireWindow> },
-    Ready { first_layer: u32, end_layer: u32, epoch: u64 },
+    /// `kept`: the stage kept the layers it held with their KV (retained in place), rather than
+    /// loading afresh; a head moving KV checks it for every stage it expects to keep its own.
+    Ready { first_layer: u32, end_layer: u32, epoch: u64, kept: bool },
     /// `compute_us`: the stage's own time on the step (forward, and sampling on the last stage),
     /// so the head can tell transfer time from compute.
     Hidden { hidden: Vec<f32>, compute_us: u64 },

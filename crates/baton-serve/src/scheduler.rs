@@ -353,7 +353,10 @@ impl State {
     /// sequences keep their place; only their samplers are set up again. If the worker cannot
     /// be had, the change goes the recompute way.
     async fn migrate(&mut self, myself: &ActorRef<SchedulerMsg>) -> Result<(), ActorProcessingErr> {
-        let (Some(shard), Some(from_epoch)) = (self.shard.take(), self.shard_epoch) else {
+        let (Some(from_epoch), Some(to_epoch)) = (self.shard_epoch, self.switching) else {
+            return self.replace_shard(myself).await;
+        };
+        let Some(shard) = self.shard.take() else {
             return self.replace_shard(myself).await;
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -365,7 +368,7 @@ impl State {
             return self.replace_shard(myself).await;
         };
         let blocks = self.core.blocks_in_use();
-        *self.migration.lock().unwrap_or_else(|p| p.into_inner()) = Some(Migration { from: self.shard_plan.clone(), from_epoch, blocks, head });
+        *self.migration.lock().unwrap_or_else(|p| p.into_inner()) = Some(Migration { from: self.shard_plan.clone(), from_epoch, to_epoch, blocks, head });
         self.switching = None;
         self.shard_ready = false;
         self.shard_epoch = None;
@@ -390,6 +393,7 @@ fn admit_error(e: AdmitError) -> ServeError {
 async fn spawn_shard(myself: &ActorRef<SchedulerMsg>, args: &ShardArgsTemplate, geometry: baton_engine::KvGeometry, migration: &MigrationSlot) -> Result<ActorRef<ShardMsg>, ActorProcessingErr> {
     let shard_args = ShardArgs {
         migration: migration.clone(),
+        stopped: Arc::default(),
         model_dir: args.model_dir.clone(),
         threads: args.threads,
         geometry,
@@ -549,10 +553,22 @@ impl Actor for SchedulerActor {
                     return Ok(());
                 }
                 // A join or a drain, every stage of the running plan alive: move the KV once the
-                // steps in flight are done. Anything else recomputes.
-                let planned = epoch.and_then(|e| mesh.change(e)).is_some_and(|(c, _)| {
-                    matches!(c.reason, baton_mesh::elastic::ChangeReason::NodeJoined | baton_mesh::elastic::ChangeReason::NodeDrained)
-                });
+                // steps in flight are done. Anything else recomputes. Every change since the
+                // plan the shard runs must be one of those (a restart in between lost KV).
+                let planned_change = |e: u64| {
+                    mesh.change(e).is_some_and(|(c, _)| {
+                        matches!(c.reason, baton_mesh::elastic::ChangeReason::NodeJoined | baton_mesh::elastic::ChangeReason::NodeDrained)
+                    })
+                };
+                let planned = match (state.shard_epoch, epoch) {
+                    (Some(from), Some(to)) if to > from => (from + 1..=to).all(planned_change),
+                    _ => false,
+                };
+                // A shard still loading: it is checked against the plan when it is ready, and a
+                // join or a drain can wait for that; a loss cannot.
+                if state.shard.is_some() && !state.shard_ready && epoch.is_some_and(planned_change) {
+                    return Ok(());
+                }
                 if planned && state.shard_ready && !state.shard_plan.is_empty() {
                     state.switching = epoch;
                     if state.in_flight.is_empty() {

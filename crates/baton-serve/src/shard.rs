@@ -85,6 +85,8 @@ pub struct ShardLoaded {
 pub struct Migration {
     pub from: Vec<(String, std::ops::Range<usize>)>,
     pub from_epoch: u64,
+    /// The plan it moves to; if the mesh has moved on since, the shard recomputes instead.
+    pub to_epoch: u64,
     pub blocks: Vec<u32>,
     pub head: StageWorker<CpuBackend>,
 }
@@ -102,6 +104,9 @@ pub struct ShardArgs {
     pub fault: Option<InjectedFault>,
     pub pipeline: Option<Arc<PipelinePlan>>,
     pub migration: MigrationSlot,
+    /// Set when the shard is stopped: a loading thread makes no further call to the stages
+    /// (a newer shard may be initialising them).
+    pub stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A sequence the shard has not seen yet: how to sample it.
@@ -163,6 +168,7 @@ enum Work {
 pub struct Shard;
 
 pub struct ShardState {
+    stopped: Arc<std::sync::atomic::AtomicBool>,
     work: mpsc::Sender<Work>,
     scheduler: ActorRef<SchedulerMsg>,
 }
@@ -176,10 +182,16 @@ impl Actor for Shard {
         let (tx, rx) = mpsc::channel::<Work>();
         let me = myself.clone();
         let scheduler = args.scheduler.clone();
+        let stopped = args.stopped.clone();
         std::thread::Builder::new()
             .name("baton-shard".into())
             .spawn(move || worker(args, rx, me))?;
-        Ok(ShardState { work: tx, scheduler })
+        Ok(ShardState { stopped, work: tx, scheduler })
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<ShardMsg>, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+        state.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     async fn handle(&self, myself: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
@@ -221,7 +233,8 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 /// Loads this shard's stage: the whole model, or on a pipeline head the layers the mesh's
 /// current plan gives it, after initialising every remote stage with its range and the epoch.
 /// With a migration (a planned change) the KV of every layer whose owner reloads is moved from
-/// its old owner first, so the running sequences go on where they were.
+/// its old owner first, so the running sequences go on where they were; any failure on that
+/// path is a `Stage` failure, which makes the scheduler recompute them instead.
 fn load(args: &ShardArgs) -> Result<(StageWorker<CpuBackend>, Option<ActivePlan>, bool), ShardFailure> {
     let engine = |e: baton_engine::EngineError| ShardFailure::Engine(e.to_string());
     let config = ModelConfig::from_dir(&args.model_dir).map_err(engine)?;
@@ -232,50 +245,120 @@ fn load(args: &ShardArgs) -> Result<(StageWorker<CpuBackend>, Option<ActivePlan>
         return Ok((worker, None, false));
     };
     let active = p.runtime.block_on(p.mesh.active())?;
-    let started = Instant::now();
-    let mut moved = Vec::new();
-    let mut head = None;
-    if let Some(m) = migration {
-        let keeps_head = m.head.holds(&(0..active.local_end), args.geometry);
-        moved = export_moving_kv(p, &m, &active, keeps_head)?;
-        head = keeps_head.then_some(m.head);
-    }
-    let exported = started.elapsed();
-    init_remotes(p, args, &active)?;
-    let initialised = started.elapsed();
-    let migrated = !moved.is_empty() || head.is_some();
-    let mut worker = match head {
-        Some(mut w) => {
-            w.retain(0..active.local_end).map_err(engine)?;
-            w.reset_samplers();
-            w
-        }
-        None => {
-            let backend = CpuBackend::new(args.threads).map_err(engine)?;
-            StageWorker::load(backend, &args.model_dir, 0..active.local_end, args.geometry).map_err(engine)?
-        }
+    let Some(m) = migration else {
+        init_remotes(p, args, &active)?;
+        let backend = CpuBackend::new(args.threads).map_err(engine)?;
+        let worker = StageWorker::load(backend, &args.model_dir, 0..active.local_end, args.geometry).map_err(engine)?;
+        return Ok((worker, Some(active), false));
     };
-    if migrated {
-        let layers: usize = moved.iter().map(|m| m.1.len()).sum();
-        let mb = moved.iter().map(|m| m.3.len() * 4).sum::<usize>() as f64 / 1e6;
-        let import = Instant::now();
-        import_moved_kv(p, &active, &mut worker, moved)?;
-        eprintln!(
-            "baton: plan epoch {}: KV of {layers} layer(s) ({mb:.1} MB) read in {} ms; stages initialised in {} ms; KV written in {} ms",
-            active.epoch,
-            exported.as_millis(),
-            (initialised - exported).as_millis(),
-            import.elapsed().as_millis()
-        );
+    let moving = |detail: String| ShardFailure::Stage { stage: "-".into(), detail: format!("moving the KV: {detail}") };
+    if active.epoch != m.to_epoch {
+        return Err(moving(format!("the plan moved on to epoch {} (the move was for {})", active.epoch, m.to_epoch)));
     }
-    Ok((worker, Some(active), migrated))
+    let started = Instant::now();
+    let keeps_head = m.head.holds(&(0..active.local_end), args.geometry);
+    let per_block = 2 * args.geometry.block_size * config.kv_dim() * 4;
+    let (moved, keeping) = export_moving_kv(p, args, &m, &active, keeps_head, per_block)?;
+    let exported = started.elapsed();
+    let kept = init_remotes(p, args, &active)?;
+    // A stage that was to keep its KV must have: a restarted process loads afresh.
+    if let Some(lost) = keeping.iter().find(|n| !kept.contains(n)) {
+        return Err(ShardFailure::Stage { stage: lost.clone(), detail: "it was to keep its KV but loaded afresh".into() });
+    }
+    let initialised = started.elapsed();
+    let mut worker = if keeps_head {
+        let mut w = m.head;
+        w.retain(0..active.local_end).map_err(|e| moving(e.to_string()))?;
+        w.reset_samplers();
+        w
+    } else {
+        let backend = CpuBackend::new(args.threads).map_err(engine)?;
+        StageWorker::load(backend, &args.model_dir, 0..active.local_end, args.geometry).map_err(engine)?
+    };
+    let messages = moved.len();
+    let mb = moved.iter().map(|m| m.3.len() * 4).sum::<usize>() as f64 / 1e6;
+    let import = Instant::now();
+    import_moved_kv(p, args, &active, &mut worker, moved)?;
+    eprintln!(
+        "baton: plan epoch {}: KV moved ({mb:.1} MB in {messages} message(s)) read in {} ms; stages initialised in {} ms; KV written in {} ms",
+        active.epoch,
+        exported.as_millis(),
+        (initialised - exported).as_millis(),
+        import.elapsed().as_millis()
+    );
+    Ok((worker, Some(active), true))
+}
+
+/// A replaced shard's loading thread stops before its next call to a stage.
+fn check_stopped(args: &ShardArgs) -> Result<(), ShardFailure> {
+    if args.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ShardFailure::Stage { stage: "-".into(), detail: "the shard was replaced while loading".into() });
+    }
+    Ok(())
+}
+
+/// At most this many bytes of KV per ExportKv/ImportKv message (well under MAX_TENSOR_FRAME).
+const KV_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Some layers' KV, for some blocks, on their way to a new owner: (owner, layers, blocks, data).
+type KvMove = (String, std::ops::Range<usize>, Vec<u32>, Vec<f32>);
+
+/// Reads, from the stages of the old plan (before any is re-initialised), the KV of every layer
+/// whose new owner will load it afresh, in messages of at most [`KV_MESSAGE_BYTES`]; the head's
+/// old worker answers for its own layers. Also returns the remote stages expected to keep their
+/// KV in place (given layers they hold).
+fn export_moving_kv(p: &PipelinePlan, args: &ShardArgs, m: &Migration, active: &ActivePlan, keeps_head: bool, per_block: usize) -> Result<(Vec<KvMove>, Vec<String>), ShardFailure> {
+    let me = p.mesh.name().to_string();
+    let failed = |stage: &str, detail: String| ShardFailure::Stage { stage: stage.to_string(), detail };
+    let old_range = |n: &str| m.from.iter().find(|(o, _)| o == n).map(|(_, r)| r.clone());
+    let new: Vec<(String, std::ops::Range<usize>)> =
+        std::iter::once((me.clone(), 0..active.local_end)).chain(active.remotes.iter().map(|(l, r)| (l.peer().to_string(), r.clone()))).collect();
+    let mut out = Vec::new();
+    let mut keeping = Vec::new();
+    for (dest, range) in &new {
+        // A stage given layers it has (the same range, or fewer) keeps them with their KV (its
+        // Init retains them, and says so).
+        let keeps = if *dest == me { keeps_head } else { old_range(dest).is_some_and(|o| range.start >= o.start && range.end <= o.end) };
+        if keeps {
+            if *dest != me {
+                keeping.push(dest.clone());
+            }
+            continue;
+        }
+        // One run of layers per old owner, its blocks in chunks that keep each message small.
+        let mut layer = range.start;
+        while layer < range.end {
+            let Some((src, held)) = m.from.iter().find(|(_, r)| r.contains(&layer)).cloned() else {
+                return Err(failed(dest, format!("no stage of the old plan held layer {layer}")));
+            };
+            let run = layer..held.end.min(range.end);
+            let chunk = (KV_MESSAGE_BYTES / (per_block * run.len()).max(1)).max(1);
+            for blocks in m.blocks.chunks(chunk) {
+                check_stopped(args)?;
+                let data = if src == me {
+                    m.head.export_kv(run.clone(), blocks).map_err(|e| failed(&src, e.to_string()))?
+                } else {
+                    let link = p.runtime.block_on(p.mesh.link(&src))?;
+                    let req = StageRequest::ExportKv { epoch: m.from_epoch, first_layer: run.start as u32, end_layer: run.end as u32, blocks: blocks.to_vec() };
+                    match p.runtime.block_on(link.call(req)) {
+                        Ok(StageReply::Kv { data }) => data,
+                        other => return Err(failed(&src, format!("exporting the KV of layers {}..{}: {other:?}", run.start, run.end))),
+                    }
+                };
+                out.push((dest.clone(), run.clone(), blocks.to_vec(), data));
+            }
+            layer = run.end;
+        }
+    }
+    Ok((out, keeping))
 }
 
 /// Writes the moved KV at the new owners (the head's own worker, or remote stages).
-fn import_moved_kv(p: &PipelinePlan, active: &ActivePlan, worker: &mut StageWorker<CpuBackend>, moved: Vec<KvMove>) -> Result<(), ShardFailure> {
+fn import_moved_kv(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan, worker: &mut StageWorker<CpuBackend>, moved: Vec<KvMove>) -> Result<(), ShardFailure> {
     for (dest, layers, blocks, data) in moved {
+        check_stopped(args)?;
         match active.remotes.iter().find(|(l, _)| l.peer() == dest) {
-            None => worker.import_kv(layers, &blocks, &data).map_err(|e| ShardFailure::Engine(e.to_string()))?,
+            None => worker.import_kv(layers, &blocks, &data).map_err(|e| ShardFailure::Stage { stage: dest, detail: format!("importing the KV: {e}") })?,
             Some((link, _)) => {
                 let req = StageRequest::ImportKv { epoch: active.epoch, first_layer: layers.start as u32, end_layer: layers.end as u32, blocks, data };
                 match p.runtime.block_on(link.call(req)) {
@@ -288,52 +371,10 @@ fn import_moved_kv(p: &PipelinePlan, active: &ActivePlan, worker: &mut StageWork
     Ok(())
 }
 
-/// Some layers' KV on their way to a new owner: (new owner, layers, blocks, data).
-type KvMove = (String, std::ops::Range<usize>, Vec<u32>, Vec<f32>);
-
-/// Reads, from the stages of the old plan (before any is re-initialised), the KV of every layer
-/// whose new owner will load it afresh. The head's old worker answers for its own layers.
-fn export_moving_kv(p: &PipelinePlan, m: &Migration, active: &ActivePlan, keeps_head: bool) -> Result<Vec<KvMove>, ShardFailure> {
-    let me = p.mesh.name().to_string();
-    let old_range = |n: &str| m.from.iter().find(|(o, _)| o == n).map(|(_, r)| r.clone());
-    let new: Vec<(String, std::ops::Range<usize>)> =
-        std::iter::once((me.clone(), 0..active.local_end)).chain(active.remotes.iter().map(|(l, r)| (l.peer().to_string(), r.clone()))).collect();
-    let mut out = Vec::new();
-    for (dest, range) in &new {
-        // A stage given layers it has (the same range, or fewer) keeps them with their KV (its
-        // Init retains them).
-        let keeps = if *dest == me { keeps_head } else { old_range(dest).is_some_and(|o| range.start >= o.start && range.end <= o.end) };
-        if keeps {
-            continue;
-        }
-        // One export per run of layers with the same old owner.
-        let mut layer = range.start;
-        while layer < range.end {
-            let Some((src, held)) = m.from.iter().find(|(_, r)| r.contains(&layer)).cloned() else {
-                return Err(ShardFailure::Stage { stage: dest.clone(), detail: format!("no stage of the old plan held layer {layer}") });
-            };
-            let run = layer..held.end.min(range.end);
-            let data = if src == me {
-                m.head.export_kv(run.clone(), &m.blocks).map_err(|e| ShardFailure::Engine(e.to_string()))?
-            } else {
-                let link = p.runtime.block_on(p.mesh.link(&src))?;
-                let req = StageRequest::ExportKv { epoch: m.from_epoch, first_layer: run.start as u32, end_layer: run.end as u32, blocks: m.blocks.clone() };
-                match p.runtime.block_on(link.call(req)) {
-                    Ok(StageReply::Kv { data }) => data,
-                    other => return Err(ShardFailure::Stage { stage: src, detail: format!("exporting the KV of layers {}..{}: {other:?}", run.start, run.end) }),
-                }
-            };
-            layer = run.end;
-            out.push((dest.clone(), run, m.blocks.clone(), data));
-        }
-    }
-    Ok(out)
-}
-
-/// Initialises every remote stage of `active` with its range and the epoch, and checks what
-/// each answers.
-fn init_remotes(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan) -> Result<(), ShardFailure> {
-    // Every stage loads at once.
+/// Initialises every remote stage of `active` with its range and the epoch (all at once),
+/// checks what each answers, and returns the stages that kept their layers in place.
+fn init_remotes(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan) -> Result<Vec<String>, ShardFailure> {
+    check_stopped(args)?;
     let calls: Vec<_> = active
         .remotes
         .iter()
@@ -349,11 +390,17 @@ fn init_remotes(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan) -> Resu
             p.runtime.spawn(async move { link.call(init).await })
         })
         .collect();
+    let mut kept_in_place = Vec::new();
     for ((link, range), call) in active.remotes.iter().zip(calls) {
         let answer = p.runtime.block_on(call).map_err(|e| ShardFailure::Stage { stage: link.peer().to_string(), detail: e.to_string() })?;
         match answer {
-            Ok(StageReply::Ready { first_layer, end_layer, epoch })
-                if first_layer as usize == range.start && end_layer as usize == range.end && epoch == active.epoch => {}
+            Ok(StageReply::Ready { first_layer, end_layer, epoch, kept })
+                if first_layer as usize == range.start && end_layer as usize == range.end && epoch == active.epoch =>
+            {
+                if kept {
+                    kept_in_place.push(link.peer().to_string());
+                }
+            }
             Ok(StageReply::Error(e)) => return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: e }),
             Ok(other) => return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: format!("answered Init with {other:?}") }),
             Err(e) => {
@@ -363,7 +410,7 @@ fn init_remotes(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan) -> Resu
         }
     }
     p.mesh.initialised(active.epoch);
-    Ok(())
+    Ok(kept_in_place)
 }
 
 /// The shard's thread: loads the stage, then runs steps until the actor goes away.
