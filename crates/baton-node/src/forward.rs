@@ -36,13 +36,40 @@ impl Front {
     /// Starts polling the heads' load.
     pub fn start(heads: Vec<HeadAddr>) -> Arc<Front> {
         let bases = heads.iter().map(|h| format!("http://{}", h.http)).collect();
-        let front = Arc::new(Front { loads: Mutex::new(HeadLoads::new(heads.len())), heads, bases, client: reqwest::Client::new() });
+        let loads = Mutex::new(HeadLoads::new(heads.iter().map(|h| h.name.clone())));
+        let front = Arc::new(Front { loads, heads, bases, client: reqwest::Client::new() });
         tokio::spawn(poll_loads(front.clone()));
         front
     }
 
-    pub fn loads(&self) -> std::sync::MutexGuard<'_, HeadLoads> {
+    fn loads(&self) -> std::sync::MutexGuard<'_, HeadLoads> {
         self.loads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The least loaded head not in `tried` (indices into `heads`); the routing core keys heads
+    /// by name, this shell by position in its address list.
+    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let exclude: Vec<&str> = tried.iter().filter_map(|&i| self.heads.get(i)).map(|h| h.name.as_str()).collect();
+        let name = self.loads().pick(Instant::now(), &exclude)?;
+        self.heads.iter().position(|h| h.name == name)
+    }
+
+    pub fn unreachable(&self, i: usize) {
+        if let Some(h) = self.heads.get(i) {
+            self.loads().unreachable(&h.name, Instant::now());
+        }
+    }
+
+    fn report(&self, i: usize, load: u64) {
+        if let Some(h) = self.heads.get(i) {
+            self.loads().report(&h.name, load, Instant::now());
+        }
+    }
+
+    pub fn finished(&self, i: usize) {
+        if let Some(h) = self.heads.get(i) {
+            self.loads().finished(&h.name);
+        }
     }
 }
 
@@ -51,7 +78,7 @@ pub struct Outstanding(pub Arc<Front>, pub usize);
 
 impl Drop for Outstanding {
     fn drop(&mut self) {
-        self.0.loads().finished(self.1);
+        self.0.finished(self.1);
     }
 }
 
@@ -105,7 +132,7 @@ async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
     };
     let mut tried = Vec::new();
     loop {
-        let Some(i) = front.loads().pick(Instant::now(), &tried) else {
+        let Some(i) = front.pick(&tried) else {
             return unavailable(format!("no pipeline head is reachable (tried {})", tried.iter().map(|&i| front.bases[i].as_str()).collect::<Vec<_>>().join(", ")));
         };
         let outstanding = Outstanding(front.clone(), i);
@@ -114,7 +141,7 @@ async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
             // Never delivered: another head may take it.
             Err(e) if e.is_connect() => {
                 tracing::warn!(head = %front.bases[i], error = %e, "a pipeline head is unreachable");
-                front.loads().unreachable(i, Instant::now());
+                front.unreachable(i);
                 tried.push(i);
             }
             Err(e) => return unavailable(format!("the pipeline head ({}) failed: {e}", front.bases[i])),
@@ -129,7 +156,7 @@ pub async fn spread(State((front, me)): State<(Arc<Front>, usize)>, req: Request
     if req.method() != axum::http::Method::POST || req.headers().contains_key(FORWARDED) {
         return next.run(req).await;
     }
-    let Some(i) = front.loads().pick(Instant::now(), &[]) else {
+    let Some(i) = front.pick(&[]) else {
         return next.run(req).await;
     };
     let outstanding = Outstanding(front.clone(), i);
@@ -142,7 +169,7 @@ pub async fn spread(State((front, me)): State<(Arc<Front>, usize)>, req: Request
             Ok(r) => return relay_back(r, outstanding),
             Err(e) => {
                 tracing::warn!(head = %front.bases[i], error = %e, "another head is unreachable; serving here");
-                front.loads().unreachable(i, Instant::now());
+                front.unreachable(i);
                 drop(outstanding);
                 let outstanding = Outstanding(front.clone(), me);
                 let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
@@ -175,8 +202,8 @@ async fn poll_loads(front: Arc<Front>) {
                 Err(_) => None,
             };
             match load {
-                Some(l) => front.loads().report(i, l, Instant::now()),
-                None => front.loads().unreachable(i, Instant::now()),
+                Some(l) => front.report(i, l),
+                None => front.unreachable(i),
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

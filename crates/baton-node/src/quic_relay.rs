@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use baton_mesh::pki::NodeIdentity;
 use baton_proto::RESET_CANCELLED;
@@ -87,7 +87,7 @@ async fn relay_stream(
 ) -> anyhow::Result<()> {
     let mut tried = without_quic(front);
     let (head, up_send, up_recv, _outstanding) = loop {
-        let Some(i) = front.loads().pick(Instant::now(), &tried) else {
+        let Some(i) = front.pick(&tried) else {
             let _ = send.reset(RESET_CANCELLED.into());
             anyhow::bail!("no pipeline head with a QUIC API is reachable");
         };
@@ -96,7 +96,7 @@ async fn relay_stream(
             Ok((conn, s, r)) => break (conn, s, r, outstanding),
             Err(e) => {
                 tracing::warn!(head = %front.heads[i].name, error = %e, "cannot reach a head's QUIC API");
-                front.loads().unreachable(i, Instant::now());
+                front.unreachable(i);
                 tried.push(i);
             }
         }
