@@ -140,7 +140,7 @@ fn a_stage_killed_mid_stream_loses_no_request_and_rejoins_when_restarted() {
     // node-b starts again (a new process, a new generation): once it has answered long enough it
     // is taken back, while streams run, and none of them notices but in latency.
     // (Long streams: the planner waits 2 s of steady answers before taking a node back.)
-    let long = 1500;
+    let long = 2000;
     let want_long: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&model, p, long)).collect();
     nodes.0[1] = spawn_node(&cfg, "node-b", &[], Some("tcp"));
     wait_for("node-b to answer the head's probes", 60, &cfg, || node_state(&mesh(&head), "node-b") == "spare");
@@ -210,7 +210,7 @@ fn a_new_node_joins_through_the_seeds_takes_layers_and_drains_away() {
     let model = deep_tiny_model("elastic-join-model");
     let (cfg, ports) = write_cluster("elastic-join", &model);
     let (mut nodes, head) = start_mesh(&cfg, ports.http, &model);
-    let long = 1500;
+    let long = 2000;
     let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&model, p, long)).collect();
 
     // node-d: a certificate from add-node, a name the file does not have.
