@@ -343,8 +343,23 @@ impl State {
         self.switching = None;
         self.migration.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.requeue_started();
-        self.shard = Some(spawn_shard(myself, &self.shard_args, self.core.geometry(), &self.migration).await?);
+        self.start_shard(myself).await;
         Ok(())
+    }
+
+    /// Starts a shard; if the actor cannot even be spawned, tries again after a backoff
+    /// rather than failing the scheduler (and with it every client stream).
+    async fn start_shard(&mut self, myself: &ActorRef<SchedulerMsg>) {
+        match spawn_shard(myself, &self.shard_args, self.core.geometry(), &self.migration).await {
+            Ok(shard) => self.shard = Some(shard),
+            Err(e) => {
+                self.failures += 1;
+                let delay = restart_backoff(self.failures);
+                tracing::error!(error = %e, delay_ms = delay.as_millis() as u64, "cannot start a shard; trying again");
+                self.shard = None;
+                myself.send_after(delay, || SchedulerMsg::RestartShard);
+            }
+        }
     }
 
     /// A planned change, once nothing is in flight: takes the head's worker from the shard,
@@ -376,7 +391,7 @@ impl State {
         self.on_shard.clear();
         self.released.clear();
         self.in_flight.clear();
-        self.shard = Some(spawn_shard(myself, &self.shard_args, self.core.geometry(), &self.migration).await?);
+        self.start_shard(myself).await;
         Ok(())
     }
 }
@@ -595,7 +610,7 @@ impl Actor for SchedulerActor {
             SchedulerMsg::RestartShard => {
                 if state.shard.is_none() {
                     state.shard_ready = false;
-                    state.shard = Some(spawn_shard(&myself, &state.shard_args, state.core.geometry(), &state.migration).await?);
+                    state.start_shard(&myself).await;
                 }
             }
         }
