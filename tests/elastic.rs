@@ -82,10 +82,18 @@ fn start_mesh(cfg: &std::path::Path, http: u16, model: &std::path::Path) -> (Nod
         nodes.0.push(spawn_node(cfg, name, &[], Some("tcp")));
     }
     let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{http}"), quic: None, model: model.to_path_buf() };
-    wait_for("the pipeline head to be ready", 60, cfg, || {
-        std::net::TcpStream::connect(&head.addr).is_ok() && support::http(&head, "GET", "/health", None).0 == 200
-    });
+    wait_for("the pipeline head to be ready", 60, cfg, || health_ok(&head.addr));
     (nodes, head)
+}
+
+/// Whether `addr` answers /health with 200 (any connection error is "not yet").
+fn health_ok(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(addr) else { return false };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut raw = String::new();
+    let answered = c.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n").is_ok() && c.read_to_string(&mut raw).is_ok();
+    answered && (raw.starts_with("HTTP/1.1 200") || raw.starts_with("HTTP/1.0 200"))
 }
 
 const PROMPTS: [&str; 8] = ["Hello", "The mesh", "Once upon a time", "Pipeline stages", "KV cache", "a b c d", "Failover", "Tokens"];
@@ -216,8 +224,7 @@ fn a_new_node_joins_through_the_seeds_takes_layers_and_drains_away() {
     // node-d: a certificate from add-node, a name the file does not have.
     let out = Command::new(bin).args(["cluster", "add-node", "node-d", "--cluster", cfg.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let control_d = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let control_d = format!("127.0.0.1:{control_d}");
+    let control_d = format!("127.0.0.1:{}", support::cluster::free_udp());
     let head_ref = &head;
     let recomputed = metric(&head, "baton:requests_recomputed_total");
     let (results, joined_under_load) = std::thread::scope(|scope| {

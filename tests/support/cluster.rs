@@ -14,12 +14,29 @@ impl Drop for Nodes {
     }
 }
 
+/// A port below the kernel's ephemeral range (32768 and up on Linux) that is free now. The
+/// nodes bind the ports cluster.toml names only later, so a port from the ephemeral range could
+/// meanwhile be taken by any outgoing connection or UCX listener of the tests running beside
+/// this one; ports below it are only ever taken on purpose.
+fn unused_port(free: impl Fn(u16) -> bool) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (start.wrapping_add(n.wrapping_mul(131)) % 12_000) as u16;
+        if free(port) {
+            return port;
+        }
+    }
+}
+
 pub fn free_udp() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    unused_port(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())
 }
 
 pub fn free_tcp() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    unused_port(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
 }
 
 /// `baton node` for `name` of `cfg` (1 thread, 64 MiB of KV), with extra arguments and
