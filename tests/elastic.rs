@@ -82,18 +82,8 @@ fn start_mesh(cfg: &std::path::Path, http: u16, model: &std::path::Path) -> (Nod
         nodes.0.push(spawn_node(cfg, name, &[], Some("tcp")));
     }
     let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{http}"), quic: None, model: model.to_path_buf() };
-    wait_for("the pipeline head to be ready", 60, cfg, || health_ok(&head.addr));
+    wait_for("the pipeline head to be ready", 60, cfg, || support::health_ok(&head.addr));
     (nodes, head)
-}
-
-/// Whether `addr` answers /health with 200 (any connection error is "not yet").
-fn health_ok(addr: &str) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut c) = std::net::TcpStream::connect(addr) else { return false };
-    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut raw = String::new();
-    let answered = c.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n").is_ok() && c.read_to_string(&mut raw).is_ok();
-    answered && (raw.starts_with("HTTP/1.1 200") || raw.starts_with("HTTP/1.0 200"))
 }
 
 const PROMPTS: [&str; 8] = ["Hello", "The mesh", "Once upon a time", "Pipeline stages", "KV cache", "a b c d", "Failover", "Tokens"];

@@ -150,7 +150,7 @@ fn three_stage_pipeline_matches_one_node(plane: Plane) {
     }
     let server = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{http}"), quic: None, model: model.clone() };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(&server.addr).is_err() || support::http(&server, "GET", "/health", None).0 != 200 {
+    while !support::health_ok(&server.addr) {
         if Instant::now() > deadline {
             let said: Vec<String> = logs.iter().flat_map(|(n, rx)| rx.try_iter().map(move |l| format!("{n}: {l}"))).collect();
             panic!("the pipeline head never became ready:\n{}", said.join("\n"));
@@ -347,7 +347,7 @@ replica = 1
     let (head0, head1, entry) = (server(h0), server(h1), server(s0));
     let deadline = Instant::now() + Duration::from_secs(60);
     for s in [&head0, &head1, &entry] {
-        while std::net::TcpStream::connect(&s.addr).is_err() || support::http(s, "GET", "/health", None).0 != 200 {
+        while !support::health_ok(&s.addr) {
             assert!(Instant::now() < deadline, "{} never became ready", s.addr);
             std::thread::sleep(Duration::from_millis(100));
         }

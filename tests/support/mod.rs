@@ -66,11 +66,21 @@ pub fn start(name: &str, extra: &[&str]) -> Server {
     std::thread::spawn(move || for _ in stderr.lines() {});
     let server = Server { child, addr, quic, model };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while http(&server, "GET", "/health", None).0 != 200 {
+    while !health_ok(&server.addr) {
         assert!(Instant::now() < deadline, "server never became ready");
         std::thread::sleep(Duration::from_millis(50));
     }
     server
+}
+
+/// Whether `addr` answers /health with 200 (any connection error is "not yet").
+pub fn health_ok(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(addr) else { return false };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut raw = String::new();
+    let answered = c.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n").is_ok() && c.read_to_string(&mut raw).is_ok();
+    answered && (raw.starts_with("HTTP/1.1 200") || raw.starts_with("HTTP/1.0 200"))
 }
 
 /// One HTTP/1.0 exchange (the body ends when the server closes).
