@@ -74,6 +74,8 @@ fn bad_input_gives_clear_errors() {
     let cuda = baton(&["generate", "--model", d, "--device", "cuda", "--max-tokens", "2"]);
     if !cuda.status.success() {
         fails_with(&cuda, &["CUDA"]);
+        // `serve` opens the device before it listens: the same clear error, at once.
+        fails_with(&baton(&["serve", "--model", d, "--device", "cuda", "--listen", "127.0.0.1:0", "--no-quic"]), &["--device cuda", "CUDA"]);
     }
     std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
     fails_with(&baton(&["generate", "--model", d]), &["tokenizer.json"]);

@@ -36,7 +36,8 @@ pub struct NodeOptions {
     pub me: NodeConfig,
     /// The model's directory (every node has the whole checkpoint).
     pub model_dir: PathBuf,
-    pub threads: usize,
+    /// The device this node's GPU-shard actor runs on.
+    pub device: baton_shard::Device,
     /// KV cache size in MiB (pipeline head: for the whole model's block table).
     pub kv_cache_mb: usize,
     /// Pipeline head: steps in flight at once (`None`: one per stage).
@@ -132,7 +133,7 @@ pub async fn drain_remote(c: &ClusterConfig, me: &NodeConfig) -> anyhow::Result<
 /// Runs the node until `shutdown` resolves (or, for a drained node, until the head releases
 /// it).
 pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let NodeOptions { cluster: c, cluster_path, me, model_dir: dir, threads, kv_cache_mb, micro_batches, tensor_plane, request_timeout, signals } = opts;
+    let NodeOptions { cluster: c, cluster_path, me, model_dir: dir, device, kv_cache_mb, micro_batches, tensor_plane, request_timeout, signals } = opts;
     let mc = ModelConfig::from_dir(&dir)?;
     c.check_layers(&cluster_path, mc.num_layers)?;
     let plan = placement::plan(&c, mc.num_layers).with_context(|| format!("{}: placement", cluster_path.display()))?;
@@ -179,7 +180,8 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         let gossip = Gossip::start(node.clone(), info, seeds.clone());
         tokio::spawn(announce_until_known(gossip.clone(), seeds));
         if !is_head {
-            let svc = Arc::new(StageService::new(dir, threads, plane.clone()));
+            let shard = device.spawn(dir).await?;
+            let svc = Arc::new(StageService::new(shard, plane.clone()));
             // Requests entering here (HTTP or QUIC) go to a head.
             if !heads.is_empty() && (me.http.is_some() || me.quic.is_some()) {
                 let front = Front::start(heads);
@@ -245,7 +247,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             .context("reaching the pipeline's stages")?;
         tokio::spawn(mesh.clone().follow(gossip.clone(), me.replica as u32, layer_bytes));
         let pipeline = (stages.len() > 1).then(|| {
-            Arc::new(PipelinePlan { micro_batches, mesh: mesh.clone(), runtime: tokio::runtime::Handle::current() })
+            Arc::new(PipelinePlan { micro_batches, mesh: mesh.clone() })
         });
         let listen = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", cluster_path.display(), me.name))?;
         // With several replicas, requests arriving here directly are spread over the heads too.
@@ -268,7 +270,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             model_dir: dir,
             model_name,
             listen,
-            threads,
+            device,
             kv_cache_bytes: kv_cache_mb << 20,
             max_num_seqs: 64,
             max_batched_tokens,

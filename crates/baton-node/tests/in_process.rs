@@ -71,7 +71,7 @@ memory_gb = 1
             cluster_path: path.clone(),
             me: cluster.node(name).unwrap().clone(),
             model_dir: model.clone(),
-            threads: 1,
+            device: baton_shard::Device::cpu(1),
             kv_cache_mb: 16,
             micro_batches: None,
             tensor_plane: PlaneChoice::Quic,

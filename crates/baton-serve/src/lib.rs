@@ -35,7 +35,8 @@ pub struct ServeOptions {
     /// The name clients put in `model`.
     pub model_name: String,
     pub listen: SocketAddr,
-    pub threads: usize,
+    /// The device this node's GPU-shard actor runs on.
+    pub device: baton_shard::Device,
     /// Bytes of KV cache.
     pub kv_cache_bytes: usize,
     pub max_num_seqs: usize,
@@ -122,12 +123,13 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         },
         geometry,
     );
+    let device = opts.device.spawn(opts.model_dir.clone()).await.map_err(|e| StartError::Actor("GPU shard", e.to_string()))?;
     let (sched, sched_handle) = Actor::spawn(
         Some("scheduler".into()),
         scheduler::SchedulerActor,
         scheduler::SchedulerArgs {
             core,
-            shard: scheduler::ShardArgsTemplate { model_dir: opts.model_dir.clone(), threads: opts.threads, fault: None, pipeline: opts.pipeline.clone() },
+            shard: scheduler::ShardArgsTemplate { model_dir: opts.model_dir.clone(), device: device.clone(), fault: None, pipeline: opts.pipeline.clone() },
             tokenizer: tokenizer.clone(),
             metrics: metrics.clone(),
             ready: ready.clone(),
@@ -223,5 +225,6 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     sched.stop(None);
     let _ = router_handle.await;
     let _ = sched_handle.await;
+    device.stop();
     result.map_err(StartError::Http)
 }

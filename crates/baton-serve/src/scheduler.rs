@@ -61,7 +61,8 @@ pub struct SchedulerArgs {
 #[derive(Clone)]
 pub struct ShardArgsTemplate {
     pub model_dir: std::path::PathBuf,
-    pub threads: usize,
+    /// This node's GPU-shard actor: every driver runs its steps there.
+    pub device: baton_shard::ShardHandle,
     /// Tests only: make the first shard fail on purpose (restarted shards run clean).
     pub fault: Option<InjectedFault>,
     /// Set when this node heads a multi-node pipeline.
@@ -362,11 +363,10 @@ impl State {
         }
     }
 
-    /// A planned change, once nothing is in flight: takes the head's worker from the shard,
-    /// leaves it and the KV blocks of the running sequences for the next shard (which moves the
-    /// KV of every re-placed layer to its new owner) and starts that shard. The running
-    /// sequences keep their place; only their samplers are set up again. If the worker cannot
-    /// be had, the change goes the recompute way.
+    /// A planned change, once nothing is in flight: stops the driver, leaves the KV blocks of
+    /// the running sequences for the next one (which moves the KV of every re-placed layer to
+    /// its new owner; the GPU shard keeps the head's) and starts it. The running sequences
+    /// keep their place; only their samplers are set up again.
     async fn migrate(&mut self, myself: &ActorRef<SchedulerMsg>) -> Result<(), ActorProcessingErr> {
         let (Some(from_epoch), Some(to_epoch)) = (self.shard_epoch, self.switching) else {
             return self.replace_shard(myself).await;
@@ -374,16 +374,10 @@ impl State {
         let Some(shard) = self.shard.take() else {
             return self.replace_shard(myself).await;
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let _ = shard.cast(ShardMsg::Handover(tx));
-        let handed = tokio::time::timeout(std::time::Duration::from_secs(10), rx).await;
+        // Nothing is in flight: every step the driver ran has been answered.
         shard.stop(Some("the plan changed".into()));
-        let Ok(Ok(head)) = handed else {
-            tracing::warn!("the shard did not hand its worker over; recomputing the running sequences instead");
-            return self.replace_shard(myself).await;
-        };
         let blocks = self.core.blocks_in_use();
-        *self.migration.lock().unwrap_or_else(|p| p.into_inner()) = Some(Migration { from: self.shard_plan.clone(), from_epoch, to_epoch, blocks, head });
+        *self.migration.lock().unwrap_or_else(|p| p.into_inner()) = Some(Migration { from: self.shard_plan.clone(), from_epoch, to_epoch, blocks });
         self.switching = None;
         self.shard_ready = false;
         self.shard_epoch = None;
@@ -410,7 +404,8 @@ async fn spawn_shard(myself: &ActorRef<SchedulerMsg>, args: &ShardArgsTemplate, 
         migration: migration.clone(),
         stopped: Arc::default(),
         model_dir: args.model_dir.clone(),
-        threads: args.threads,
+        device: args.device.clone(),
+        runtime: tokio::runtime::Handle::current(),
         geometry,
         scheduler: myself.clone(),
         fault: args.fault.clone(),

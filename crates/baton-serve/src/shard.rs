@@ -1,19 +1,24 @@
-//! The GPU-shard actor: owns one backend and one pipeline stage (the whole model, or on a
-//! pipeline head the first layers of the mesh's current plan), runs forward passes on its own
-//! OS thread so the async runtime never blocks, and samples on the last stage. A failure makes
-//! the actor fail with a typed `ShardFailure`; its supervisor (the scheduler actor) re-queues
-//! the running sequences when a stage was lost, errors them when the engine failed, and starts
-//! a new shard.
+//! The pipeline driver: runs the scheduler's steps through this node's GPU-shard actor
+//! (baton-shard's, the same one every stage node runs: the whole model, or on a pipeline head
+//! the first layers of the mesh's current plan) and, on a pipeline head, on down the remote
+//! stages, several steps in flight at once; the last stage samples. It lives for one plan: a
+//! failure makes it fail with a typed `ShardFailure`, and its supervisor (the scheduler actor)
+//! re-queues the running sequences when a stage was lost, errors them when the engine failed,
+//! and starts a driver for the next plan. The GPU shard outlives drivers, so a plan that
+//! leaves the head its layers reloads nothing.
 
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use baton_engine::{CpuBackend, FinishReason, KvGeometry, ModelConfig, Sampled, SamplingParams, SequenceStart, StageInput, StageWorker, StepResult};
+use baton_engine::{FinishReason, KvGeometry, ModelConfig, Sampled, StepResult};
+use baton_shard::{Input, ShardError, ShardHandle, StepRequest};
 use baton_scheduler::{SeqId, Step};
 use baton_mesh::membership::{ActivePlan, MeshDriver, MeshError};
 use baton_mesh::stage_wire::{layout_to_wire, sampled_from_wire, sampling_to_wire, StageReply, StageRequest, WireInput, WireNewSequence};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+pub use baton_shard::NewSequence;
 
 use crate::scheduler::SchedulerMsg;
 
@@ -32,8 +37,6 @@ pub struct PipelinePlan {
     /// Fewer makes bigger batches, better when the stages share the same cores.
     pub micro_batches: Option<usize>,
     pub mesh: Arc<MeshDriver>,
-    /// The async runtime the links live on (the shard's thread blocks on it).
-    pub runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for PipelinePlan {
@@ -80,15 +83,15 @@ pub struct ShardLoaded {
 }
 
 /// What a planned plan change (a join or a drain: every stage of the old plan still alive)
-/// carries to the next shard, so no running sequence is recomputed: the plan the stages run
-/// now, the KV blocks of every running sequence, and the head's own worker.
+/// carries to the next driver, so no running sequence is recomputed: the plan the stages run
+/// now and the KV blocks of every running sequence.
+#[derive(Debug, Clone)]
 pub struct Migration {
     pub from: Vec<(String, std::ops::Range<usize>)>,
     pub from_epoch: u64,
-    /// The plan it moves to; if the mesh has moved on since, the shard recomputes instead.
+    /// The plan it moves to; if the mesh has moved on since, the driver recomputes instead.
     pub to_epoch: u64,
     pub blocks: Vec<u32>,
-    pub head: StageWorker<CpuBackend>,
 }
 
 /// Where the scheduler leaves a migration for the shard it starts next.
@@ -98,7 +101,8 @@ pub type MigrationSlot = Arc<std::sync::Mutex<Option<Migration>>>;
 #[derive(Clone)]
 pub struct ShardArgs {
     pub model_dir: PathBuf,
-    pub threads: usize,
+    /// This node's GPU-shard actor.
+    pub device: ShardHandle,
     pub geometry: KvGeometry,
     pub scheduler: ActorRef<SchedulerMsg>,
     pub fault: Option<InjectedFault>,
@@ -107,17 +111,8 @@ pub struct ShardArgs {
     /// Set when the shard is stopped: a loading thread makes no further call to the stages
     /// (a newer shard may be initialising them).
     pub stopped: Arc<std::sync::atomic::AtomicBool>,
-}
-
-/// A sequence the shard has not seen yet: how to sample it.
-#[derive(Debug, Clone)]
-pub struct NewSequence {
-    pub id: SeqId,
-    pub params: SamplingParams,
-    pub prompt: Vec<u32>,
-    pub eos: Vec<u32>,
-    /// Tokens it produced before (a sequence re-queued after a plan change).
-    pub generated: Vec<u32>,
+    /// The async runtime the GPU shard and the links live on (the driver's thread blocks on it).
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// One step's work.
@@ -151,25 +146,16 @@ pub struct StepOutput {
 
 pub enum ShardMsg {
     Run(Box<ShardWork>),
-    /// Stop after the steps already sent and hand the stage's worker over (its KV goes on in
-    /// the next shard).
-    Handover(tokio::sync::oneshot::Sender<StageWorker<CpuBackend>>),
-    /// From the worker thread.
+    /// From the driver's thread.
     Loaded(Result<ShardLoaded, ShardFailure>),
     Finished(Result<StepOutput, ShardFailure>),
-}
-
-/// What the shard's thread is asked to do.
-enum Work {
-    Step(Box<ShardWork>),
-    Handover(tokio::sync::oneshot::Sender<StageWorker<CpuBackend>>),
 }
 
 pub struct Shard;
 
 pub struct ShardState {
     stopped: Arc<std::sync::atomic::AtomicBool>,
-    work: mpsc::Sender<Work>,
+    work: mpsc::Sender<Box<ShardWork>>,
     scheduler: ActorRef<SchedulerMsg>,
 }
 
@@ -179,7 +165,7 @@ impl Actor for Shard {
     type Arguments = ShardArgs;
 
     async fn pre_start(&self, myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
-        let (tx, rx) = mpsc::channel::<Work>();
+        let (tx, rx) = mpsc::channel::<Box<ShardWork>>();
         let me = myself.clone();
         let scheduler = args.scheduler.clone();
         let stopped = args.stopped.clone();
@@ -197,12 +183,9 @@ impl Actor for Shard {
     async fn handle(&self, myself: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Run(work) => {
-                if state.work.send(Work::Step(work)).is_err() {
+                if state.work.send(work).is_err() {
                     return Err("the shard's worker thread is gone".into());
                 }
-            }
-            ShardMsg::Handover(to) => {
-                let _ = state.work.send(Work::Handover(to));
             }
             ShardMsg::Loaded(Ok(loaded)) => {
                 state.scheduler.cast(SchedulerMsg::ShardReady(myself.get_id(), loaded))?;
@@ -230,33 +213,38 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
-/// Loads this shard's stage: the whole model, or on a pipeline head the layers the mesh's
-/// current plan gives it, after initialising every remote stage with its range and the epoch.
-/// With a migration (a planned change) the KV of every layer whose owner reloads is moved from
-/// its old owner first, so the running sequences go on where they were; any failure on that
-/// path is a `Stage` failure, which makes the scheduler recompute them instead.
-fn load(args: &ShardArgs) -> Result<(StageWorker<CpuBackend>, Option<ActivePlan>, bool), ShardFailure> {
-    let engine = |e: baton_engine::EngineError| ShardFailure::Engine(e.to_string());
-    let config = ModelConfig::from_dir(&args.model_dir).map_err(engine)?;
+/// This node's own device failed.
+fn device_failure(e: ShardError) -> ShardFailure {
+    ShardFailure::Engine(e.to_string())
+}
+
+/// Loads this driver's stage on the GPU shard: the whole model, or on a pipeline head the
+/// layers the mesh's current plan gives it, after initialising every remote stage with its
+/// range and the epoch. With a migration (a planned change) the KV of every layer whose owner
+/// reloads is moved from its old owner first, so the running sequences go on where they were;
+/// any failure on that path is a `Stage` failure, which makes the scheduler recompute them
+/// instead. Returns the plan (pipeline heads) and whether the KV was moved.
+fn load(args: &ShardArgs) -> Result<(Option<ActivePlan>, bool), ShardFailure> {
+    let rt = &args.runtime;
+    let config = ModelConfig::from_dir(&args.model_dir).map_err(|e| ShardFailure::Engine(e.to_string()))?;
     let migration = args.migration.lock().unwrap_or_else(|p| p.into_inner()).take();
     let Some(p) = &args.pipeline else {
-        let backend = CpuBackend::new(args.threads).map_err(engine)?;
-        let worker = StageWorker::load(backend, &args.model_dir, 0..config.num_layers, args.geometry).map_err(engine)?;
-        return Ok((worker, None, false));
+        rt.block_on(args.device.load(0..config.num_layers, args.geometry, 0)).map_err(device_failure)?;
+        return Ok((None, false));
     };
-    let active = p.runtime.block_on(p.mesh.active())?;
+    let active = rt.block_on(p.mesh.active())?;
+    let head = 0..active.local_end;
     let Some(m) = migration else {
         init_remotes(p, args, &active)?;
-        let backend = CpuBackend::new(args.threads).map_err(engine)?;
-        let worker = StageWorker::load(backend, &args.model_dir, 0..active.local_end, args.geometry).map_err(engine)?;
-        return Ok((worker, Some(active), false));
+        rt.block_on(args.device.load(head, args.geometry, active.epoch)).map_err(device_failure)?;
+        return Ok((Some(active), false));
     };
     let moving = |detail: String| ShardFailure::Stage { stage: "-".into(), detail: format!("moving the KV: {detail}") };
     if active.epoch != m.to_epoch {
         return Err(moving(format!("the plan moved on to epoch {} (the move was for {})", active.epoch, m.to_epoch)));
     }
     let started = Instant::now();
-    let keeps_head = m.head.holds(&(0..active.local_end), args.geometry);
+    let keeps_head = rt.block_on(args.device.holds(head.clone(), args.geometry));
     let per_block = 2 * args.geometry.block_size * config.kv_dim() * 4;
     let (moved, keeping) = export_moving_kv(p, args, &m, &active, keeps_head, per_block)?;
     let exported = started.elapsed();
@@ -266,19 +254,14 @@ fn load(args: &ShardArgs) -> Result<(StageWorker<CpuBackend>, Option<ActivePlan>
         return Err(ShardFailure::Stage { stage: lost.clone(), detail: "it was to keep its KV but loaded afresh".into() });
     }
     let initialised = started.elapsed();
-    let mut worker = if keeps_head {
-        let mut w = m.head;
-        w.retain(0..active.local_end).map_err(|e| moving(e.to_string()))?;
-        w.reset_samplers();
-        w
-    } else {
-        let backend = CpuBackend::new(args.threads).map_err(engine)?;
-        StageWorker::load(backend, &args.model_dir, 0..active.local_end, args.geometry).map_err(engine)?
-    };
+    let loaded = rt.block_on(args.device.load(head, args.geometry, active.epoch)).map_err(device_failure)?;
+    if keeps_head && !loaded.kept {
+        return Err(moving("the head's own layers were loaded afresh".into()));
+    }
     let messages = moved.len();
     let mb = moved.iter().map(|m| m.3.len() * 4).sum::<usize>() as f64 / 1e6;
     let import = Instant::now();
-    import_moved_kv(p, args, &active, &mut worker, moved)?;
+    import_moved_kv(args, &active, moved)?;
     eprintln!(
         "baton: plan epoch {}: KV moved ({mb:.1} MB in {messages} message(s)) read in {} ms; stages initialised in {} ms; KV written in {} ms",
         active.epoch,
@@ -286,7 +269,7 @@ fn load(args: &ShardArgs) -> Result<(StageWorker<CpuBackend>, Option<ActivePlan>
         (initialised - exported).as_millis(),
         import.elapsed().as_millis()
     );
-    Ok((worker, Some(active), true))
+    Ok((Some(active), true))
 }
 
 /// A replaced shard's loading thread stops before its next call to a stage.
@@ -336,11 +319,11 @@ fn export_moving_kv(p: &PipelinePlan, args: &ShardArgs, m: &Migration, active: &
             for blocks in m.blocks.chunks(chunk) {
                 check_stopped(args)?;
                 let data = if src == me {
-                    m.head.export_kv(run.clone(), blocks).map_err(|e| failed(&src, e.to_string()))?
+                    args.runtime.block_on(args.device.export_kv(m.from_epoch, run.clone(), blocks.to_vec())).map_err(|e| failed(&src, e.to_string()))?
                 } else {
-                    let link = p.runtime.block_on(p.mesh.link(&src))?;
+                    let link = args.runtime.block_on(p.mesh.link(&src))?;
                     let req = StageRequest::ExportKv { epoch: m.from_epoch, first_layer: run.start as u32, end_layer: run.end as u32, blocks: blocks.to_vec() };
-                    match p.runtime.block_on(link.call(req)) {
+                    match args.runtime.block_on(link.call(req)) {
                         Ok(StageReply::Kv { data }) => data,
                         other => return Err(failed(&src, format!("exporting the KV of layers {}..{}: {other:?}", run.start, run.end))),
                     }
@@ -353,15 +336,18 @@ fn export_moving_kv(p: &PipelinePlan, args: &ShardArgs, m: &Migration, active: &
     Ok((out, keeping))
 }
 
-/// Writes the moved KV at the new owners (the head's own worker, or remote stages).
-fn import_moved_kv(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan, worker: &mut StageWorker<CpuBackend>, moved: Vec<KvMove>) -> Result<(), ShardFailure> {
+/// Writes the moved KV at the new owners (the head's own GPU shard, or remote stages).
+fn import_moved_kv(args: &ShardArgs, active: &ActivePlan, moved: Vec<KvMove>) -> Result<(), ShardFailure> {
     for (dest, layers, blocks, data) in moved {
         check_stopped(args)?;
         match active.remotes.iter().find(|(l, _)| l.peer() == dest) {
-            None => worker.import_kv(layers, &blocks, &data).map_err(|e| ShardFailure::Stage { stage: dest, detail: format!("importing the KV: {e}") })?,
+            None => args
+                .runtime
+                .block_on(args.device.import_kv(active.epoch, layers, blocks, data))
+                .map_err(|e| ShardFailure::Stage { stage: dest, detail: format!("importing the KV: {e}") })?,
             Some((link, _)) => {
                 let req = StageRequest::ImportKv { epoch: active.epoch, first_layer: layers.start as u32, end_layer: layers.end as u32, blocks, data };
-                match p.runtime.block_on(link.call(req)) {
+                match args.runtime.block_on(link.call(req)) {
                     Ok(StageReply::Ack) => {}
                     other => return Err(ShardFailure::Stage { stage: dest, detail: format!("importing the KV of layers {}..{}: {other:?}", layers.start, layers.end) }),
                 }
@@ -387,12 +373,12 @@ fn init_remotes(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan) -> Resu
                 epoch: active.epoch,
             };
             let link = link.clone();
-            p.runtime.spawn(async move { link.call(init).await })
+            args.runtime.spawn(async move { link.call(init).await })
         })
         .collect();
     let mut kept_in_place = Vec::new();
     for ((link, range), call) in active.remotes.iter().zip(calls) {
-        let answer = p.runtime.block_on(call).map_err(|e| ShardFailure::Stage { stage: link.peer().to_string(), detail: e.to_string() })?;
+        let answer = args.runtime.block_on(call).map_err(|e| ShardFailure::Stage { stage: link.peer().to_string(), detail: e.to_string() })?;
         match answer {
             Ok(StageReply::Ready { first_layer, end_layer, epoch, kept })
                 if first_layer as usize == range.start && end_layer as usize == range.end && epoch == active.epoch =>
@@ -413,39 +399,35 @@ fn init_remotes(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan) -> Resu
     Ok(kept_in_place)
 }
 
-/// The shard's thread: loads the stage, then runs steps until the actor goes away.
-fn worker(args: ShardArgs, rx: mpsc::Receiver<Work>, me: ActorRef<ShardMsg>) {
+/// The driver's thread: loads the stage, then runs steps until the actor goes away.
+fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<ShardMsg>) {
     let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(&args)))
         .map_err(|p| ShardFailure::Engine(panic_message(p)))
         .and_then(|r| r);
-    let (mut stage, active, migrated) = match loaded {
+    let (active, migrated) = match loaded {
         Ok(s) => s,
         Err(e) => {
             let _ = me.cast(ShardMsg::Loaded(Err(e)));
             return;
         }
     };
+    let epoch = active.as_ref().map_or(0, |a| a.epoch);
     let plan = active.as_ref().map_or_else(Vec::new, |a| {
         let head = args.pipeline.as_ref().map_or_else(String::new, |p| p.mesh.name().to_string());
         std::iter::once((head, 0..a.local_end)).chain(a.remotes.iter().map(|(l, r)| (l.peer().to_string(), r.clone()))).collect()
     });
     let info = ShardLoaded { epoch: active.as_ref().map(|a| a.epoch), stages: 1 + active.as_ref().map_or(0, |a| a.remotes.len()), plan, migrated };
     let chain = match (&args.pipeline, active) {
-        (Some(p), Some(active)) if !active.remotes.is_empty() => Some(start_chain(p, active, me.clone())),
+        (Some(p), Some(active)) if !active.remotes.is_empty() => Some(start_chain(p, &args.runtime, active, me.clone())),
         _ => None,
     };
     let _ = me.cast(ShardMsg::Loaded(Ok(info)));
     let mut steps = 0;
-    while let Ok(item) = rx.recv() {
-        let work = match item {
-            Work::Step(w) => w,
-            Work::Handover(to) => {
-                // Every step sent was run before this (the channel is in order); the remote
-                // stages' answers are the chain's, which the scheduler has waited for.
-                let _ = to.send(stage);
-                return;
-            }
-        };
+    while let Ok(work) = rx.recv() {
+        // A replaced driver sends nothing more to the GPU shard or the stages.
+        if args.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         steps += 1;
         let fault = args.fault.as_ref().is_some_and(|f| f.trigger.exists());
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -453,9 +435,9 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Work>, me: ActorRef<ShardMsg>) {
                 panic!("injected fault at step {steps}");
             }
             match &chain {
-                None => run_step(&mut stage, &work).map(Some),
+                None => run_step(&args, epoch, *work).map(Some),
                 // The remote stages answer later, through the chain.
-                Some(chain) => run_head_stage(&mut stage, chain, &work).map(|()| None),
+                Some(chain) => run_head_stage(&args, epoch, chain, *work).map(|()| None),
             }
         }))
         .map_err(|p| ShardFailure::Engine(panic_message(p)))
@@ -471,19 +453,22 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Work>, me: ActorRef<ShardMsg>) {
     }
 }
 
-/// The sequences a step starts (or restarts after a plan change) on this worker.
-fn starts(work: &ShardWork) -> impl Iterator<Item = SequenceStart<'_>> {
-    work.new_sequences.iter().map(|s| SequenceStart { id: s.id, params: s.params.clone(), eos: &s.eos, prompt: &s.prompt, generated: &s.generated })
+/// The step's own layers on this node's GPU shard (sampling too when they end the model).
+fn device_step(args: &ShardArgs, epoch: u64, work: &mut ShardWork, sample: bool) -> Result<baton_shard::StepDone, ShardFailure> {
+    let req = StepRequest {
+        epoch,
+        layout: work.step.layout.clone(),
+        input: Input::Tokens(work.step.tokens()),
+        ids: work.step.scheduled.iter().map(|s| s.id).collect(),
+        released: if sample { std::mem::take(&mut work.released) } else { Vec::new() },
+        starts: if sample { std::mem::take(&mut work.new_sequences) } else { Vec::new() },
+    };
+    args.runtime.block_on(args.device.step(req)).map_err(device_failure)
 }
 
-fn run_step(stage: &mut StageWorker<CpuBackend>, work: &ShardWork) -> Result<StepOutput, ShardFailure> {
+fn run_step(args: &ShardArgs, epoch: u64, mut work: ShardWork) -> Result<StepOutput, ShardFailure> {
     let start = Instant::now();
-    let tokens = work.step.tokens();
-    let ids: Vec<u64> = work.step.scheduled.iter().map(|s| s.id).collect();
-    let out = stage
-        .step(&work.step.layout, StageInput::Tokens(&tokens), &ids, work.released.iter().copied(), starts(work))
-        .map_err(|e| ShardFailure::Engine(e.to_string()))?;
-    let StepResult::Sampled(sampled) = out else {
+    let StepResult::Sampled(sampled) = device_step(args, epoch, &mut work, true)?.result else {
         return Err(ShardFailure::Engine("the stage did not produce logits".into()));
     };
     let sampled = sampled.into_iter().map(|(id, sampled, finish)| SampledOut { id, sampled, finish }).collect();
@@ -521,7 +506,7 @@ impl Drop for Chain {
     }
 }
 
-fn start_chain(plan: &PipelinePlan, active: ActivePlan, me: ActorRef<ShardMsg>) -> Chain {
+fn start_chain(plan: &PipelinePlan, runtime: &tokio::runtime::Handle, active: ActivePlan, me: ActorRef<ShardMsg>) -> Chain {
     let n = active.remotes.len();
     let epoch = active.epoch;
     let mut next: Option<tokio::sync::mpsc::UnboundedSender<ChainItem>> = None;
@@ -532,7 +517,7 @@ fn start_chain(plan: &PipelinePlan, active: ActivePlan, me: ActorRef<ShardMsg>) 
         let forward_to = next.take();
         let me = me.clone();
         let mesh = plan.mesh.clone();
-        let worker = plan.runtime.spawn(async move {
+        let worker = runtime.spawn(async move {
             let stage = link.peer().to_string();
             let failed = |detail: String| ShardFailure::Stage { stage: stage.clone(), detail };
             while let Some(mut item) = rx.recv().await {
@@ -593,13 +578,10 @@ fn start_chain(plan: &PipelinePlan, active: ActivePlan, me: ActorRef<ShardMsg>) 
 }
 
 /// The head's share of a pipeline step: its layers here, then the step goes down the chain.
-fn run_head_stage(stage: &mut StageWorker<CpuBackend>, chain: &Chain, work: &ShardWork) -> Result<(), ShardFailure> {
+fn run_head_stage(args: &ShardArgs, epoch: u64, chain: &Chain, mut work: ShardWork) -> Result<(), ShardFailure> {
     let started = Instant::now();
-    let tokens = work.step.tokens();
-    let ids: Vec<u64> = work.step.scheduled.iter().map(|s| s.id).collect();
     // The head samples nothing here: the last stage holds the samplers.
-    let out = stage.step(&work.step.layout, StageInput::Tokens(&tokens), &ids, [], []).map_err(|e| ShardFailure::Engine(e.to_string()))?;
-    let StepResult::Hidden(hidden) = out else {
+    let StepResult::Hidden(hidden) = device_step(args, epoch, &mut work, false)?.result else {
         return Err(ShardFailure::Engine("the head stage unexpectedly ends the model".into()));
     };
     let item = ChainItem {
@@ -609,16 +591,10 @@ fn run_head_stage(stage: &mut StageWorker<CpuBackend>, chain: &Chain, work: &Sha
         hidden,
         new_sequences: work
             .new_sequences
-            .iter()
-            .map(|s| WireNewSequence {
-                id: s.id,
-                params: sampling_to_wire(&s.params),
-                prompt: s.prompt.clone(),
-                eos: s.eos.clone(),
-                generated: s.generated.clone(),
-            })
+            .into_iter()
+            .map(|s| WireNewSequence { id: s.id, params: sampling_to_wire(&s.params), prompt: s.prompt, eos: s.eos, generated: s.generated })
             .collect(),
-        released: work.released.clone(),
+        released: work.released,
         started,
         remote_wall: Duration::ZERO,
         remote_compute: Duration::ZERO,

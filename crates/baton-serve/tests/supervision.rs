@@ -62,7 +62,7 @@ async fn a_failed_shard_errors_its_requests_and_restarts() {
         SchedulerActor,
         SchedulerArgs {
             core,
-            shard: ShardArgsTemplate { model_dir: dir.clone(), threads: 1, fault: Some(InjectedFault { trigger: trigger.clone() }), pipeline: None },
+            shard: ShardArgsTemplate { model_dir: dir.clone(), device: baton_shard::Device::cpu(1).spawn(dir.clone()).await.unwrap(), fault: Some(InjectedFault { trigger: trigger.clone() }), pipeline: None },
             tokenizer,
             metrics: metrics.clone(),
             ready: ready.clone(),
@@ -120,7 +120,7 @@ async fn a_request_that_cannot_be_served_times_out() {
         SchedulerActor,
         SchedulerArgs {
             core,
-            shard: ShardArgsTemplate { model_dir: dir.clone(), threads: 1, fault: None, pipeline: None },
+            shard: ShardArgsTemplate { model_dir: dir.clone(), device: baton_shard::Device::cpu(1).spawn(dir.clone()).await.unwrap(), fault: None, pipeline: None },
             tokenizer,
             metrics: metrics.clone(),
             ready: Arc::new(AtomicBool::new(false)),

@@ -48,6 +48,27 @@ pub fn cuda_backend() -> anyhow::Result<baton_engine::CpuBackend> {
     anyhow::bail!("--device cuda: this baton was built without CUDA support (the `cuda` cargo feature)")
 }
 
+/// The device a node's GPU-shard actor runs on (`serve`, `node`). CUDA is opened once here,
+/// so a machine without a usable GPU fails at start and says why.
+pub fn shard_device(device: Device, threads: usize) -> anyhow::Result<baton_shard::Device> {
+    match device {
+        Device::Cpu => Ok(baton_shard::Device::cpu(threads)),
+        Device::Cuda => cuda_shard_device(),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_shard_device() -> anyhow::Result<baton_shard::Device> {
+    drop(cuda_backend().context("--device cuda")?);
+    Ok(baton_shard::Device::new("cuda:0", || baton_cuda::backend::CudaBackend::new(0)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_shard_device() -> anyhow::Result<baton_shard::Device> {
+    cuda_backend()?;
+    anyhow::bail!("--device cuda: no CUDA backend in this build")
+}
+
 /// The model's tokenizer (and its config), required to work with text.
 pub fn tokenizer(dir: &Path) -> anyhow::Result<TextTokenizer> {
     let config = ModelConfig::from_dir(dir)?;

@@ -22,6 +22,9 @@ pub struct Args {
     /// CPU threads for this node's stage (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where this node's stage runs.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: load::Device,
     /// KV cache size in MiB (pipeline head: for the whole model's block table).
     #[arg(long, default_value_t = 1024)]
     kv_cache_mb: usize,
@@ -77,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cluster_path: args.cluster.clone(),
         me,
         model_dir,
-        threads: args.threads.unwrap_or_else(load::default_threads),
+        device: load::shard_device(args.device, args.threads.unwrap_or_else(load::default_threads))?,
         kv_cache_mb: args.kv_cache_mb,
         micro_batches: args.micro_batches,
         tensor_plane: args.tensor_plane.unwrap_or_else(PlaneChoice::default_for_build),

@@ -21,6 +21,9 @@ pub struct Args {
     /// CPU threads for the engine (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the engine runs.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: load::Device,
     /// KV cache size in MiB.
     #[arg(long, default_value_t = 1024)]
     kv_cache_mb: usize,
@@ -75,7 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model_dir,
         model_name,
         listen,
-        threads: args.threads.unwrap_or_else(load::default_threads),
+        device: load::shard_device(args.device, args.threads.unwrap_or_else(load::default_threads))?,
         kv_cache_bytes: args.kv_cache_mb << 20,
         max_num_seqs: args.max_num_seqs,
         max_batched_tokens: args.max_batched_tokens,
