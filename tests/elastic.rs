@@ -159,10 +159,18 @@ fn a_stage_killed_mid_stream_loses_no_request_and_rejoins_when_restarted() {
     assert_eq!(layers(&back, "node-b"), json!([4, 8]), "{back}");
     assert_eq!(metric(&head, "baton:request_failure_total"), 0.0);
 
+    // Every node published the speed its GPU shard measured, and the head weighs them by it.
+    let speed = |v: &Value, n: &str| v["nodes"].as_array().and_then(|x| x.iter().find(|x| x["name"] == n)).and_then(|x| x["us_per_layer_token"].as_f64());
+    wait_for("every node's measured speed", 15, &cfg, || {
+        let v = mesh(&head);
+        ["node-a", "node-b", "node-c"].iter().all(|n| speed(&v, n).is_some_and(|us| us > 0.0))
+    });
+
     // `baton status` tells the story.
     let out = Command::new(bin).args(["status", "--cluster", cfg.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("node_lost (node-b") && text.contains("node_joined (node-b") && text.contains("plan epoch"), "{text}");
+    assert!(text.contains("measured µs per layer per token: node-a"), "{text}");
 }
 
 /// With node memory that holds only part of the model, losing a stage leaves layers no live

@@ -63,6 +63,9 @@ pub struct Stage<B: Backend> {
     lm_head: Option<B::Weight>,
     /// Weight bytes one forward step reads (an untied embedding is only gathered, not read).
     step_weight_bytes: usize,
+    /// How long the last forward call spent in its transformer layers (ns), without the
+    /// embedding, the LM head and the transfers: what the planner compares between nodes.
+    layers_ns: std::sync::atomic::AtomicU64,
 }
 
 /// Collects the tensors a stage needs, checking each shape against the config.
@@ -179,6 +182,7 @@ impl<B: Backend> Stage<B> {
         let step_weight_bytes = ld.done - gathered_only;
         Ok(Stage {
             step_weight_bytes,
+            layers_ns: std::sync::atomic::AtomicU64::new(0),
             rope: Rope::new(config),
             config: config.clone(),
             range,
@@ -194,6 +198,12 @@ impl<B: Backend> Stage<B> {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The time the last forward call spent in the transformer layers, as the host saw it (a
+    /// backend that launches work asynchronously is timed up to its last launch).
+    pub fn last_layers_time(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.layers_ns.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     pub fn layers(&self) -> Range<usize> {
@@ -344,6 +354,7 @@ impl<B: Backend> Stage<B> {
         let mut gate = be.zeros(t * im)?;
         let mut up = be.zeros(t * im)?;
         let mut act = be.zeros(t * im)?;
+        let layers_started = std::time::Instant::now();
         for (layer, cache) in self.layers.iter().zip(kv.iter_mut()) {
             be.rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed)?;
             be.matmul_many(
@@ -375,6 +386,7 @@ impl<B: Backend> Stage<B> {
             be.matmul(&act, t, &layer.down, layer.down_bias.as_ref(), &mut proj)?;
             be.add(&mut x, &proj)?;
         }
+        self.layers_ns.store(layers_started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
 
         let (Some(norm), true) = (&self.final_norm, self.is_last()) else {
             return Ok(StageOutput::Hidden(be.download(&x)?));

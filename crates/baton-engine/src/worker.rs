@@ -54,6 +54,11 @@ impl<B: Backend> StageWorker<B> {
         self.layers.clone()
     }
 
+    /// The time the last step spent in the transformer layers.
+    pub fn last_layers_time(&self) -> std::time::Duration {
+        self.stage.last_layers_time()
+    }
+
     /// Whether this worker holds every layer of `layers` with a cache of `geometry`: a new plan
     /// giving it those (the same range, or a smaller one) need not reload it, nor move their KV.
     pub fn holds(&self, layers: &Range<usize>, geometry: KvGeometry) -> bool {

@@ -133,6 +133,8 @@ pub struct ControlNode {
     endpoint: quinn::Endpoint,
     identity: NodeIdentity,
     revoked: Revoked,
+    /// Every connection made or accepted, by peer, so a revocation can cut the open ones.
+    links: std::sync::Mutex<Vec<PeerLink>>,
 }
 
 /// A mutually authenticated link to a named peer.
@@ -174,7 +176,32 @@ impl ControlNode {
         client_config.transport_config(transport());
         let mut endpoint = quinn::Endpoint::server(server_config, addr).map_err(|source| ControlError::Bind { addr, source })?;
         endpoint.set_default_client_config(client_config);
-        Ok(ControlNode { endpoint, identity, revoked })
+        Ok(ControlNode { endpoint, identity, revoked, links: std::sync::Mutex::default() })
+    }
+
+    fn remember(&self, link: &PeerLink) {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.retain(|l| l.connection.close_reason().is_none());
+        links.push(link.clone());
+    }
+
+    /// Closes every open connection to a peer the revocation list now names (after it was
+    /// reloaded); returns how many. The peer's handshakes were refused already; this ends what
+    /// it still had open.
+    pub fn cut_revoked(&self) -> usize {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cut = 0;
+        links.retain(|l| {
+            let open = l.connection.close_reason().is_none();
+            if open && is_revoked(&self.revoked, &l.peer) {
+                tracing::warn!(peer = %l.peer, "closing the connection of a revoked node");
+                l.connection.close(CLOSE_UNKNOWN_PEER.into(), b"revoked");
+                cut += 1;
+                return false;
+            }
+            open
+        });
+        cut
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -196,7 +223,9 @@ impl ControlNode {
             .connect(addr, peer)
             .map_err(|e| ControlError::Connect { peer: peer.to_string(), message: e.to_string() })?;
         let connection = connecting.await?;
-        Ok(PeerLink { peer: peer.to_string(), connection })
+        let link = PeerLink { peer: peer.to_string(), connection };
+        self.remember(&link);
+        Ok(link)
     }
 
     /// Accepts the next authenticated peer (named by its certificate). A peer whose name was
@@ -213,7 +242,11 @@ impl ControlNode {
             .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
             .and_then(|certs| certs.first().cloned());
         match cert.and_then(|c| cert_name(&c)) {
-            Some(peer) if !is_revoked(&self.revoked, &peer) => Some(Ok(PeerLink { peer, connection })),
+            Some(peer) if !is_revoked(&self.revoked, &peer) => {
+                let link = PeerLink { peer, connection };
+                self.remember(&link);
+                Some(Ok(link))
+            }
             _ => {
                 tracing::warn!(remote = %connection.remote_address(), "refusing a peer whose certificate names no node or is revoked");
                 connection.close(CLOSE_UNKNOWN_PEER.into(), b"unknown or revoked node");

@@ -6,7 +6,7 @@
 //! Rules:
 //! - A node of the plan that has not answered a probe for `dead_after_us` (or whose data-plane
 //!   link broke) is lost; the survivors next to its layer range take the range over (the gap is
-//!   split between the two neighbours in proportion to capacity), so no other stage moves.
+//!   split between the two neighbours in proportion to their weight), so no other stage moves.
 //! - A node of the plan that answers with a new generation (its process restarted) lost its
 //!   KV cache and layers: the plan is re-issued under a new epoch, every stage re-initialised.
 //! - A node outside the plan that has answered every probe for `rejoin_after_us` (doubled after
@@ -16,6 +16,11 @@
 //! - A node of the plan that asks to leave (drain) is re-placed the way a lost one is, while it
 //!   still serves; it is never taken back, and `drained` says when it may stop.
 //! - Nodes that join after the start (`add_member`, from the gossip) wait like returning ones.
+//! - A node's weight is its measured speed (1 / µs per layer per token, which every node
+//!   publishes) once any node's is known, else its memory; memory caps every share. A split
+//!   of the same nodes by speed is taken when it makes the slowest stage faster by the same
+//!   threshold, has done so for `rebalance_after_us` and the last change is
+//!   `rebalance_every_us` old (noise in the measurements makes no churn).
 //! - When the live nodes cannot hold every layer, there is no plan (`unserved` says which
 //!   layers lack a home) until capacity returns.
 //! - The head (this node) is never lost in its own view; a dead head is the next issue's work.
@@ -27,7 +32,7 @@ use std::ops::Range;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
     pub name: String,
-    /// Relative speed/size: layers are split in proportion to it.
+    /// Relative size (memory): layers are split in proportion to it until speeds are measured.
     pub capacity: f64,
     /// The most layers the node's memory holds.
     pub max_layers: usize,
@@ -58,6 +63,8 @@ pub enum ChangeReason {
     CapacityReturned,
     /// A node of the plan asked to leave: its layers moved while it still served.
     NodeDrained,
+    /// The nodes' measured speeds call for another split of the same nodes.
+    Rebalanced,
 }
 
 impl ChangeReason {
@@ -68,7 +75,14 @@ impl ChangeReason {
             ChangeReason::NodeJoined => "node_joined",
             ChangeReason::CapacityReturned => "capacity_returned",
             ChangeReason::NodeDrained => "node_drained",
+            ChangeReason::Rebalanced => "rebalanced",
         }
+    }
+
+    /// A change with every stage of the old plan alive: the running sequences' KV can move
+    /// with their layers instead of being recomputed.
+    pub fn is_planned(self) -> bool {
+        matches!(self, ChangeReason::NodeJoined | ChangeReason::NodeDrained | ChangeReason::Rebalanced)
     }
 }
 
@@ -104,11 +118,22 @@ pub struct CoreConfig {
     pub improvement: f64,
     /// How many plan changes `history` keeps.
     pub history: usize,
+    /// A split by measured speed is taken once it has been better (by `improvement`) for this
+    /// long without a break, and no sooner than `rebalance_every_us` after the last change.
+    pub rebalance_after_us: u64,
+    pub rebalance_every_us: u64,
 }
 
 impl Default for CoreConfig {
     fn default() -> Self {
-        CoreConfig { dead_after_us: 800_000, rejoin_after_us: 1_000_000, improvement: 0.75, history: 16 }
+        CoreConfig {
+            dead_after_us: 800_000,
+            rejoin_after_us: 1_000_000,
+            improvement: 0.75,
+            history: 16,
+            rebalance_after_us: 10_000_000,
+            rebalance_every_us: 30_000_000,
+        }
     }
 }
 
@@ -134,6 +159,8 @@ struct Node {
     failed: bool,
     /// The node asked to leave: it is moved out of the plan and never taken back.
     draining: bool,
+    /// Its measured time per layer per token (µs), as it last published it.
+    us_per_layer_token: Option<f64>,
 }
 
 /// The membership view and the plan of one pipeline, headed by `head`.
@@ -149,6 +176,10 @@ pub struct MeshCore {
     /// The nodes lost since the mesh last had a plan.
     unserved_lost: Vec<String>,
     history: VecDeque<PlanChange>,
+    /// When the last plan change was decided.
+    changed_at: u64,
+    /// Since when a split by measured speed has been better than the plan's (by the threshold).
+    better_since: Option<u64>,
 }
 
 impl MeshCore {
@@ -168,6 +199,7 @@ impl MeshCore {
                     losses: 0,
                     failed: false,
                     draining: false,
+                    us_per_layer_token: None,
                 }
             })
             .collect();
@@ -181,6 +213,8 @@ impl MeshCore {
             unserved: None,
             unserved_lost: Vec::new(),
             history: VecDeque::new(),
+            changed_at: now,
+            better_since: None,
         }
     }
 
@@ -232,7 +266,36 @@ impl MeshCore {
             losses: 0,
             failed: false,
             draining: false,
+            us_per_layer_token: None,
         });
+    }
+
+    /// `name` measured `us_per_layer_token` µs per layer per token in its transformer layers
+    /// (every stage of the pipeline runs the same steps, so these compare the nodes). Once
+    /// any node is measured, layers are split by speed (unmeasured nodes count at the median)
+    /// instead of by memory; memory still caps each node's share.
+    pub fn measured(&mut self, name: &str, us_per_layer_token: f64) {
+        if let Some(n) = self.node_mut(name).filter(|_| us_per_layer_token.is_finite() && us_per_layer_token > 0.0) {
+            n.us_per_layer_token = Some(us_per_layer_token);
+        }
+    }
+
+    /// What `name` last reported of its speed.
+    pub fn us_per_layer_token(&self, name: &str) -> Option<f64> {
+        self.nodes.iter().find(|n| n.member.name == name)?.us_per_layer_token
+    }
+
+    /// The weight `name`'s share of the layers is proportional to: its speed (layers per µs
+    /// per token) when speeds are known, its memory-based capacity otherwise.
+    fn weight(&self, name: &str) -> Option<f64> {
+        let node = self.nodes.iter().find(|n| n.member.name == name)?;
+        let mut speeds: Vec<f64> = self.nodes.iter().filter_map(|n| n.us_per_layer_token).map(|us| 1.0 / us).collect();
+        if speeds.is_empty() {
+            return Some(node.member.capacity.max(f64::MIN_POSITIVE));
+        }
+        speeds.sort_by(f64::total_cmp);
+        let median = speeds[speeds.len() / 2];
+        Some(node.us_per_layer_token.map_or(median, |us| 1.0 / us))
     }
 
     /// `name` asked to leave: its layers move at the next tick (while it still serves them).
@@ -381,10 +444,37 @@ impl MeshCore {
             if let Some(stages) = self.rebalance(&candidates) {
                 if self.slowest(&stages) <= self.config.improvement * current {
                     actions.push(self.adopt(stages, ChangeReason::NodeJoined, candidates, None, now));
+                    return actions;
                 }
             }
         }
+        // 3. The same nodes split by their measured speeds, when that is better by the
+        // threshold for long enough.
+        if let Some(stages) = self.speed_split(now) {
+            actions.push(self.adopt(stages, ChangeReason::Rebalanced, Vec::new(), None, now));
+        }
         actions
+    }
+
+    /// A split of the plan's nodes by measured speed, once it has made the slowest stage
+    /// faster by the threshold for `rebalance_after_us` and the last change is
+    /// `rebalance_every_us` old; `None` otherwise (and the wait starts again whenever it is
+    /// not better).
+    fn speed_split(&mut self, now: u64) -> Option<Vec<(String, Range<usize>)>> {
+        let plan = self.plan.as_ref()?;
+        let all_measured = plan.stages.iter().all(|(n, _)| self.nodes.iter().any(|m| m.member.name == *n && m.us_per_layer_token.is_some()));
+        let better = all_measured
+            .then(|| self.rebalance(&[]))
+            .flatten()
+            .filter(|s| *s != plan.stages && self.slowest(s) <= self.config.improvement * self.slowest(&plan.stages));
+        let Some(stages) = better else {
+            self.better_since = None;
+            return None;
+        };
+        let since = *self.better_since.get_or_insert(now);
+        let held = now.saturating_sub(since) >= self.config.rebalance_after_us;
+        let settled = now.saturating_sub(self.changed_at) >= self.config.rebalance_every_us;
+        (held && settled).then_some(stages)
     }
 
     /// A plan without `gone`: the neighbours take their ranges; else a fresh split over the
@@ -405,12 +495,9 @@ impl MeshCore {
         self.nodes.iter().find(|n| n.member.name == name).map(|n| &n.member)
     }
 
-    /// The cost of the slowest stage: layers over capacity.
+    /// The cost of the slowest stage: layers over weight.
     fn slowest(&self, stages: &[(String, Range<usize>)]) -> f64 {
-        stages
-            .iter()
-            .map(|(n, r)| r.len() as f64 / self.member(n).map_or(f64::MIN_POSITIVE, |m| m.capacity.max(f64::MIN_POSITIVE)))
-            .fold(0.0, f64::max)
+        stages.iter().map(|(n, r)| r.len() as f64 / self.weight(n).unwrap_or(f64::MIN_POSITIVE)).fold(0.0, f64::max)
     }
 
     /// The survivors next to each lost range take it over (split between the two neighbours in
@@ -431,7 +518,7 @@ impl MeshCore {
                 alive[i].1.end = self.num_layers;
                 continue;
             }
-            let (a, b) = (self.member(&alive[i].0)?.capacity, self.member(&alive[i + 1].0)?.capacity);
+            let (a, b) = (self.weight(&alive[i].0)?, self.weight(&alive[i + 1].0)?);
             let to_left = ((gap as f64) * a / (a + b)).round() as usize;
             alive[i].1.end += to_left.min(gap);
             alive[i + 1].1.start = alive[i].1.end;
@@ -463,7 +550,8 @@ impl MeshCore {
             }
         }
         let members: Vec<&Member> = names.iter().filter_map(|n| self.member(n)).collect();
-        let counts = split_capped(self.num_layers, &members.iter().map(|m| (m.capacity, m.max_layers)).collect::<Vec<_>>())?;
+        let weights: Vec<(f64, usize)> = members.iter().map(|m| (self.weight(&m.name).unwrap_or(f64::MIN_POSITIVE), m.max_layers)).collect();
+        let counts = split_capped(self.num_layers, &weights)?;
         let mut start = 0;
         Some(
             members
@@ -487,6 +575,8 @@ impl MeshCore {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         let moved = describe_move(self.plan.as_ref().map_or(&[][..], |p| &p.stages[..]), &stages);
+        self.changed_at = now;
+        self.better_since = None;
         self.plan = Some(Plan { epoch, stages: stages.clone() });
         self.unserved = None;
         self.unserved_lost.clear();

@@ -68,6 +68,21 @@ pub struct NodeInfo {
     pub memory_bytes: u64,
     pub replica: u32,
     pub state: NodeState,
+    /// The layers its GPU shard serves now and the plan epoch they are for (`None`: none).
+    pub serving: Option<ServedLayers>,
+    /// Its measured speed: µs per layer per token in its transformer layers (`None` until it
+    /// has run a step).
+    pub us_per_layer_token: Option<f32>,
+    /// Its load: the share of the last few seconds its device spent computing, per mille.
+    pub busy_permille: u16,
+}
+
+/// A layer range a node serves, under a plan epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServedLayers {
+    pub first: u32,
+    pub end: u32,
+    pub epoch: u64,
 }
 
 /// The key of a `NodeInfo` broadcast: a newer one of the same node replaces the older.
@@ -194,6 +209,11 @@ impl Gossip {
         let mut out: Vec<NodeInfo> = alive.iter().filter_map(|n| infos.get(n).cloned()).collect();
         out.push(self.mine.lock().unwrap_or_else(|p| p.into_inner()).clone());
         out
+    }
+
+    /// This node's published info.
+    pub fn mine(&self) -> NodeInfo {
+        self.mine.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Changes this node's published info (state, ...).

@@ -72,6 +72,8 @@ pub struct NodeStatus {
     pub state: &'static str,
     pub generation: Option<u64>,
     pub layers: Option<[usize; 2]>,
+    /// Its measured speed (µs per layer per token), as the planner weighs it.
+    pub us_per_layer_token: Option<f64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -181,7 +183,14 @@ impl MeshDriver {
         let mut changes = gossip.subscribe();
         loop {
             for info in gossip.members() {
-                if info.name == self.me || info.replica != replica {
+                if info.replica != replica {
+                    continue;
+                }
+                // Speeds weigh the next split (the head's own too).
+                if let Some(us) = info.us_per_layer_token {
+                    self.core().measured(&info.name, f64::from(us));
+                }
+                if info.name == self.me {
                     continue;
                 }
                 // Draining is taken from the node's own (authenticated) pongs, not from gossip,
@@ -400,6 +409,7 @@ impl MeshDriver {
                         NodeState::Up { .. } => "spare",
                         NodeState::Down => "down",
                     },
+                    us_per_layer_token: core.us_per_layer_token(&name),
                     name,
                     generation,
                     layers: layers.map(|r| [r.start, r.end]),

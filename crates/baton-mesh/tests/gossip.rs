@@ -38,6 +38,9 @@ async fn a_gossip_packet_claiming_another_identity_is_dropped() {
         memory_bytes: 1 << 30,
         replica: 0,
         state: NodeState::Ready,
+        serving: None,
+        us_per_layer_token: None,
+        busy_permille: 0,
     };
     let gossip = Gossip::start(node, info, Vec::new());
     let a = NodeId { name: "node-a".into(), generation: 1, control };

@@ -16,7 +16,7 @@ use baton_engine::ModelConfig;
 use baton_mesh::config::{ClusterConfig, NodeConfig};
 use baton_mesh::control::{ControlNode, Revoked};
 use baton_mesh::elastic::Member;
-use baton_mesh::gossip::{self, Gossip, NodeInfo};
+use baton_mesh::gossip::{self, Gossip, NodeInfo, ServedLayers};
 use baton_mesh::membership::{MeshDriver, ProbeConfig, Roster};
 use baton_mesh::stage_service::{self, StageService};
 use baton_mesh::tensor_plane::{PlaneChoice, TensorPlane};
@@ -90,21 +90,23 @@ fn revocations(tls_dir: &std::path::Path) -> anyhow::Result<Revoked> {
     Ok(revoked)
 }
 
-async fn reload_revocations_on_sighup(tls_dir: PathBuf, revoked: Revoked) {
+async fn reload_revocations_on_sighup(tls_dir: PathBuf, revoked: Revoked, node: Arc<ControlNode>) {
     #[cfg(unix)]
     if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         while hup.recv().await.is_some() {
             match pki::revoked(&tls_dir) {
                 Ok(set) => {
-                    eprintln!("baton: revocation list reloaded: {} name(s)", set.len());
+                    let names = set.len();
                     *revoked.write().unwrap_or_else(|p| p.into_inner()) = set;
+                    let cut = node.cut_revoked();
+                    eprintln!("baton: revocation list reloaded: {names} name(s); {cut} open connection(s) of revoked nodes closed");
                 }
                 Err(e) => eprintln!("baton: cannot reload the revocation list: {e}"),
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = (tls_dir, revoked);
+    let _ = (tls_dir, revoked, node);
 }
 
 /// `baton node --drain`: asks the node to leave and waits for its answer.
@@ -157,7 +159,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     {
         let node = Arc::new(ControlNode::bind(me.control, identity.clone(), revoked.clone())?);
         if signals {
-            tokio::spawn(reload_revocations_on_sighup(c.tls_dir.clone(), revoked));
+            tokio::spawn(reload_revocations_on_sighup(c.tls_dir.clone(), revoked, node.clone()));
         }
         let plane = Arc::new(TensorPlane::start(tensor_plane, &me.name).await?);
         let initial = match &layers {
@@ -175,12 +177,18 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             memory_bytes: me.memory_bytes,
             replica: me.replica as u32,
             state: gossip::NodeState::Ready,
+            serving: None,
+            us_per_layer_token: None,
+            busy_permille: 0,
         };
         let seeds: Vec<(String, SocketAddr)> = c.nodes.iter().map(|n| (n.name.clone(), n.control)).collect();
         let gossip = Gossip::start(node.clone(), info, seeds.clone());
         tokio::spawn(announce_until_known(gossip.clone(), seeds));
+        // This node's GPU-shard actor, whichever role it has; what it serves, its speed and
+        // its load go out in the gossip.
+        let shard = device.spawn(dir.clone()).await?;
+        let _publisher = AbortOnDrop(tokio::spawn(publish_shard(gossip.clone(), shard.clone())));
         if !is_head {
-            let shard = device.spawn(dir).await?;
             let svc = Arc::new(StageService::new(shard, plane.clone()));
             // Requests entering here (HTTP or QUIC) go to a head.
             if !heads.is_empty() && (me.http.is_some() || me.quic.is_some()) {
@@ -270,7 +278,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             model_dir: dir,
             model_name,
             listen,
-            device,
+            device: shard,
             kv_cache_bytes: kv_cache_mb << 20,
             max_num_seqs: 64,
             max_batched_tokens,
@@ -286,6 +294,46 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         serve(opts, shutdown).await?;
         node.close();
         Ok(())
+    }
+}
+
+/// Aborts a background task when the node stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How often a node looks at its shard for the gossip.
+const PUBLISH_EVERY: Duration = Duration::from_secs(2);
+
+/// Publishes what this node's GPU shard serves, its measured speed and its load (the share of
+/// the last interval its device computed) whenever one of them changed noticeably.
+async fn publish_shard(gossip: Arc<Gossip>, shard: baton_shard::ShardHandle) {
+    let (mut last_busy, mut last_at) = (shard.stats().busy, std::time::Instant::now());
+    loop {
+        tokio::time::sleep(PUBLISH_EVERY).await;
+        let stats = shard.stats();
+        let now = std::time::Instant::now();
+        let busy = stats.busy.saturating_sub(last_busy).as_secs_f64() / now.duration_since(last_at).as_secs_f64().max(1e-3);
+        let busy_permille = (busy * 1000.0).clamp(0.0, 1000.0) as u16;
+        (last_busy, last_at) = (stats.busy, now);
+        let serving = shard.serving().map(|s| ServedLayers { first: s.layers.start as u32, end: s.layers.end as u32, epoch: s.epoch });
+        let speed = stats.us_per_layer_token.map(|us| us as f32);
+        let mine = gossip.mine();
+        let speed_moved = match (speed, mine.us_per_layer_token) {
+            (Some(a), Some(b)) => (a - b).abs() > 0.05 * b,
+            (a, b) => a.is_some() != b.is_some(),
+        };
+        if mine.serving != serving || speed_moved || busy_permille.abs_diff(mine.busy_permille) >= 50 {
+            gossip.update(|i| {
+                i.serving = serving;
+                i.us_per_layer_token = speed;
+                i.busy_permille = busy_permille;
+            });
+        }
     }
 }
 

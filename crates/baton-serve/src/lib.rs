@@ -35,8 +35,8 @@ pub struct ServeOptions {
     /// The name clients put in `model`.
     pub model_name: String,
     pub listen: SocketAddr,
-    /// The device this node's GPU-shard actor runs on.
-    pub device: baton_shard::Device,
+    /// This node's GPU-shard actor (stopped when serving ends).
+    pub device: baton_shard::ShardHandle,
     /// Bytes of KV cache.
     pub kv_cache_bytes: usize,
     pub max_num_seqs: usize,
@@ -123,7 +123,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         },
         geometry,
     );
-    let device = opts.device.spawn(opts.model_dir.clone()).await.map_err(|e| StartError::Actor("GPU shard", e.to_string()))?;
+    let device = opts.device.clone();
     let (sched, sched_handle) = Actor::spawn(
         Some("scheduler".into()),
         scheduler::SchedulerActor,

@@ -567,7 +567,7 @@ impl Actor for SchedulerActor {
                 // plan the shard runs must be one of those (a restart in between lost KV).
                 let planned_change = |e: u64| {
                     mesh.change(e).is_some_and(|(c, _)| {
-                        matches!(c.reason, baton_mesh::elastic::ChangeReason::NodeJoined | baton_mesh::elastic::ChangeReason::NodeDrained)
+                        c.reason.is_planned()
                     })
                 };
                 let planned = match (state.shard_epoch, epoch) {

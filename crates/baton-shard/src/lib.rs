@@ -48,6 +48,41 @@ pub struct Serving {
     pub epoch: u64,
 }
 
+/// What the shard measured of its device, readable at any time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ShardStats {
+    /// Time per layer per token in the transformer layers (µs), weighted over roughly the
+    /// last hundred steps; `None` before the first step. Every stage of a pipeline runs the
+    /// same steps, so the head compares its stages by it.
+    pub us_per_layer_token: Option<f64>,
+    /// Device time spent in steps since the shard started.
+    pub busy: Duration,
+    pub steps: u64,
+}
+
+/// Running sums behind [`ShardStats`]: each step's weight decays by this factor per step.
+const SPEED_DECAY: f64 = 0.99;
+
+#[derive(Debug, Default)]
+struct Meter {
+    layer_us: f64,
+    layer_tokens: f64,
+    stats: ShardStats,
+}
+
+impl Meter {
+    fn record(&mut self, layers_time: Duration, layer_tokens: usize, compute: Duration) {
+        self.stats.steps += 1;
+        self.stats.busy += compute;
+        if layer_tokens == 0 {
+            return;
+        }
+        self.layer_us = self.layer_us * SPEED_DECAY + layers_time.as_secs_f64() * 1e6;
+        self.layer_tokens = self.layer_tokens * SPEED_DECAY + layer_tokens as f64;
+        self.stats.us_per_layer_token = Some(self.layer_us / self.layer_tokens);
+    }
+}
+
 /// The outcome of a load.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loaded {
@@ -162,14 +197,16 @@ pub struct GpuShard<B: Backend> {
     make: MakeBackend<B>,
     model_dir: PathBuf,
     serving: Arc<Mutex<Option<Serving>>>,
+    meter: Arc<Mutex<Meter>>,
 }
 
 impl<B: Backend> GpuShard<B> {
     async fn spawn(model_dir: PathBuf, make: MakeBackend<B>) -> Result<ShardHandle, ShardError> {
         let serving = Arc::new(Mutex::new(None));
-        let shard = GpuShard { make, model_dir, serving: serving.clone() };
+        let meter = Arc::new(Mutex::new(Meter::default()));
+        let shard = GpuShard { make, model_dir, serving: serving.clone(), meter: meter.clone() };
         let (actor, _) = Actor::spawn(None, shard, ()).await.map_err(|e| ShardError::Gone(e.to_string()))?;
-        Ok(ShardHandle { actor, serving })
+        Ok(ShardHandle { actor, serving, meter })
     }
 }
 
@@ -180,7 +217,13 @@ impl<B: Backend> Actor for GpuShard<B> {
 
     async fn pre_start(&self, _myself: ActorRef<ShardMsg>, _: ()) -> Result<mpsc::Sender<ShardMsg>, ActorProcessingErr> {
         let (tx, rx) = mpsc::channel();
-        let mut thread = DeviceThread::<B> { make: self.make.clone(), model_dir: self.model_dir.clone(), serving: self.serving.clone(), stage: None };
+        let mut thread = DeviceThread::<B> {
+            make: self.make.clone(),
+            model_dir: self.model_dir.clone(),
+            serving: self.serving.clone(),
+            meter: self.meter.clone(),
+            stage: None,
+        };
         std::thread::Builder::new().name("baton-gpu-shard".into()).spawn(move || {
             while let Ok(msg) = rx.recv() {
                 thread.run(msg);
@@ -201,6 +244,7 @@ struct DeviceThread<B: Backend> {
     make: MakeBackend<B>,
     model_dir: PathBuf,
     serving: Arc<Mutex<Option<Serving>>>,
+    meter: Arc<Mutex<Meter>>,
     stage: Option<(StageWorker<B>, u64)>,
 }
 
@@ -280,7 +324,10 @@ impl<B: Backend> DeviceThread<B> {
         };
         let starts = req.starts.iter().map(|s| SequenceStart { id: s.id, params: s.params.clone(), eos: &s.eos, prompt: &s.prompt, generated: &s.generated });
         let result = worker.step(&req.layout, input, &req.ids, req.released.iter().copied(), starts)?;
-        Ok(StepDone { result, compute: started.elapsed() })
+        let compute = started.elapsed();
+        let (layer_tokens, layers_time) = (worker.layers().len() * req.layout.num_tokens(), worker.last_layers_time());
+        self.meter.lock().unwrap_or_else(|p| p.into_inner()).record(layers_time, layer_tokens, compute);
+        Ok(StepDone { result, compute })
     }
 }
 
@@ -289,6 +336,7 @@ impl<B: Backend> DeviceThread<B> {
 pub struct ShardHandle {
     actor: ActorRef<ShardMsg>,
     serving: Arc<Mutex<Option<Serving>>>,
+    meter: Arc<Mutex<Meter>>,
 }
 
 impl std::fmt::Debug for ShardHandle {
@@ -310,6 +358,11 @@ impl ShardHandle {
     /// What it serves now (`None`: nothing loaded); never waits for work.
     pub fn serving(&self) -> Option<Serving> {
         self.serving.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// What it measured of its device; never waits for work.
+    pub fn stats(&self) -> ShardStats {
+        self.meter.lock().unwrap_or_else(|p| p.into_inner()).stats
     }
 
     pub async fn load(&self, layers: Range<usize>, geometry: KvGeometry, epoch: u64) -> Result<Loaded, ShardError> {

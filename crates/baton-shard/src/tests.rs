@@ -51,6 +51,12 @@ async fn a_split_pipeline_of_shards_samples_what_one_whole_shard_does() {
         other => panic!("the head stage gave {other:?}"),
     };
     assert_eq!(sampled(tail.step(prefill(3, Input::Hidden(hidden), greedy())).await.unwrap()), expected);
+    // Each shard measured its layers' speed on the step it ran.
+    for h in [&whole, &head, &tail] {
+        let stats = h.stats();
+        assert_eq!(stats.steps, 1);
+        assert!(stats.us_per_layer_token.is_some_and(|us| us > 0.0 && us.is_finite()), "{stats:?}");
+    }
 
     // Another epoch's step is refused, and the stage still serves its own.
     let refused = tail.step(prefill(2, Input::Hidden(vec![0.0; PROMPT.len() * 64]), greedy())).await;

@@ -68,6 +68,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Some(args.quic_listen.parse::<SocketAddr>().with_context(|| format!("--quic-listen: {:?} is not HOST:PORT", args.quic_listen))?)
     };
+    let device = load::shard_device(args.device, args.threads.unwrap_or_else(load::default_threads))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("baton-io")
+        .build()
+        .context("starting the async runtime")?;
+    let device = runtime.block_on(device.spawn(model_dir.clone())).context("starting the GPU shard")?;
     let opts = ServeOptions {
         pipeline: None,
         quic_listen,
@@ -78,19 +86,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model_dir,
         model_name,
         listen,
-        device: load::shard_device(args.device, args.threads.unwrap_or_else(load::default_threads))?,
+        device,
         kv_cache_bytes: args.kv_cache_mb << 20,
         max_num_seqs: args.max_num_seqs,
         max_batched_tokens: args.max_batched_tokens,
         max_waiting: args.max_waiting,
         max_model_len: args.max_model_len,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("baton-io")
-        .build()
-        .context("starting the async runtime")?;
     runtime.block_on(async move {
         serve(opts, shutdown_signal()).await
     })?;

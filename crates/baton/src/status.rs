@@ -128,6 +128,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Some(e) => println!("pipeline {}: plan epoch {e}", r["pipeline"]),
             None => println!("pipeline {}: NOT SERVING: no live node holds layers {}..{}", r["pipeline"], mesh["unserved"][0], mesh["unserved"][1]),
         }
+        // What the planner weighs the nodes by, once they have run steps.
+        let speeds: Vec<String> = mesh["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| Some(format!("{} {:.2}", n["name"].as_str()?, n["us_per_layer_token"].as_f64()?)))
+            .collect();
+        if !speeds.is_empty() {
+            println!("  measured µs per layer per token: {}", speeds.join(", "));
+        }
         for c in mesh["changes"].as_array().into_iter().flatten() {
             let detection = c["detection_ms"].as_f64().map(|d| format!(", detected after {d:.0} ms")).unwrap_or_default();
             println!(

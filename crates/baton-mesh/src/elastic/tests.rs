@@ -88,6 +88,11 @@ impl Rng {
         lo + self.next_u64() % (hi - lo)
     }
 
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// True `percent` times in a hundred.
     fn chance(&mut self, percent: u64) -> bool {
         self.range(0, 100) < percent
@@ -454,6 +459,109 @@ fn a_member_added_later_joins_once_it_has_answered_long_enough() {
     assert_eq!(t, 1_000_000 + config.rejoin_after_us);
     assert_eq!(change.reason, ChangeReason::NodeJoined);
     assert_eq!(change.stages, stages(&[("a", 0..3), ("b", 3..6), ("c", 6..9), ("d", 9..12)]));
+}
+
+#[test]
+fn a_node_measured_slower_gets_fewer_layers_once_it_has_stayed_slower() {
+    let config = CoreConfig::default();
+    let mut core = trio(30, config);
+    let all = |_| vec![("b", 1), ("c", 1)];
+    // c takes 3 µs per layer per token, a and b 1: 13/13/4 makes the slowest stage 13 µs against c's
+    // 30 (<= 0.75×). Not before the plan is `rebalance_every_us` old, nor before it has held for
+    // `rebalance_after_us`.
+    for (n, us) in [("a", 1.0), ("b", 1.0), ("c", 3.0)] {
+        core.measured(n, us);
+    }
+    let acts = drive(&mut core, 0, 20_000_000, all);
+    assert!(acts.is_empty(), "{acts:?}");
+    let (t, change) = one_change(drive(&mut core, 20_000_000, 40_000_000, all));
+    assert_eq!(t, config.rebalance_every_us);
+    assert_eq!(change.reason, ChangeReason::Rebalanced);
+    assert_eq!(change.stages, stages(&[("a", 0..13), ("b", 13..26), ("c", 26..30)]));
+    // Once balanced, the same speeds change nothing more.
+    let acts = drive(&mut core, 40_000_000, 200_000_000, all);
+    assert!(acts.is_empty(), "{acts:?}");
+    assert_eq!(core.us_per_layer_token("c"), Some(3.0));
+}
+
+#[test]
+fn a_speed_difference_under_the_threshold_or_not_held_changes_nothing() {
+    let config = CoreConfig::default();
+    let all = |_| vec![("b", 1), ("c", 1)];
+    // c 1.3× slower: 11/11/8 would make the slowest 11 against 13, not <= 0.75×.
+    let mut core = trio(30, config);
+    for (n, us) in [("a", 1.0), ("b", 1.0), ("c", 1.3)] {
+        core.measured(n, us);
+    }
+    assert!(drive(&mut core, 0, 120_000_000, all).is_empty());
+
+    // c 3× slower, but only for 5 s at a time: the wait starts again whenever it is not.
+    let mut core = trio(30, config);
+    core.measured("a", 1.0);
+    core.measured("b", 1.0);
+    let mut t = 0;
+    while t < 120_000_000 {
+        core.measured("c", if (t / 5_000_000) % 2 == 0 { 3.0 } else { 1.0 });
+        let acts = drive(&mut core, t, t + 1_000_000, all);
+        assert!(acts.is_empty(), "at {t}: {acts:?}");
+        t += 1_000_000;
+    }
+    // Nothing is split by speed while a node of the plan is unmeasured.
+    let mut core = trio(30, config);
+    core.measured("a", 1.0);
+    core.measured("b", 5.0);
+    core.measured("x", f64::NAN); // unknown names and nonsense are ignored
+    core.measured("c", -1.0);
+    assert!(drive(&mut core, 0, 120_000_000, all).is_empty());
+    assert_eq!(core.us_per_layer_token("c"), None);
+}
+
+#[test]
+fn measured_speeds_weigh_the_repair_of_a_lost_stage() {
+    let config = CoreConfig::default();
+    let mut core = trio(30, config);
+    // b, in the middle, dies: its 10 layers go to a and c in proportion to speed (a 4× faster
+    // than c): 8 to a, 2 to c. An unmeasured node would count at the median.
+    core.measured("a", 1.0);
+    core.measured("c", 4.0);
+    let (_, lost) = one_change(drive(&mut core, 0, 900_000, |_| vec![("c", 1)]));
+    assert_eq!(lost.reason, ChangeReason::NodeLost);
+    assert_eq!(lost.stages, stages(&[("a", 0..18), ("c", 18..30)]));
+}
+
+/// Measurements with noise (each within ±`noise` of the node's true speed, drawn afresh every second):
+/// equal nodes are never re-split, and one truly 3× slower is re-split once and then left alone.
+#[test]
+fn noisy_measurements_make_no_churn() {
+    let config = CoreConfig::default();
+    for seed in 0..20 {
+        for (slow, noise) in [(1.0, 0.2), (3.0, 0.2)] {
+            let mut rng = Rng::new(seed);
+            let mut core = core_of(
+                &[("a", 1.0, 30), ("b", 1.0, 30), ("c", 1.0, 30), ("d", 1.0, 30)],
+                32,
+                &[("a", 0..8), ("b", 8..16), ("c", 16..24), ("d", 24..32)],
+                config,
+            );
+            let mut changes = Vec::new();
+            let mut t = 0;
+            while t < 600_000_000 {
+                for (n, truth) in [("a", 1.0), ("b", 1.0), ("c", 1.0), ("d", slow)] {
+                    let jitter = 1.0 + noise * (2.0 * rng.unit() - 1.0);
+                    core.measured(n, truth * jitter);
+                }
+                changes.extend(drive(&mut core, t, t + 1_000_000, |_| vec![("b", 1), ("c", 1), ("d", 1)]));
+                t += 1_000_000;
+            }
+            let expected = if slow > 1.0 { 1 } else { 0 };
+            assert_eq!(changes.len(), expected, "seed {seed}, slow {slow}: {changes:?}");
+            if let Some((_, Action::Adopt(c))) = changes.first() {
+                assert_eq!(c.reason, ChangeReason::Rebalanced);
+                let d = c.stages.iter().find(|(n, _)| n == "d").map(|(_, r)| r.len());
+                assert!(d.is_some_and(|l| l <= 4), "seed {seed}: {c:?}");
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -852,6 +960,7 @@ impl Sim {
                         assert!(prev.is_none(), "{at}: capacity returned while there was a plan: {change:?}");
                     }
                     ChangeReason::NodeDrained => panic!("{at}: nothing drains in the simulation: {change:?}"),
+                    ChangeReason::Rebalanced => panic!("{at}: no speeds are measured in the simulation: {change:?}"),
                 }
                 for (name, _) in &change.stages {
                     let i = self.idx(name);
