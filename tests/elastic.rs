@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 #[path = "support/mod.rs"]
 mod support;
 
-use support::cluster::{log_tail, spawn_node, write_cluster, Nodes};
+use support::cluster::{log_tail, log_text, spawn_node, write_cluster, Nodes};
 
 /// A tiny model with 12 layers, so three nodes split it 4/4/4, two 6/6, and taking a third
 /// node back improves the slowest stage past the planner's threshold.
@@ -240,6 +240,9 @@ fn a_new_node_joins_through_the_seeds_takes_layers_and_drains_away() {
     let view = mesh(&head);
     let layers = |v: &Value, n: &str| v["nodes"].as_array().unwrap().iter().find(|x| x["name"] == n).unwrap()["layers"].clone();
     assert_eq!(layers(&view, "node-d"), json!([9, 12]), "{view}");
+    // Add before drop: node-d loaded its layers while the old plan served, before the switch.
+    let head_log = log_text(&cfg, "node-a");
+    assert!(head_log.contains("node-d loaded their layers while the running plan served"), "{head_log}");
 
     // node-d drains: its layers move while it serves, then it is released and exits.
     let results = std::thread::scope(|scope| {

@@ -57,6 +57,11 @@ fn log_path(cfg: &std::path::Path, name: &str) -> std::path::PathBuf {
 }
 
 /// The last lines a node wrote (for failure messages).
+/// All a node has logged so far.
+pub fn log_text(cfg: &std::path::Path, name: &str) -> String {
+    std::fs::read_to_string(log_path(cfg, name)).unwrap_or_default()
+}
+
 pub fn log_tail(cfg: &std::path::Path, name: &str) -> String {
     let text = std::fs::read_to_string(log_path(cfg, name)).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();

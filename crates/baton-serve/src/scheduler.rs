@@ -36,6 +36,8 @@ pub enum SchedulerMsg {
     Load(RpcReplyPort<usize>),
     /// Start a new shard after a failure (sent to itself after a backoff).
     RestartShard,
+    /// The nodes a planned change takes in have loaded their layers (or could not).
+    Prepared(u64, Result<Vec<String>, String>),
 }
 
 /// The delay before restarting a shard after `failures` failures in a row without it becoming
@@ -96,6 +98,8 @@ pub struct State {
     /// A planned change (join, drain) waiting for the steps in flight to finish, after which
     /// the KV moves to the new plan's stages instead of being recomputed.
     switching: Option<u64>,
+    /// A planned change whose new nodes are loading while the running plan serves.
+    preparing: Option<(u64, tokio::task::AbortHandle)>,
     migration: MigrationSlot,
     /// A plan change waiting for its shard to be ready: its epoch and when it was decided.
     replanning: Option<(u64, Instant)>,
@@ -342,6 +346,9 @@ impl State {
         self.shard_ready = false;
         self.shard_epoch = None;
         self.switching = None;
+        if let Some((_, task)) = self.preparing.take() {
+            task.abort();
+        }
         self.migration.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.requeue_started();
         self.start_shard(myself).await;
@@ -454,6 +461,7 @@ impl Actor for SchedulerActor {
             shard_epoch: None,
             shard_plan: Vec::new(),
             switching: None,
+            preparing: None,
             migration: MigrationSlot::default(),
             replanning: None,
             counted_epoch: 1,
@@ -579,11 +587,20 @@ impl Actor for SchedulerActor {
                 if state.shard.is_some() && !state.shard_ready && epoch.is_some_and(planned_change) {
                     return Ok(());
                 }
-                if planned && state.shard_ready && !state.shard_plan.is_empty() {
-                    state.switching = epoch;
-                    if state.in_flight.is_empty() {
-                        state.migrate(&myself).await?;
+                if let (true, true, false, Some(e)) = (planned, state.shard_ready, state.shard_plan.is_empty(), epoch) {
+                    if state.switching == Some(e) || state.preparing.as_ref().is_some_and(|p| p.0 == e) {
+                        return Ok(());
                     }
+                    // Add before drop: the nodes it takes in load first, while this plan serves.
+                    if let Some((_, old)) = state.preparing.take() {
+                        old.abort();
+                    }
+                    let (running, geometry, me) = (state.shard_plan.clone(), state.core.geometry(), myself.clone());
+                    let task = tokio::spawn(async move {
+                        let loaded = crate::shard::preload(&mesh, e, &running, geometry).await;
+                        let _ = me.cast(SchedulerMsg::Prepared(e, loaded));
+                    });
+                    state.preparing = Some((e, task.abort_handle()));
                     return Ok(());
                 }
                 state.replace_shard(&myself).await?;
@@ -601,6 +618,24 @@ impl Actor for SchedulerActor {
             }
             SchedulerMsg::Load(reply) => {
                 let _ = reply.send(state.core.num_running() + state.core.num_waiting());
+            }
+            SchedulerMsg::Prepared(e, loaded) => {
+                if state.preparing.as_ref().is_none_or(|p| p.0 != e) {
+                    return Ok(());
+                }
+                state.preparing = None;
+                match loaded {
+                    Ok(nodes) if !nodes.is_empty() => eprintln!("baton: plan epoch {e}: {} loaded their layers while the running plan served", nodes.join(", ")),
+                    Ok(_) => {}
+                    Err(why) => tracing::warn!(epoch = e, %why, "the new plan's nodes did not load ahead; switching anyway"),
+                }
+                // Stop starting steps; once those in flight are done, move to the new plan.
+                if state.shard_ready {
+                    state.switching = Some(e);
+                    if state.in_flight.is_empty() {
+                        state.migrate(&myself).await?;
+                    }
+                }
             }
             SchedulerMsg::RestartShard => {
                 if state.shard.is_none() {
@@ -621,6 +656,9 @@ impl Actor for SchedulerActor {
                 }
                 state.shard_ready = false;
                 state.switching = None;
+                if let Some((_, task)) = state.preparing.take() {
+                    task.abort();
+                }
                 state.migration.lock().unwrap_or_else(|p| p.into_inner()).take();
                 match err.downcast_ref::<ShardFailure>() {
                     Some(ShardFailure::Stage { stage, detail }) => {

@@ -272,6 +272,42 @@ fn load(args: &ShardArgs) -> Result<(Option<ActivePlan>, bool), ShardFailure> {
     Ok((Some(active), true))
 }
 
+/// Add before drop: before a planned change is carried out, the nodes the new plan (`epoch`)
+/// takes in that the running plan (`running`) does not use load their layers, while the
+/// running plan goes on serving; the switch then finds them ready (their `Init` keeps what
+/// they loaded). Returns the nodes that loaded.
+pub async fn preload(mesh: &MeshDriver, epoch: u64, running: &[(String, std::ops::Range<usize>)], geometry: KvGeometry) -> Result<Vec<String>, String> {
+    let active = mesh.active().await.map_err(|e| e.to_string())?;
+    if active.epoch != epoch {
+        return Err(format!("the plan moved on to epoch {}", active.epoch));
+    }
+    let calls: Vec<_> = active
+        .remotes
+        .iter()
+        .filter(|(link, _)| !running.iter().any(|(n, _)| n == link.peer()))
+        .map(|(link, range)| {
+            let init = StageRequest::Init {
+                block_size: geometry.block_size as u32,
+                num_blocks: geometry.num_blocks as u32,
+                first_layer: range.start as u32,
+                end_layer: range.end as u32,
+                epoch,
+            };
+            let (link, range) = (link.clone(), range.clone());
+            tokio::spawn(async move { (link.peer().to_string(), range, link.call(init).await) })
+        })
+        .collect();
+    let mut loaded = Vec::new();
+    for call in calls {
+        let (peer, range, answer) = call.await.map_err(|e| e.to_string())?;
+        match answer {
+            Ok(StageReply::Ready { first_layer, end_layer, epoch: e, .. }) if first_layer as usize == range.start && end_layer as usize == range.end && e == epoch => loaded.push(peer),
+            other => return Err(format!("{peer} answered the early Init with {other:?}")),
+        }
+    }
+    Ok(loaded)
+}
+
 /// A replaced shard's loading thread stops before its next call to a stage.
 fn check_stopped(args: &ShardArgs) -> Result<(), ShardFailure> {
     if args.stopped.load(std::sync::atomic::Ordering::SeqCst) {
