@@ -265,7 +265,9 @@ fn a_new_node_joins_through_the_seeds_takes_layers_and_drains_away() {
     // A join and a drain move the KV with the layers: nothing was recomputed.
     assert!(metric(&head, "baton:requests_migrated_total") >= 8.0, "the join and the drain moved no running request");
     assert_eq!(metric(&head, "baton:requests_recomputed_total"), recomputed, "a planned change recomputed KV\n{}", log_tail(&cfg, "node-a"));
-    assert!(layers(&view, "node-d").is_null(), "{view}");
+    // Released, node-d is forgotten: no longer probed nor shown.
+    let gone = |v: &Value| v["nodes"].as_array().is_some_and(|n| n.iter().all(|x| x["name"] != "node-d"));
+    wait_for("the head to forget the released node-d", 10, &cfg, || gone(&mesh(&head)));
     assert_eq!(metric(&head, "baton:request_failure_total"), 0.0);
 
     // Revoked: node-d's certificate is refused from the nodes' next start or SIGHUP.
@@ -281,5 +283,63 @@ fn a_new_node_joins_through_the_seeds_takes_layers_and_drains_away() {
         assert_ne!(node_state(&mesh(&head), "node-d"), "spare", "a revoked node answered the head's probes");
         assert_ne!(node_state(&mesh(&head), "node-d"), "serving", "a revoked node was given layers");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `placement.replicas` is a minimum: a node that joins with a replica cluster.toml has no node
+/// of (and memory for the whole model) forms that replica and heads it; entry nodes learn of it
+/// through the gossip and spread requests over it too, and once it dies they go on with the
+/// heads they have. Too little memory for a new replica's first node is a clear error.
+#[test]
+fn a_node_of_a_new_replica_heads_a_second_pipeline_that_entry_nodes_use() {
+    let bin = env!("CARGO_BIN_EXE_baton");
+    let model = deep_tiny_model("elastic-replica-model");
+    let (cfg, ports) = write_cluster("elastic-replica", &model);
+    let (mut nodes, head) = start_mesh(&cfg, ports.http, &model);
+    let c = cfg.to_str().unwrap();
+    let out = Command::new(bin).args(["cluster", "add-node", "node-e", "--cluster", c]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let control_e = format!("127.0.0.1:{}", support::cluster::free_udp());
+
+    let small = Command::new(bin)
+        .args(["node", "--cluster", c, "--name", "node-e", "--control", &control_e, "--replica", "1", "--memory-gb", "0.0001", "--threads", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&small.stderr);
+    assert!(!small.status.success() && err.contains("--replica 1") && err.contains("--memory-gb"), "{err}");
+
+    let http_e = support::cluster::free_tcp();
+    let http_e_arg = format!("127.0.0.1:{http_e}");
+    nodes.0.push(spawn_node(&cfg, "node-e", &["--control", &control_e, "--replica", "1", "--http", &http_e_arg], Some("tcp")));
+    let head_e = support::Server { child: Command::new("true").spawn().unwrap(), addr: http_e_arg.clone(), quic: None, model: model.clone() };
+    wait_for("node-e to serve its own pipeline", 60, &cfg, || support::health_ok(&head_e.addr));
+    let own = mesh(&head_e);
+    assert_eq!(own["nodes"][0]["name"], "node-e", "{own}");
+    assert_eq!(own["nodes"][0]["layers"], json!([0, 12]), "{own}");
+    wait_for("node-b to learn of the new head", 30, &cfg, || log_text(&cfg, "node-b").contains("pipeline head node-e"));
+
+    // Requests entering at node-b (a stage of replica 0) go to both heads, token for token.
+    let entry = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{}", ports.http_b), quic: None, model: model.clone() };
+    let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&model, p, 48)).collect();
+    let served = |h: &support::Server| metric(h, "baton:request_success_total{finished_reason=\"length\"}");
+    let entry_ref = &entry;
+    let results = std::thread::scope(|scope| {
+        let streams: Vec<_> = (0..16).map(|i| scope.spawn(move || stream(entry_ref, PROMPTS[i % 8], 48))).collect();
+        streams.into_iter().map(|s| s.join().unwrap()).collect::<Vec<_>>()
+    });
+    for (i, (status, tokens, text)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {text}");
+        assert_eq!(*tokens, want[i % 8], "request {i}");
+    }
+    assert!(served(&head_e) >= 1.0 && served(&head) >= 1.0, "node-a served {}, node-e {}", served(&head), served(&head_e));
+
+    // node-e dies: requests entering at node-b go on with node-a.
+    let e = nodes.0.last_mut().unwrap();
+    let _ = e.kill();
+    let _ = e.wait();
+    for (i, p) in PROMPTS.iter().enumerate() {
+        let (status, tokens, text) = stream(&entry, p, 48);
+        assert_eq!(status, 200, "request {i} after node-e died: {text}");
+        assert_eq!(tokens, want[i]);
     }
 }

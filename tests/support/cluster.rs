@@ -56,12 +56,12 @@ fn log_path(cfg: &std::path::Path, name: &str) -> std::path::PathBuf {
     cfg.with_file_name(format!("{name}.log"))
 }
 
-/// The last lines a node wrote (for failure messages).
 /// All a node has logged so far.
 pub fn log_text(cfg: &std::path::Path, name: &str) -> String {
     std::fs::read_to_string(log_path(cfg, name)).unwrap_or_default()
 }
 
+/// The last lines a node wrote (for failure messages).
 pub fn log_tail(cfg: &std::path::Path, name: &str) -> String {
     let text = std::fs::read_to_string(log_path(cfg, name)).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();

@@ -133,8 +133,9 @@ pub struct ControlNode {
     endpoint: quinn::Endpoint,
     identity: NodeIdentity,
     revoked: Revoked,
-    /// Every connection made or accepted, by peer, so a revocation can cut the open ones.
-    links: std::sync::Mutex<Vec<PeerLink>>,
+    /// Bumped when the revocation list was reloaded: the loops serving connections check
+    /// their peer again ([`ControlNode::until_revoked`]).
+    revocations: tokio::sync::watch::Sender<u64>,
 }
 
 /// A mutually authenticated link to a named peer.
@@ -176,32 +177,43 @@ impl ControlNode {
         client_config.transport_config(transport());
         let mut endpoint = quinn::Endpoint::server(server_config, addr).map_err(|source| ControlError::Bind { addr, source })?;
         endpoint.set_default_client_config(client_config);
-        Ok(ControlNode { endpoint, identity, revoked, links: std::sync::Mutex::default() })
+        Ok(ControlNode { endpoint, identity, revoked, revocations: tokio::sync::watch::channel(0).0 })
     }
 
-    fn remember(&self, link: &PeerLink) {
-        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        links.retain(|l| l.connection.close_reason().is_none());
-        links.push(link.clone());
+    /// Whether the revocation list names `peer`.
+    pub fn is_revoked(&self, peer: &str) -> bool {
+        is_revoked(&self.revoked, peer)
     }
 
-    /// Closes every open connection to a peer the revocation list now names (after it was
-    /// reloaded); returns how many. The peer's handshakes were refused already; this ends what
-    /// it still had open.
-    pub fn cut_revoked(&self) -> usize {
-        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        let mut cut = 0;
-        links.retain(|l| {
-            let open = l.connection.close_reason().is_none();
-            if open && is_revoked(&self.revoked, &l.peer) {
-                tracing::warn!(peer = %l.peer, "closing the connection of a revoked node");
-                l.connection.close(CLOSE_UNKNOWN_PEER.into(), b"revoked");
-                cut += 1;
-                return false;
+    /// The revocation list was reloaded: every connection a peer it now names still has open
+    /// is closed by the loop serving it, and no new one is made or accepted.
+    pub fn revocations_changed(&self) {
+        self.revocations.send_modify(|n| *n += 1);
+    }
+
+    /// Resolves, closing the connection, once `link`'s peer is revoked: the loops that serve a
+    /// connection select on it, so a revocation ends what the peer still had open.
+    pub async fn until_revoked(&self, link: &PeerLink) {
+        let mut changes = self.revocations.subscribe();
+        loop {
+            if self.is_revoked(&link.peer) {
+                tracing::warn!(peer = %link.peer, "closing the connection of a revoked node");
+                link.connection.close(CLOSE_UNKNOWN_PEER.into(), b"revoked");
+                return;
             }
-            open
-        });
-        cut
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// The next bidirectional stream `link`'s peer opens; `None` once the connection is closed
+    /// or its peer revoked.
+    pub async fn accept_bi(&self, link: &PeerLink) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+        tokio::select! {
+            s = link.connection.accept_bi() => s.ok(),
+            () = self.until_revoked(link) => None,
+        }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -223,9 +235,7 @@ impl ControlNode {
             .connect(addr, peer)
             .map_err(|e| ControlError::Connect { peer: peer.to_string(), message: e.to_string() })?;
         let connection = connecting.await?;
-        let link = PeerLink { peer: peer.to_string(), connection };
-        self.remember(&link);
-        Ok(link)
+        Ok(PeerLink { peer: peer.to_string(), connection })
     }
 
     /// Accepts the next authenticated peer (named by its certificate). A peer whose name was
@@ -242,11 +252,7 @@ impl ControlNode {
             .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
             .and_then(|certs| certs.first().cloned());
         match cert.and_then(|c| cert_name(&c)) {
-            Some(peer) if !is_revoked(&self.revoked, &peer) => {
-                let link = PeerLink { peer, connection };
-                self.remember(&link);
-                Some(Ok(link))
-            }
+            Some(peer) if !is_revoked(&self.revoked, &peer) => Some(Ok(PeerLink { peer, connection })),
             _ => {
                 tracing::warn!(remote = %connection.remote_address(), "refusing a peer whose certificate names no node or is revoked");
                 connection.close(CLOSE_UNKNOWN_PEER.into(), b"unknown or revoked node");
@@ -260,8 +266,9 @@ impl ControlNode {
     pub async fn serve(self: Arc<Self>) {
         while let Some(link) = self.accept().await {
             let Ok(link) = link else { continue };
+            let node = self.clone();
             tokio::spawn(async move {
-                while let Ok((mut send, mut recv)) = link.connection.accept_bi().await {
+                while let Some((mut send, mut recv)) = node.accept_bi(&link).await {
                     let conn = link.connection.clone();
                     let peer = link.peer.clone();
                     tokio::spawn(async move {

@@ -17,7 +17,7 @@
 //!   still serves; it is never taken back, and `drained` says when it may stop.
 //! - Nodes that join after the start (`add_member`, from the gossip) wait like returning ones.
 //! - A node's weight is its measured speed (1 / µs per layer per token, which every node
-//!   publishes) once any node's is known, else its memory; memory caps every share. A split
+//!   publishes) once every live node's is known, else its memory; memory caps every share. A split
 //!   of the same nodes by speed is taken when it makes the slowest stage faster by the same
 //!   threshold, has done so for `rebalance_after_us` and the last change is
 //!   `rebalance_every_us` old (noise in the measurements makes no churn).
@@ -272,8 +272,8 @@ impl MeshCore {
 
     /// `name` measured `us_per_layer_token` µs per layer per token in its transformer layers
     /// (every stage of the pipeline runs the same steps, so these compare the nodes). Once
-    /// any node is measured, layers are split by speed (unmeasured nodes count at the median)
-    /// instead of by memory; memory still caps each node's share.
+    /// every live node is measured, layers are split by speed instead of by memory; memory
+    /// still caps each node's share.
     pub fn measured(&mut self, name: &str, us_per_layer_token: f64) {
         if let Some(n) = self.node_mut(name).filter(|_| us_per_layer_token.is_finite() && us_per_layer_token > 0.0) {
             n.us_per_layer_token = Some(us_per_layer_token);
@@ -286,16 +286,16 @@ impl MeshCore {
     }
 
     /// The weight `name`'s share of the layers is proportional to: its speed (layers per µs
-    /// per token) when speeds are known, its memory-based capacity otherwise.
+    /// per token) once every live node has measured one (a node just joining has not: until
+    /// it has, memory decides, rather than a guess), its memory-based capacity otherwise.
     fn weight(&self, name: &str) -> Option<f64> {
         let node = self.nodes.iter().find(|n| n.member.name == name)?;
-        let mut speeds: Vec<f64> = self.nodes.iter().filter_map(|n| n.us_per_layer_token).map(|us| 1.0 / us).collect();
-        if speeds.is_empty() {
-            return Some(node.member.capacity.max(f64::MIN_POSITIVE));
+        let live = |n: &&Node| n.member.name == self.head || matches!(n.state, NodeState::Up { .. });
+        let by_speed = self.nodes.iter().filter(live).all(|n| n.us_per_layer_token.is_some());
+        match node.us_per_layer_token {
+            Some(us) if by_speed => Some(1.0 / us),
+            _ => Some(node.member.capacity.max(f64::MIN_POSITIVE)),
         }
-        speeds.sort_by(f64::total_cmp);
-        let median = speeds[speeds.len() / 2];
-        Some(node.us_per_layer_token.map_or(median, |us| 1.0 / us))
     }
 
     /// `name` asked to leave: its layers move at the next tick (while it still serves them).
@@ -304,6 +304,17 @@ impl MeshCore {
         if let Some(n) = self.node_mut(name).filter(|n| n.member.name != head) {
             n.draining = true;
         }
+    }
+
+    /// Forgets `name` (a drained node that was released): it is no longer probed or shown. The
+    /// head and nodes of the plan are kept; returns whether it was forgotten.
+    pub fn remove(&mut self, name: &str) -> bool {
+        if name == self.head || self.in_plan(name) {
+            return false;
+        }
+        let before = self.nodes.len();
+        self.nodes.retain(|n| n.member.name != name);
+        self.nodes.len() != before
     }
 
     /// Draining nodes the plan no longer uses: they may stop.
@@ -501,7 +512,7 @@ impl MeshCore {
     }
 
     /// The survivors next to each lost range take it over (split between the two neighbours in
-    /// proportion to capacity; the last survivor takes a gap at the end); `None` when a
+    /// proportion to their weight; the last survivor takes a gap at the end); `None` when a
     /// neighbour cannot hold its share.
     fn repair(&self, stages: &[(String, Range<usize>)], lost: &[String]) -> Option<Vec<(String, Range<usize>)>> {
         let mut alive: Vec<(String, Range<usize>)> = stages.iter().filter(|(n, _)| !lost.contains(n)).cloned().collect();
@@ -533,7 +544,7 @@ impl MeshCore {
 
     /// A fresh plan over the head, the live nodes of the current plan and `extra`, in roster
     /// order after the head, split in proportion to
-    /// capacity within each node's memory; `None` when they cannot hold the model.
+    /// their weight within each node's memory; `None` when they cannot hold the model.
     fn rebalance(&self, extra: &[String]) -> Option<Vec<(String, Range<usize>)>> {
         self.rebalance_without(extra, &[])
     }

@@ -68,6 +68,9 @@ pub struct NodeInfo {
     pub memory_bytes: u64,
     pub replica: u32,
     pub state: NodeState,
+    /// It heads its replica's pipeline: it serves the client APIs at `http` / `quic`, and entry
+    /// nodes spread requests over it.
+    pub head: bool,
     /// The layers its GPU shard serves now and the plan epoch they are for (`None`: none).
     pub serving: Option<ServedLayers>,
     /// Its measured speed: µs per layer per token in its transformer layers (`None` until it
@@ -337,7 +340,14 @@ impl Gossip {
 
 /// Reads gossip packets from the uni streams of one authenticated control connection.
 pub async fn serve_connection(gossip: Arc<Gossip>, link: PeerLink) {
-    while let Ok(mut recv) = link.connection.accept_uni().await {
+    loop {
+        let mut recv = tokio::select! {
+            r = link.connection.accept_uni() => match r {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+            () = gossip.node.until_revoked(&link) => return,
+        };
         let gossip = gossip.clone();
         let peer = link.peer.clone();
         tokio::spawn(async move {

@@ -106,6 +106,9 @@ pub struct MeshDriver {
     notices: watch::Sender<u64>,
     /// When each plan was decided (for the time to serve again).
     decided: Mutex<HashMap<u64, Instant>>,
+    /// Released drained nodes (name, generation): the gossip's last word on them is not a
+    /// new member. The same name with a new generation (started again) is.
+    departed: Mutex<std::collections::HashSet<(String, u64)>>,
 }
 
 impl MeshDriver {
@@ -147,6 +150,7 @@ impl MeshDriver {
             links: Mutex::new(links),
             notices,
             decided: Mutex::new(HashMap::new()),
+            departed: Mutex::default(),
         });
         for m in roster.members.iter().filter(|m| m.name != me) {
             let Some(addr) = driver.control_addr(&m.name) else { continue };
@@ -183,7 +187,7 @@ impl MeshDriver {
         let mut changes = gossip.subscribe();
         loop {
             for info in gossip.members() {
-                if info.replica != replica {
+                if info.replica != replica || self.departed.lock().unwrap_or_else(|p| p.into_inner()).contains(&(info.name.clone(), info.generation)) {
                     continue;
                 }
                 // Speeds weigh the next split (the head's own too).
@@ -311,18 +315,34 @@ impl MeshDriver {
         for name in drained {
             self.links().remove(&name);
             let Some(addr) = self.control_addr(&name) else { continue };
-            let node = self.node.clone();
+            let (node, driver) = (self.node.clone(), self.clone());
             self.runtime.spawn(async move {
                 let released = async {
                     let link = node.connect(addr, &name).await?;
                     stage_service::call(&link, &StageRequest::Release).await
                 };
                 match tokio::time::timeout(Duration::from_secs(2), released).await {
-                    Ok(Ok(StageReply::Ack)) => eprintln!("baton: released drained node {name}"),
+                    Ok(Ok(StageReply::Ack)) => {
+                        eprintln!("baton: released drained node {name}");
+                        driver.forget(&name);
+                    }
                     other => tracing::debug!(node = %name, ?other, "releasing a drained node"),
                 }
             });
         }
+    }
+
+    /// A released node: no longer probed, shown or taken back (until it starts again).
+    fn forget(&self, name: &str) {
+        let generation = self.core().view().into_iter().find(|n| n.0 == name).and_then(|n| n.2);
+        if !self.core().remove(name) {
+            return;
+        }
+        if let Some(g) = generation {
+            self.departed.lock().unwrap_or_else(|p| p.into_inner()).insert((name.to_string(), g));
+        }
+        self.control.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.links().remove(name);
     }
 
     fn apply(&self, actions: Vec<Action>) {
@@ -372,6 +392,10 @@ impl MeshDriver {
         let mut link: Option<PeerLink> = None;
         let mut nonce = 0u64;
         loop {
+            // A forgotten node (released after a drain) is probed no more.
+            if !self.control.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&name) {
+                return;
+            }
             let started = Instant::now();
             nonce += 1;
             let answer = tokio::time::timeout(probe.timeout, ping(&self.node, &mut link, &name, addr, nonce)).await;
@@ -433,6 +457,11 @@ impl MeshDriver {
 /// One probe: (re)connects if needed, pings, returns the node's generation and whether it is
 /// draining.
 async fn ping(node: &ControlNode, link: &mut Option<PeerLink>, name: &str, addr: SocketAddr, nonce: u64) -> Result<(u64, bool), ControlError> {
+    if node.is_revoked(name) {
+        // A revoked node's open link is dropped, and no new one is made.
+        *link = None;
+        return Err(ControlError::Refused(format!("{name}'s certificate is revoked")));
+    }
     let l = match link {
         Some(l) if l.connection.close_reason().is_none() => l.clone(),
         _ => {

@@ -198,9 +198,9 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
         if let Some(g) = &gossip {
             tokio::spawn(crate::gossip::serve_connection(g.clone(), link.clone()));
         }
-        let svc = svc.clone();
+        let (svc, node) = (svc.clone(), node.clone());
         tokio::spawn(async move {
-            while let Ok((mut send, mut recv)) = link.connection.accept_bi().await {
+            while let Some((mut send, mut recv)) = node.accept_bi(&link).await {
                 let req = match read_frame_limited(&mut recv, MAX_TENSOR_FRAME).await {
                     Ok(Some(body)) => decode::<StageRequest>(&body),
                     Ok(None) => continue,

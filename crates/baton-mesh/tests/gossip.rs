@@ -38,6 +38,7 @@ async fn a_gossip_packet_claiming_another_identity_is_dropped() {
         memory_bytes: 1 << 30,
         replica: 0,
         state: NodeState::Ready,
+        head: false,
         serving: None,
         us_per_layer_token: None,
         busy_permille: 0,

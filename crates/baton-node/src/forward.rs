@@ -24,10 +24,10 @@ pub struct HeadAddr {
     pub quic: Option<SocketAddr>,
 }
 
-/// The heads and what this node knows of their load.
+/// The heads and what this node knows of their load. Heads come from cluster.toml and from
+/// the gossip (a node that formed a new replica), and are keyed by name.
 pub struct Front {
-    pub heads: Vec<HeadAddr>,
-    bases: Vec<String>,
+    heads: Mutex<Vec<HeadAddr>>,
     loads: Mutex<HeadLoads>,
     client: reqwest::Client,
 }
@@ -35,9 +35,8 @@ pub struct Front {
 impl Front {
     /// Starts polling the heads' load.
     pub fn start(heads: Vec<HeadAddr>) -> Arc<Front> {
-        let bases = heads.iter().map(|h| format!("http://{}", h.http)).collect();
         let loads = Mutex::new(HeadLoads::new(heads.iter().map(|h| h.name.clone())));
-        let front = Arc::new(Front { loads, heads, bases, client: reqwest::Client::new() });
+        let front = Arc::new(Front { loads, heads: Mutex::new(heads), client: reqwest::Client::new() });
         tokio::spawn(poll_loads(front.clone()));
         front
     }
@@ -46,39 +45,58 @@ impl Front {
         self.loads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The least loaded head not in `tried` (indices into `heads`); the routing core keys heads
-    /// by name, this shell by position in its address list.
-    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
-        let exclude: Vec<&str> = tried.iter().filter_map(|&i| self.heads.get(i)).map(|h| h.name.as_str()).collect();
+    /// Every head known now.
+    pub fn heads(&self) -> Vec<HeadAddr> {
+        self.heads.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A head that appeared (another replica's, through the gossip); known names are kept.
+    pub fn add(&self, head: HeadAddr) {
+        let mut heads = self.heads.lock().unwrap_or_else(|p| p.into_inner());
+        if heads.iter().any(|h| h.name == head.name) {
+            return;
+        }
+        eprintln!("baton: pipeline head {} (http://{}) joined; requests are spread over it too", head.name, head.http);
+        self.loads().add(head.name.clone());
+        heads.push(head);
+    }
+
+    /// A head that left for good (drained, or gone from the gossip).
+    pub fn remove(&self, name: &str) {
+        let mut heads = self.heads.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = heads.iter().position(|h| h.name == name) {
+            eprintln!("baton: pipeline head {name} left");
+            heads.remove(i);
+            self.loads().remove(name);
+        }
+    }
+
+    /// The least loaded head not in `tried`.
+    pub fn pick(&self, tried: &[String]) -> Option<HeadAddr> {
+        let exclude: Vec<&str> = tried.iter().map(String::as_str).collect();
         let name = self.loads().pick(Instant::now(), &exclude)?;
-        self.heads.iter().position(|h| h.name == name)
+        self.heads().into_iter().find(|h| h.name == name)
     }
 
-    pub fn unreachable(&self, i: usize) {
-        if let Some(h) = self.heads.get(i) {
-            self.loads().unreachable(&h.name, Instant::now());
-        }
+    pub fn unreachable(&self, name: &str) {
+        self.loads().unreachable(name, Instant::now());
     }
 
-    fn report(&self, i: usize, load: u64) {
-        if let Some(h) = self.heads.get(i) {
-            self.loads().report(&h.name, load, Instant::now());
-        }
+    fn report(&self, name: &str, load: u64) {
+        self.loads().report(name, load, Instant::now());
     }
 
-    pub fn finished(&self, i: usize) {
-        if let Some(h) = self.heads.get(i) {
-            self.loads().finished(&h.name);
-        }
+    pub fn finished(&self, name: &str) {
+        self.loads().finished(name);
     }
 }
 
 /// Marks a forwarded request finished when dropped (with the relayed body, or on failure).
-pub struct Outstanding(pub Arc<Front>, pub usize);
+pub struct Outstanding(pub Arc<Front>, pub String);
 
 impl Drop for Outstanding {
     fn drop(&mut self) {
-        self.0.finished(self.1);
+        self.0.finished(&self.1);
     }
 }
 
@@ -92,10 +110,10 @@ fn unavailable(msg: String) -> Response {
 /// Marks a request already routed by an entry node or another head: it is served where it lands.
 pub const FORWARDED: &str = "x-baton-forwarded";
 
-/// Sends a request (its parts and body) to head `i`, marked as forwarded.
-async fn send_to(front: &Front, i: usize, parts: &axum::http::request::Parts, bytes: &axum::body::Bytes) -> Result<reqwest::Response, reqwest::Error> {
+/// Sends a request (its parts and body) to `head`, marked as forwarded.
+async fn send_to(front: &Front, head: &HeadAddr, parts: &axum::http::request::Parts, bytes: &axum::body::Bytes) -> Result<reqwest::Response, reqwest::Error> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut out = front.client.request(parts.method.clone(), format!("{}{path}", front.bases[i])).body(bytes.clone()).header(FORWARDED, "1");
+    let mut out = front.client.request(parts.method.clone(), format!("http://{}{path}", head.http)).body(bytes.clone()).header(FORWARDED, "1");
     if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
         out = out.header(header::CONTENT_TYPE, ct);
     }
@@ -130,21 +148,21 @@ async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    let mut tried = Vec::new();
+    let mut tried: Vec<String> = Vec::new();
     loop {
-        let Some(i) = front.pick(&tried) else {
-            return unavailable(format!("no pipeline head is reachable (tried {})", tried.iter().map(|&i| front.bases[i].as_str()).collect::<Vec<_>>().join(", ")));
+        let Some(head) = front.pick(&tried) else {
+            return unavailable(format!("no pipeline head is reachable (tried {})", tried.join(", ")));
         };
-        let outstanding = Outstanding(front.clone(), i);
-        match send_to(&front, i, &parts, &bytes).await {
+        let outstanding = Outstanding(front.clone(), head.name.clone());
+        match send_to(&front, &head, &parts, &bytes).await {
             Ok(r) => return relay_back(r, outstanding),
             // Never delivered: another head may take it.
             Err(e) if e.is_connect() => {
-                tracing::warn!(head = %front.bases[i], error = %e, "a pipeline head is unreachable");
-                front.unreachable(i);
-                tried.push(i);
+                tracing::warn!(head = %head.name, error = %e, "a pipeline head is unreachable");
+                front.unreachable(&head.name);
+                tried.push(head.name);
             }
-            Err(e) => return unavailable(format!("the pipeline head ({}) failed: {e}", front.bases[i])),
+            Err(e) => return unavailable(format!("the pipeline head {} ({}) failed: {e}", head.name, head.http)),
         }
     }
 }
@@ -152,24 +170,24 @@ async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
 /// On a head of a cluster with several replicas: a generation request that arrives here directly
 /// goes to the least loaded head, which may be this one (`me`, served as usual) or another
 /// (proxied, marked forwarded so it stays there). Other requests are this head's own.
-pub async fn spread(State((front, me)): State<(Arc<Front>, usize)>, req: Request, next: axum::middleware::Next) -> Response {
+pub async fn spread(State((front, me)): State<(Arc<Front>, String)>, req: Request, next: axum::middleware::Next) -> Response {
     if req.method() != axum::http::Method::POST || req.headers().contains_key(FORWARDED) {
         return next.run(req).await;
     }
-    let Some(i) = front.pick(&[]) else {
+    let Some(head) = front.pick(&[]) else {
         return next.run(req).await;
     };
-    let outstanding = Outstanding(front.clone(), i);
-    if i != me {
+    let outstanding = Outstanding(front.clone(), head.name.clone());
+    if head.name != me {
         let (parts, bytes) = match read_body(req).await {
             Ok(r) => r,
             Err(resp) => return resp,
         };
-        match send_to(&front, i, &parts, &bytes).await {
+        match send_to(&front, &head, &parts, &bytes).await {
             Ok(r) => return relay_back(r, outstanding),
             Err(e) => {
-                tracing::warn!(head = %front.bases[i], error = %e, "another head is unreachable; serving here");
-                front.unreachable(i);
+                tracing::warn!(head = %head.name, error = %e, "another head is unreachable; serving here");
+                front.unreachable(&head.name);
                 drop(outstanding);
                 let outstanding = Outstanding(front.clone(), me);
                 let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
@@ -193,8 +211,8 @@ fn hold_until_sent(resp: Response, outstanding: Outstanding) -> Response {
 /// Feeds the routing core: each head's running + waiting requests (`/v1/load`), every 200 ms.
 async fn poll_loads(front: Arc<Front>) {
     loop {
-        for (i, base) in front.bases.iter().enumerate() {
-            let got = front.client.get(format!("{base}/v1/load")).timeout(Duration::from_secs(1)).send().await;
+        for head in front.heads() {
+            let got = front.client.get(format!("http://{}/v1/load", head.http)).timeout(Duration::from_secs(1)).send().await;
             let load = match got {
                 Ok(r) => r.bytes().await.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).map(|v| {
                     v["running"].as_u64().unwrap_or(0) + v["waiting"].as_u64().unwrap_or(0)
@@ -202,8 +220,8 @@ async fn poll_loads(front: Arc<Front>) {
                 Err(_) => None,
             };
             match load {
-                Some(l) => front.report(i, l),
-                None => front.unreachable(i),
+                Some(l) => front.report(&head.name, l),
+                None => front.unreachable(&head.name),
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -213,7 +231,8 @@ async fn poll_loads(front: Arc<Front>) {
 /// Serves `listen`, forwarding everything to the pipeline heads' HTTP addresses.
 pub async fn serve(listen: SocketAddr, front: Arc<Front>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    eprintln!("baton: forwarding http://{listen} to the pipeline head(s) {}, by load", front.bases.join(", "));
+    let heads: Vec<String> = front.heads().iter().map(|h| format!("{} (http://{})", h.name, h.http)).collect();
+    eprintln!("baton: forwarding http://{listen} to the pipeline head(s) {}, by load", heads.join(", "));
     let app = axum::Router::new().fallback(forward).with_state(front);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())

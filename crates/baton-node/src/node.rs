@@ -69,9 +69,6 @@ pub fn joining_node(c: &ClusterConfig, cluster_path: &std::path::Path, name: &st
     if !(args.memory_gb.is_finite() && args.memory_gb > 0.0) {
         anyhow::bail!("--memory-gb: must be a positive number");
     }
-    if args.replica >= c.replicas {
-        anyhow::bail!("--replica: {} has {} replica(s)", cluster_path.display(), c.replicas);
-    }
     Ok(NodeConfig {
         name: name.to_string(),
         control,
@@ -98,8 +95,8 @@ async fn reload_revocations_on_sighup(tls_dir: PathBuf, revoked: Revoked, node: 
                 Ok(set) => {
                     let names = set.len();
                     *revoked.write().unwrap_or_else(|p| p.into_inner()) = set;
-                    let cut = node.cut_revoked();
-                    eprintln!("baton: revocation list reloaded: {names} name(s); {cut} open connection(s) of revoked nodes closed");
+                    node.revocations_changed();
+                    eprintln!("baton: revocation list reloaded: {names} name(s); their open connections are closed");
                 }
                 Err(e) => eprintln!("baton: cannot reload the revocation list: {e}"),
             }
@@ -141,8 +138,11 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     let plan = placement::plan(&c, mc.num_layers).with_context(|| format!("{}: placement", cluster_path.display()))?;
     // This node's pipeline (replica) and its stage in it; a joining node has none yet.
     let placed = plan.pipelines.iter().find_map(|p| p.stages.iter().position(|(n, _)| n == &me.name).map(|i| (p.stages.clone(), i)));
-    let (stages, index) = placed.clone().unwrap_or_default();
-    let is_head = placed.is_some() && index == 0;
+    let (mut stages, index) = placed.clone().unwrap_or_default();
+    let mut is_head = placed.is_some() && index == 0;
+    // `placement.replicas` is a minimum: a node that joins with a replica cluster.toml has no
+    // node of forms that replica (its head), unless the gossip shows one already has.
+    let new_replica = placed.is_none() && !c.nodes.iter().any(|n| n.replica == me.replica);
     // Every replica's head, where requests entering at a non-head node go.
     let heads: Vec<HeadAddr> = plan
         .pipelines
@@ -177,6 +177,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             memory_bytes: me.memory_bytes,
             replica: me.replica as u32,
             state: gossip::NodeState::Ready,
+            head: is_head,
             serving: None,
             us_per_layer_token: None,
             busy_permille: 0,
@@ -187,12 +188,37 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         // This node's GPU-shard actor, whichever role it has; what it serves, its speed and
         // its load go out in the gossip.
         let shard = device.spawn(dir.clone()).await?;
+        let _stop_shard = StopOnDrop(shard.clone());
         let _publisher = AbortOnDrop(tokio::spawn(publish_shard(gossip.clone(), shard.clone())));
+        if new_replica {
+            match head_of_replica(&gossip, me.replica as u32).await {
+                Some(head) => eprintln!("baton: replica {} is headed by {head}: joining it as a stage", me.replica),
+                None => {
+                    let layer_bytes = placement::layer_bytes(&mc).max(1);
+                    let holds = (me.memory_bytes / layer_bytes) as usize;
+                    if holds < mc.num_layers {
+                        anyhow::bail!(
+                            "--replica {}: no node serves that replica yet, and this node's memory ({:.2} GiB) holds {holds} of the model's {} layers; the first node of a new replica must hold them all (--memory-gb {:.2} or more)",
+                            me.replica,
+                            me.memory_bytes as f64 / (1u64 << 30) as f64,
+                            mc.num_layers,
+                            (layer_bytes * mc.num_layers as u64) as f64 / (1u64 << 30) as f64
+                        );
+                    }
+                    eprintln!("baton: forming replica {}: this node heads a new pipeline with all {} layers", me.replica, mc.num_layers);
+                    stages = vec![(me.name.clone(), 0..mc.num_layers)];
+                    is_head = true;
+                    gossip.update(|i| i.head = true);
+                }
+            }
+        }
+        let static_heads: Vec<String> = heads.iter().map(|h| h.name.clone()).collect();
         if !is_head {
             let svc = Arc::new(StageService::new(shard, plane.clone()));
             // Requests entering here (HTTP or QUIC) go to a head.
-            if !heads.is_empty() && (me.http.is_some() || me.quic.is_some()) {
+            if me.http.is_some() || me.quic.is_some() {
                 let front = Front::start(heads);
+                tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.clone()));
                 if let Some(listen) = me.http {
                     let front = front.clone();
                     tokio::spawn(async move {
@@ -242,7 +268,10 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         let max_batched_tokens = 512;
         let window_bytes = max_batched_tokens * mc.hidden_size * 4;
         let layer_bytes = placement::layer_bytes(&mc).max(1);
-        let pipeline_nodes: Vec<_> = c.nodes.iter().filter(|n| n.replica == me.replica).collect();
+        let mut pipeline_nodes: Vec<_> = c.nodes.iter().filter(|n| n.replica == me.replica).collect();
+        if !pipeline_nodes.iter().any(|n| n.name == me.name) {
+            pipeline_nodes.insert(0, &me);
+        }
         let roster = Roster {
             members: pipeline_nodes
                 .iter()
@@ -254,15 +283,19 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             .await
             .context("reaching the pipeline's stages")?;
         tokio::spawn(mesh.clone().follow(gossip.clone(), me.replica as u32, layer_bytes));
-        let pipeline = (stages.len() > 1).then(|| {
-            Arc::new(PipelinePlan { micro_batches, mesh: mesh.clone() })
-        });
+        // Even a one-node pipeline follows the membership: nodes that join its replica take
+        // layers from it.
+        let pipeline = Some(Arc::new(PipelinePlan { micro_batches, mesh: mesh.clone() }));
         let listen = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", cluster_path.display(), me.name))?;
-        // With several replicas, requests arriving here directly are spread over the heads too.
-        let spread = match heads.iter().position(|h| h.name == me.name) {
-            Some(me_index) if heads.len() > 1 => Some((Front::start(heads.clone()), me_index)),
-            _ => None,
-        };
+        // Requests arriving here directly are spread over every replica's head (this one
+        // included), as they come and go.
+        let mut all_heads = heads.clone();
+        if !all_heads.iter().any(|h| h.name == me.name) {
+            all_heads.push(HeadAddr { name: me.name.clone(), http: listen, quic: me.quic });
+        }
+        let front = Front::start(all_heads);
+        tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads));
+        let spread = Some((front, me.name.clone()));
         // `/v1/mesh`: the membership view and the last plan changes (`baton status`).
         let view = mesh.clone();
         let http_layer = Some(baton_serve::HttpLayer(Arc::new(move |app| {
@@ -294,6 +327,48 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         serve(opts, shutdown).await?;
         node.close();
         Ok(())
+    }
+}
+
+/// The head of `replica` the gossip knows (after waiting up to 5 s to hear from another node).
+async fn head_of_replica(gossip: &Arc<Gossip>, replica: u32) -> Option<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while gossip.members().len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let me = gossip.mine().name;
+    gossip.members().into_iter().find(|i| i.head && i.replica == replica && i.name != me).map(|i| i.name)
+}
+
+/// Keeps an entry node's heads up to date with the gossip: a head that formed a new replica is
+/// added; one that is gone from the gossip is removed, unless cluster.toml names it (those stay:
+/// the routing core skips them while they are unreachable).
+async fn follow_heads(gossip: Arc<Gossip>, front: Arc<Front>, static_heads: Vec<String>) {
+    let mut changes = gossip.subscribe();
+    loop {
+        let members = gossip.members();
+        for info in members.iter().filter(|i| i.head) {
+            if let Some(http) = info.http {
+                front.add(HeadAddr { name: info.name.clone(), http, quic: info.quic });
+            }
+        }
+        for h in front.heads() {
+            if !static_heads.contains(&h.name) && !members.iter().any(|i| i.head && i.name == h.name) {
+                front.remove(&h.name);
+            }
+        }
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await {
+            return;
+        }
+    }
+}
+
+/// Stops the node's GPU shard (its weights and device thread) however `run` ends.
+struct StopOnDrop(baton_shard::ShardHandle);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 

@@ -58,7 +58,7 @@ fn upstream_endpoint(node: &NodeIdentity) -> anyhow::Result<quinn::Endpoint> {
 
 async fn relay_connection(client: quinn::Connection, front: Arc<Front>, upstream: quinn::Endpoint) {
     // This client's connections to each head, opened on first use.
-    let links: Arc<Mutex<HashMap<usize, quinn::Connection>>> = Arc::default();
+    let links: Arc<Mutex<HashMap<String, quinn::Connection>>> = Arc::default();
     while let Ok((send, recv)) = client.accept_bi().await {
         let (client, front, upstream, links) = (client.clone(), front.clone(), upstream.clone(), links.clone());
         tokio::spawn(async move {
@@ -73,31 +73,31 @@ async fn relay_connection(client: quinn::Connection, front: Arc<Front>, upstream
 }
 
 /// Heads without a QUIC address cannot take relayed streams.
-fn without_quic(front: &Front) -> Vec<usize> {
-    front.heads.iter().enumerate().filter(|(_, h)| h.quic.is_none()).map(|(i, _)| i).collect()
+fn without_quic(front: &Front) -> Vec<String> {
+    front.heads().into_iter().filter(|h| h.quic.is_none()).map(|h| h.name).collect()
 }
 
 async fn relay_stream(
     client: &quinn::Connection,
     front: &Arc<Front>,
     upstream: &quinn::Endpoint,
-    links: &Mutex<HashMap<usize, quinn::Connection>>,
+    links: &Mutex<HashMap<String, quinn::Connection>>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
     let mut tried = without_quic(front);
     let (head, up_send, up_recv, _outstanding) = loop {
-        let Some(i) = front.pick(&tried) else {
+        let Some(head) = front.pick(&tried) else {
             let _ = send.reset(RESET_CANCELLED.into());
             anyhow::bail!("no pipeline head with a QUIC API is reachable");
         };
-        let outstanding = Outstanding(front.clone(), i);
-        match open(front, upstream, links, i).await {
+        let outstanding = Outstanding(front.clone(), head.name.clone());
+        match open(upstream, links, &head).await {
             Ok((conn, s, r)) => break (conn, s, r, outstanding),
             Err(e) => {
-                tracing::warn!(head = %front.heads[i].name, error = %e, "cannot reach a head's QUIC API");
-                front.unreachable(i);
-                tried.push(i);
+                tracing::warn!(head = %head.name, error = %e, "cannot reach a head's QUIC API");
+                front.unreachable(&head.name);
+                tried.push(head.name);
             }
         }
     };
@@ -125,22 +125,20 @@ async fn pipe(from: &mut quinn::RecvStream, to: &mut quinn::SendStream) {
     }
 }
 
-/// A stream to head `i` on this client's connection to it (opened now if needed).
+/// A stream to `head` on this client's connection to it (opened now if needed).
 async fn open(
-    front: &Front,
     upstream: &quinn::Endpoint,
-    links: &Mutex<HashMap<usize, quinn::Connection>>,
-    i: usize,
+    links: &Mutex<HashMap<String, quinn::Connection>>,
+    head: &crate::forward::HeadAddr,
 ) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
-    let head = &front.heads[i];
     let addr = head.quic.ok_or_else(|| anyhow::anyhow!("head {} has no QUIC API", head.name))?;
     let conn = {
         let mut links = links.lock().await;
-        match links.get(&i).filter(|c| c.close_reason().is_none()) {
+        match links.get(&head.name).filter(|c| c.close_reason().is_none()) {
             Some(c) => c.clone(),
             None => {
                 let c = tokio::time::timeout(Duration::from_secs(5), upstream.connect(addr, &head.name)?).await??;
-                links.insert(i, c.clone());
+                links.insert(head.name.clone(), c.clone());
                 c
             }
         }

@@ -629,8 +629,10 @@ impl Actor for SchedulerActor {
                     Ok(_) => {}
                     Err(why) => tracing::warn!(epoch = e, %why, "the new plan's nodes did not load ahead; switching anyway"),
                 }
-                // Stop starting steps; once those in flight are done, move to the new plan.
-                if state.shard_ready {
+                // Stop starting steps; once those in flight are done, move to the new plan
+                // (unless it has moved on: its own PlanChanged is on the way).
+                let current = state.shard_args.pipeline.as_ref().and_then(|p| p.mesh.epoch());
+                if state.shard_ready && current == Some(e) {
                     state.switching = Some(e);
                     if state.in_flight.is_empty() {
                         state.migrate(&myself).await?;

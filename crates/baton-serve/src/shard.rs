@@ -192,6 +192,8 @@ impl Actor for Shard {
             }
             ShardMsg::Loaded(Err(e)) => {
                 tracing::warn!(error = %e, "shard failed to load its stage");
+                // post_stop does not run for a failed actor: its thread must stop here.
+                state.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
                 return Err(Box::new(e));
             }
             ShardMsg::Finished(Ok(out)) => {
@@ -199,6 +201,8 @@ impl Actor for Shard {
             }
             ShardMsg::Finished(Err(e)) => {
                 tracing::warn!(error = %e, "shard step failed; restarting the shard");
+                // No queued step of this driver may reach the GPU shard the next one loads.
+                state.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
                 return Err(Box::new(e));
             }
         }
@@ -213,9 +217,13 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
-/// This node's own device failed.
+/// This node's own device failed, or (a stage loaded for another epoch, or not at all) a
+/// newer driver has it: only the first fails the running requests; the others re-queue them.
 fn device_failure(e: ShardError) -> ShardFailure {
-    ShardFailure::Engine(e.to_string())
+    match e {
+        ShardError::WrongEpoch { .. } | ShardError::NotLoaded => ShardFailure::Stage { stage: "this node".into(), detail: e.to_string() },
+        e => ShardFailure::Engine(e.to_string()),
+    }
 }
 
 /// Loads this driver's stage on the GPU shard: the whole model, or on a pipeline head the
@@ -236,6 +244,7 @@ fn load(args: &ShardArgs) -> Result<(Option<ActivePlan>, bool), ShardFailure> {
     let head = 0..active.local_end;
     let Some(m) = migration else {
         init_remotes(p, args, &active)?;
+        check_stopped(args)?;
         rt.block_on(args.device.load(head, args.geometry, active.epoch)).map_err(device_failure)?;
         return Ok((Some(active), false));
     };
@@ -254,6 +263,7 @@ fn load(args: &ShardArgs) -> Result<(Option<ActivePlan>, bool), ShardFailure> {
         return Err(ShardFailure::Stage { stage: lost.clone(), detail: "it was to keep its KV but loaded afresh".into() });
     }
     let initialised = started.elapsed();
+    check_stopped(args)?;
     let loaded = rt.block_on(args.device.load(head, args.geometry, active.epoch)).map_err(device_failure)?;
     if keeps_head && !loaded.kept {
         return Err(moving("the head's own layers were loaded afresh".into()));
@@ -281,25 +291,22 @@ pub async fn preload(mesh: &MeshDriver, epoch: u64, running: &[(String, std::ops
     if active.epoch != epoch {
         return Err(format!("the plan moved on to epoch {}", active.epoch));
     }
-    let calls: Vec<_> = active
-        .remotes
-        .iter()
-        .filter(|(link, _)| !running.iter().any(|(n, _)| n == link.peer()))
-        .map(|(link, range)| {
-            let init = StageRequest::Init {
-                block_size: geometry.block_size as u32,
-                num_blocks: geometry.num_blocks as u32,
-                first_layer: range.start as u32,
-                end_layer: range.end as u32,
-                epoch,
-            };
-            let (link, range) = (link.clone(), range.clone());
-            tokio::spawn(async move { (link.peer().to_string(), range, link.call(init).await) })
-        })
-        .collect();
+    // A JoinSet: when the caller's task is aborted (the plan moved on) the calls go with it.
+    let mut calls = tokio::task::JoinSet::new();
+    for (link, range) in active.remotes.iter().filter(|(link, _)| !running.iter().any(|(n, _)| n == link.peer())) {
+        let init = StageRequest::Init {
+            block_size: geometry.block_size as u32,
+            num_blocks: geometry.num_blocks as u32,
+            first_layer: range.start as u32,
+            end_layer: range.end as u32,
+            epoch,
+        };
+        let (link, range) = (link.clone(), range.clone());
+        calls.spawn(async move { (link.peer().to_string(), range, link.call(init).await) });
+    }
     let mut loaded = Vec::new();
-    for call in calls {
-        let (peer, range, answer) = call.await.map_err(|e| e.to_string())?;
+    while let Some(call) = calls.join_next().await {
+        let (peer, range, answer) = call.map_err(|e| e.to_string())?;
         match answer {
             Ok(StageReply::Ready { first_layer, end_layer, epoch: e, .. }) if first_layer as usize == range.start && end_layer as usize == range.end && e == epoch => loaded.push(peer),
             other => return Err(format!("{peer} answered the early Init with {other:?}")),

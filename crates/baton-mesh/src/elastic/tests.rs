@@ -440,6 +440,23 @@ fn a_draining_node_is_replaced_while_it_answers_and_never_taken_back() {
 }
 
 #[test]
+fn a_released_node_is_forgotten_but_nodes_of_the_plan_and_the_head_are_not() {
+    let mut core = trio(30, CoreConfig::default());
+    assert!(!core.remove("a"), "the head");
+    assert!(!core.remove("b"), "a node of the plan");
+    core.drain("c");
+    let (_, change) = one_change(drive(&mut core, 0, 1_000_000, |_| vec![("b", 1), ("c", 1)]));
+    assert_eq!(change.reason, ChangeReason::NodeDrained);
+    assert_eq!(core.drained(), vec!["c".to_string()]);
+    assert!(core.remove("c"));
+    assert!(core.view().iter().all(|v| v.0 != "c"));
+    assert!(core.drained().is_empty());
+    assert!(!core.remove("c"));
+    // Nothing more happens without it.
+    assert!(drive(&mut core, 1_000_000, 60_000_000, |_| vec![("b", 1)]).is_empty());
+}
+
+#[test]
 fn a_drain_that_the_others_cannot_absorb_keeps_the_node() {
     let mut core = trio(12, CoreConfig::default());
     core.drain("c");
@@ -521,7 +538,7 @@ fn measured_speeds_weigh_the_repair_of_a_lost_stage() {
     let config = CoreConfig::default();
     let mut core = trio(30, config);
     // b, in the middle, dies: its 10 layers go to a and c in proportion to speed (a 4× faster
-    // than c): 8 to a, 2 to c. An unmeasured node would count at the median.
+    // than c): 8 to a, 2 to c. (b, unmeasured, is down by then: every live node is measured.)
     core.measured("a", 1.0);
     core.measured("c", 4.0);
     let (_, lost) = one_change(drive(&mut core, 0, 900_000, |_| vec![("c", 1)]));
