@@ -87,6 +87,45 @@ impl<B: Backend> Loader<'_, B> {
         Ok(w)
     }
 
+    /// The transformer layers `range`.
+    fn layers(&mut self, config: &ModelConfig, range: Range<usize>) -> Result<Vec<Layer<B>>> {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let (qd, kvd) = (config.q_dim(), config.kv_dim());
+        let ld = self;
+        let mut layers = Vec::with_capacity(range.len());
+        for l in range.clone() {
+            let p = format!("model.layers.{l}");
+            let c = config;
+            layers.push(Layer {
+                input_norm: ld.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                q: ld.get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
+                k: ld.get(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
+                v: ld.get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?,
+                q_bias: ld.opt(c.qkv_bias, &format!("{p}.self_attn.q_proj.bias"), &[qd])?,
+                k_bias: ld.opt(c.qkv_bias, &format!("{p}.self_attn.k_proj.bias"), &[kvd])?,
+                v_bias: ld.opt(c.qkv_bias, &format!("{p}.self_attn.v_proj.bias"), &[kvd])?,
+                o: ld.get(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?,
+                o_bias: ld.opt(c.o_bias, &format!("{p}.self_attn.o_proj.bias"), &[h])?,
+                post_norm: ld.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate: ld.get(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
+                up: ld.get(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
+                down: ld.get(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+                gate_bias: ld.opt(c.mlp_bias, &format!("{p}.mlp.gate_proj.bias"), &[i])?,
+                up_bias: ld.opt(c.mlp_bias, &format!("{p}.mlp.up_proj.bias"), &[i])?,
+                down_bias: ld.opt(c.mlp_bias, &format!("{p}.mlp.down_proj.bias"), &[h])?,
+            });
+        }
+        Ok(layers)
+    }
+
+    /// What the last stage adds after the layers: the final norm and (untied) the LM head.
+    fn tail(&mut self, config: &ModelConfig) -> Result<(Option<B::Weight>, Option<B::Weight>)> {
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        let norm = self.get("model.norm.weight", &[h])?;
+        let head = if config.tie_word_embeddings { None } else { Some(self.get("lm_head.weight", &[v, h])?) };
+        Ok((Some(norm), head))
+    }
+
     fn opt(&mut self, present: bool, name: &str, shape: &[usize]) -> Result<Option<B::Weight>> {
         if present {
             self.get(name, shape).map(Some)
@@ -123,8 +162,8 @@ impl<B: Backend> Stage<B> {
                 num_layers: n,
             });
         }
-        let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
-        let (qd, kvd) = (config.q_dim(), config.kv_dim());
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        let kvd = config.kv_dim();
         let first = range.start == 0;
         let last = range.end == n;
         let total = config.stage_param_count(range.start, range.end) * 2;
@@ -142,40 +181,8 @@ impl<B: Backend> Stage<B> {
             None
         };
         let gathered_only = if last && config.tie_word_embeddings { 0 } else { ld.done };
-        let mut layers = Vec::with_capacity(range.len());
-        for l in range.clone() {
-            let p = format!("model.layers.{l}");
-            let c = config;
-            layers.push(Layer {
-                input_norm: ld.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q: ld.get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
-                k: ld.get(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
-                v: ld.get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?,
-                q_bias: ld.opt(c.qkv_bias, &format!("{p}.self_attn.q_proj.bias"), &[qd])?,
-                k_bias: ld.opt(c.qkv_bias, &format!("{p}.self_attn.k_proj.bias"), &[kvd])?,
-                v_bias: ld.opt(c.qkv_bias, &format!("{p}.self_attn.v_proj.bias"), &[kvd])?,
-                o: ld.get(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?,
-                o_bias: ld.opt(c.o_bias, &format!("{p}.self_attn.o_proj.bias"), &[h])?,
-                post_norm: ld.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate: ld.get(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
-                up: ld.get(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
-                down: ld.get(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
-                gate_bias: ld.opt(c.mlp_bias, &format!("{p}.mlp.gate_proj.bias"), &[i])?,
-                up_bias: ld.opt(c.mlp_bias, &format!("{p}.mlp.up_proj.bias"), &[i])?,
-                down_bias: ld.opt(c.mlp_bias, &format!("{p}.mlp.down_proj.bias"), &[h])?,
-            });
-        }
-        let (final_norm, lm_head) = if last {
-            let norm = ld.get("model.norm.weight", &[h])?;
-            let head = if config.tie_word_embeddings {
-                None
-            } else {
-                Some(ld.get("lm_head.weight", &[v, h])?)
-            };
-            (Some(norm), head)
-        } else {
-            (None, None)
-        };
+        let layers = ld.layers(config, range.clone())?;
+        let (final_norm, lm_head) = if last { ld.tail(config)? } else { (None, None) };
         let kv_caches = (0..range.len())
             .map(|_| backend.kv_cache(kv.num_blocks, kv.block_size, kvd))
             .collect::<Result<Vec<_>>>()?;
@@ -241,6 +248,47 @@ impl<B: Backend> Stage<B> {
         // Layers dominate what a step reads; scale the estimate with them.
         self.step_weight_bytes = self.step_weight_bytes * keep.len() / old_len.max(1);
         self.range = keep;
+        Ok(())
+    }
+
+    /// Grows to `to` (which holds every layer it has): loads only the layers it lacks (and the
+    /// embedding or the LM head if `to` now starts or ends the model) from `ckpt`, with empty KV
+    /// for them; the layers it had keep their weights and KV. A survivor taking over a lost
+    /// neighbour's range so reads only that range, not its own again.
+    pub fn extend(&mut self, ckpt: &Checkpoint, to: Range<usize>) -> Result<()> {
+        let n = self.config.num_layers;
+        if to.start > self.range.start || to.end < self.range.end || to.end > n {
+            return Err(EngineError::LayerRange { start: to.start, end: to.end, num_layers: n });
+        }
+        let config = self.config.clone();
+        let (h, v, kvd) = (config.hidden_size, config.vocab_size, config.kv_dim());
+        let (first, last) = (to.start == 0, to.end == n);
+        let mut ld = Loader { ckpt, backend: &self.backend, done: 0, total: 0, progress: &mut |_, _| {} };
+        let before = ld.layers(&config, to.start..self.range.start)?;
+        let after = ld.layers(&config, self.range.end..to.end)?;
+        let embed = match &self.embed {
+            None if first || (last && config.tie_word_embeddings) => Some(ld.get("model.embed_tokens.weight", &[v, h])?),
+            _ => None,
+        };
+        let gathered = if first && !(last && config.tie_word_embeddings) && embed.is_some() { v * h * 2 } else { 0 };
+        let tail = if last && self.final_norm.is_none() { Some(ld.tail(&config)?) } else { None };
+        let g = self.kv_geometry;
+        let kv_before = (0..before.len()).map(|_| self.backend.kv_cache(g.num_blocks, g.block_size, kvd)).collect::<Result<Vec<_>>>()?;
+        let kv_after = (0..after.len()).map(|_| self.backend.kv_cache(g.num_blocks, g.block_size, kvd)).collect::<Result<Vec<_>>>()?;
+        let read = ld.done.saturating_sub(gathered);
+        if embed.is_some() {
+            self.embed = embed;
+        }
+        if let Some((norm, head)) = tail {
+            self.final_norm = norm;
+            self.lm_head = head;
+        }
+        self.layers.splice(0..0, before);
+        self.layers.extend(after);
+        self.kv.splice(0..0, kv_before);
+        self.kv.extend(kv_after);
+        self.step_weight_bytes += read;
+        self.range = to;
         Ok(())
     }
 

@@ -35,6 +35,7 @@ pub enum StepResult {
 /// A loaded stage and its samplers.
 pub struct StageWorker<B: Backend> {
     stage: Stage<B>,
+    model_dir: std::path::PathBuf,
     layers: Range<usize>,
     geometry: KvGeometry,
     samplers: SamplerSet,
@@ -47,7 +48,7 @@ impl<B: Backend> StageWorker<B> {
         let config = ModelConfig::from_dir(model_dir)?;
         let ckpt = Checkpoint::open(model_dir)?;
         let stage = Stage::load(backend, &config, &ckpt, layers.clone(), geometry, &mut |_, _| {})?;
-        Ok(StageWorker { stage, layers, geometry, samplers: SamplerSet::default() })
+        Ok(StageWorker { stage, model_dir: model_dir.to_path_buf(), layers, geometry, samplers: SamplerSet::default() })
     }
 
     pub fn layers(&self) -> Range<usize> {
@@ -63,6 +64,21 @@ impl<B: Backend> StageWorker<B> {
     /// giving it those (the same range, or a smaller one) need not reload it, nor move their KV.
     pub fn holds(&self, layers: &Range<usize>, geometry: KvGeometry) -> bool {
         self.geometry == geometry && !layers.is_empty() && layers.start >= self.layers.start && layers.end <= self.layers.end
+    }
+
+    /// Whether `layers` (with a cache of `geometry`) contains every layer this worker holds,
+    /// and more: it can [`extend`](Self::extend) to them instead of loading them all.
+    pub fn grows_to(&self, layers: &Range<usize>, geometry: KvGeometry) -> bool {
+        self.geometry == geometry && layers.start <= self.layers.start && layers.end >= self.layers.end && layers.len() > self.layers.len()
+    }
+
+    /// Grows to `layers` (see [`grows_to`](Self::grows_to)), loading only the layers it lacks;
+    /// the ones it had keep their weights and KV.
+    pub fn extend(&mut self, layers: Range<usize>) -> Result<()> {
+        let ckpt = Checkpoint::open(&self.model_dir)?;
+        self.stage.extend(&ckpt, layers.clone())?;
+        self.layers = layers;
+        Ok(())
     }
 
     /// Shrinks to `layers` (which it [`holds`](Self::holds)), keeping their weights and KV.

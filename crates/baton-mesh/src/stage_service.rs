@@ -137,7 +137,7 @@ impl StageService {
                 // loss the head recomputes every sequence, overwriting what it reads.
                 match self.shard.load(first_layer as usize..end_layer as usize, geometry, epoch).await {
                     Ok(l) => {
-                        tracing::info!(epoch, first = first_layer, end = end_layer, reused = l.kept, "stage initialised");
+                        tracing::info!(epoch, first = first_layer, end = end_layer, reused = l.kept, extended = l.extended, "stage initialised");
                         StageReply::Ready { first_layer, end_layer, epoch, kept: l.kept }
                     }
                     Err(e) => StageReply::Error(e.to_string()),

@@ -91,6 +91,9 @@ pub struct Loaded {
     /// The shard held these layers (with the same KV shape) already and kept them, their KV
     /// included, instead of loading again.
     pub kept: bool,
+    /// The shard held some of these layers and loaded only the others (the ones it had keep
+    /// their weights and KV).
+    pub extended: bool,
 }
 
 /// A sequence the stage has not sampled for yet (or not since a plan change).
@@ -135,7 +138,8 @@ pub struct StepDone {
 pub enum ShardMsg {
     /// Serve `layers` for plan `epoch` with a KV cache of `geometry`: layers it holds already
     /// are kept in place with their KV (a plan that gives a stage fewer layers reloads
-    /// nothing); otherwise the old stage is freed and the range loaded. Every sampler is
+    /// nothing, one that gives it more loads only those); otherwise the old stage is freed and
+    /// the range loaded. Every sampler is
     /// forgotten (a new plan re-sends the sequences).
     Load { layers: Range<usize>, geometry: KvGeometry, epoch: u64, reply: RpcReplyPort<Result<Loaded, ShardError>> },
     Step(Box<StepRequest>, RpcReplyPort<Result<StepDone, ShardError>>),
@@ -304,7 +308,13 @@ impl<B: Backend> DeviceThread<B> {
             w.retain(layers.clone())?;
             w.reset_samplers();
             *serving = epoch;
-            return Ok(Loaded { layers, epoch, kept: true });
+            return Ok(Loaded { layers, epoch, kept: true, extended: false });
+        }
+        if let Some((w, serving)) = self.stage.as_mut().filter(|(w, _)| w.grows_to(&layers, geometry)) {
+            w.extend(layers.clone())?;
+            w.reset_samplers();
+            *serving = epoch;
+            return Ok(Loaded { layers, epoch, kept: false, extended: true });
         }
         // Free the old stage before the new one allocates.
         self.stage = None;
@@ -312,7 +322,7 @@ impl<B: Backend> DeviceThread<B> {
         let backend = (self.make)()?;
         let worker = StageWorker::load(backend, &self.model_dir, layers.clone(), geometry)?;
         self.stage = Some((worker, epoch));
-        Ok(Loaded { layers, epoch, kept: false })
+        Ok(Loaded { layers, epoch, kept: false, extended: false })
     }
 
     fn step(&mut self, req: StepRequest) -> Result<StepDone, ShardError> {

@@ -39,7 +39,7 @@ async fn a_split_pipeline_of_shards_samples_what_one_whole_shard_does() {
     let whole = device.spawn(dir.clone()).await.unwrap();
     assert_eq!(whole.serving(), None);
     let loaded = whole.load(0..4, GEOMETRY, 1).await.unwrap();
-    assert_eq!(loaded, Loaded { layers: 0..4, epoch: 1, kept: false });
+    assert_eq!(loaded, Loaded { layers: 0..4, epoch: 1, kept: false, extended: false });
     assert_eq!(whole.serving(), Some(Serving { layers: 0..4, epoch: 1 }));
     let expected = sampled(whole.step(prefill(1, Input::Tokens(PROMPT.to_vec()), greedy())).await.unwrap());
 
@@ -67,9 +67,9 @@ async fn a_split_pipeline_of_shards_samples_what_one_whole_shard_does() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_smaller_range_is_kept_with_its_kv_and_a_larger_one_reloads() {
+async fn a_smaller_range_is_kept_with_its_kv_and_a_larger_one_loads_only_what_it_lacks() {
     let dir = tiny_model("retain");
-    let shard = Device::cpu(1).spawn(dir).await.unwrap();
+    let shard = Device::cpu(1).spawn(dir.clone()).await.unwrap();
     shard.load(0..4, GEOMETRY, 1).await.unwrap();
     shard.step(prefill(1, Input::Tokens(PROMPT.to_vec()), greedy())).await.unwrap();
     let kv = shard.export_kv(1, 2..4, vec![0, 1]).await.unwrap();
@@ -82,12 +82,34 @@ async fn a_smaller_range_is_kept_with_its_kv_and_a_larger_one_reloads() {
     assert_eq!(shard.export_kv(2, 2..4, vec![0, 1]).await.unwrap(), kv, "kept layers keep their KV");
     assert_eq!(shard.export_kv(1, 2..4, vec![0, 1]).await, Err(ShardError::WrongEpoch { got: 1, serving: 2 }));
 
+    // Back to 0..4: only layers 0..2 are loaded; 2..4 keep their weights and KV.
     let grown = shard.load(0..4, GEOMETRY, 3).await.unwrap();
-    assert!(!grown.kept);
-    assert!(shard.export_kv(3, 2..4, vec![0, 1]).await.unwrap().iter().all(|&x| x == 0.0), "a fresh load starts with an empty cache");
-    shard.import_kv(3, 2..4, vec![0, 1], kv.clone()).await.unwrap();
-    assert_eq!(shard.export_kv(3, 2..4, vec![0, 1]).await.unwrap(), kv);
-    shard.stop();
+    assert!(grown.extended && !grown.kept, "{grown:?}");
+    assert_eq!(shard.serving(), Some(Serving { layers: 0..4, epoch: 3 }));
+    assert_eq!(shard.export_kv(3, 2..4, vec![0, 1]).await.unwrap(), kv, "the layers it had keep their KV");
+    assert!(shard.export_kv(3, 0..2, vec![0, 1]).await.unwrap().iter().all(|&x| x == 0.0), "the layers it loaded start empty");
+    // The grown stage computes what a stage loaded whole does, logits and all.
+    let whole = Device::cpu(1).spawn(dir.clone()).await.unwrap();
+    whole.load(0..4, GEOMETRY, 1).await.unwrap();
+    let a = shard.step(prefill(3, Input::Tokens(PROMPT.to_vec()), greedy())).await.unwrap().result;
+    let b = whole.step(prefill(1, Input::Tokens(PROMPT.to_vec()), greedy())).await.unwrap().result;
+    assert_eq!(a, b);
+    // A stage at the far end grows over the LM head too: 0..2 extended to 0..4 samples the same.
+    let head = Device::cpu(1).spawn(dir).await.unwrap();
+    head.load(0..2, GEOMETRY, 1).await.unwrap();
+    assert!(head.load(0..4, GEOMETRY, 2).await.unwrap().extended);
+    assert_eq!(head.step(prefill(2, Input::Tokens(PROMPT.to_vec()), greedy())).await.unwrap().result, b);
+
+    // Another cache shape is a fresh load, with an empty cache.
+    let other = KvGeometry { block_size: 4, num_blocks: 8 };
+    let reloaded = shard.load(0..4, other, 4).await.unwrap();
+    assert!(!reloaded.kept && !reloaded.extended);
+    assert!(shard.export_kv(4, 2..4, vec![0, 1]).await.unwrap().iter().all(|&x| x == 0.0), "a fresh load starts with an empty cache");
+    shard.import_kv(4, 2..4, vec![0, 1], kv.clone()).await.unwrap();
+    assert_eq!(shard.export_kv(4, 2..4, vec![0, 1]).await.unwrap(), kv);
+    for h in [shard, whole, head] {
+        h.stop();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
