@@ -191,6 +191,10 @@ impl Backend for CudaBackend {
         self.name.clone()
     }
 
+    fn synchronize(&self) -> Result<()> {
+        CudaBackend::synchronize(self)
+    }
+
     fn weight(&self, t: &TensorBytes) -> Result<CudaWeight> {
         match (t.shape.as_slice(), t.dtype) {
             ([rows, cols], DType::F32) => Ok(CudaWeight::F32 {

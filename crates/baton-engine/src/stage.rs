@@ -207,8 +207,8 @@ impl<B: Backend> Stage<B> {
         &self.config
     }
 
-    /// The time the last forward call spent in the transformer layers, as the host saw it (a
-    /// backend that launches work asynchronously is timed up to its last launch).
+    /// The time the last forward call spent in the transformer layers (the backend synchronized
+    /// before the clock stops, so an asynchronous device is timed to its kernels' end).
     pub fn last_layers_time(&self) -> std::time::Duration {
         std::time::Duration::from_nanos(self.layers_ns.load(std::sync::atomic::Ordering::Relaxed))
     }
@@ -434,6 +434,7 @@ impl<B: Backend> Stage<B> {
             be.matmul(&act, t, &layer.down, layer.down_bias.as_ref(), &mut proj)?;
             be.add(&mut x, &proj)?;
         }
+        be.synchronize()?;
         self.layers_ns.store(layers_started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
 
         let (Some(norm), true) = (&self.final_norm, self.is_last()) else {

@@ -113,6 +113,13 @@ pub trait Backend: Send + Sync + 'static {
         step()
     }
 
+    /// Waits until the work launched so far has run (a backend that launches asynchronously,
+    /// such as CUDA); the CPU backend runs synchronously. The stage calls it before it stops
+    /// the clock on its layers, so the measured speed the planner weighs is the device's.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn weight(&self, tensor: &TensorBytes) -> Result<Self::Weight>;
     fn zeros(&self, len: usize) -> Result<Self::Buffer>;
     fn upload(&self, data: &[f32]) -> Result<Self::Buffer>;
