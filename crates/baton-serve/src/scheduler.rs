@@ -337,6 +337,21 @@ impl State {
 }
 
 impl State {
+    /// Forgets a planned change under way: the early loading of its nodes (cancelled), the
+    /// wait for the pipeline to empty, and the KV move left for the next driver.
+    fn drop_pending_change(&mut self) {
+        self.switching = None;
+        self.cancel_preload();
+        self.migration.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Cancels the early loading of a planned change's new nodes, if one is running.
+    fn cancel_preload(&mut self) {
+        if let Some((_, task)) = self.preparing.take() {
+            task.abort();
+        }
+    }
+
     /// Stops the shard (its steps in flight are dropped), re-queues what it was running and
     /// starts a shard for the mesh's current plan at once.
     async fn replace_shard(&mut self, myself: &ActorRef<SchedulerMsg>) -> Result<(), ActorProcessingErr> {
@@ -345,11 +360,7 @@ impl State {
         }
         self.shard_ready = false;
         self.shard_epoch = None;
-        self.switching = None;
-        if let Some((_, task)) = self.preparing.take() {
-            task.abort();
-        }
-        self.migration.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.drop_pending_change();
         self.requeue_started();
         self.start_shard(myself).await;
         Ok(())
@@ -592,9 +603,7 @@ impl Actor for SchedulerActor {
                         return Ok(());
                     }
                     // Add before drop: the nodes it takes in load first, while this plan serves.
-                    if let Some((_, old)) = state.preparing.take() {
-                        old.abort();
-                    }
+                    state.cancel_preload();
                     let (running, geometry, me) = (state.shard_plan.clone(), state.core.geometry(), myself.clone());
                     let task = tokio::spawn(async move {
                         let loaded = crate::shard::preload(&mesh, e, &running, geometry).await;
@@ -657,11 +666,7 @@ impl Actor for SchedulerActor {
                     return Ok(());
                 }
                 state.shard_ready = false;
-                state.switching = None;
-                if let Some((_, task)) = state.preparing.take() {
-                    task.abort();
-                }
-                state.migration.lock().unwrap_or_else(|p| p.into_inner()).take();
+                state.drop_pending_change();
                 match err.downcast_ref::<ShardFailure>() {
                     Some(ShardFailure::Stage { stage, detail }) => {
                         tracing::warn!(%stage, %detail, "a pipeline stage failed; the running requests continue on the next plan");

@@ -12,7 +12,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use baton_engine::{FinishReason, KvGeometry, ModelConfig, Sampled, StepResult};
-use baton_shard::{Input, ShardError, ShardHandle, StepRequest};
+use baton_shard::{panic_message, Input, ShardError, ShardHandle, StepRequest};
 use baton_scheduler::{SeqId, Step};
 use baton_mesh::membership::{ActivePlan, MeshDriver, MeshError};
 use baton_mesh::stage_wire::{layout_to_wire, sampled_from_wire, sampling_to_wire, StageReply, StageRequest, WireInput, WireNewSequence};
@@ -210,13 +210,6 @@ impl Actor for Shard {
     }
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
-}
-
 /// This node's own device failed, or (a stage loaded for another epoch, or not at all) a
 /// newer driver has it: only the first fails the running requests; the others re-queue them.
 fn device_failure(e: ShardError) -> ShardFailure {
@@ -282,6 +275,17 @@ fn load(args: &ShardArgs) -> Result<(Option<ActivePlan>, bool), ShardFailure> {
     Ok((Some(active), true))
 }
 
+/// The `Init` that gives a stage `range` under plan `epoch`, with the head's KV cache shape.
+fn init_request(geometry: KvGeometry, range: &std::ops::Range<usize>, epoch: u64) -> StageRequest {
+    StageRequest::Init {
+        block_size: geometry.block_size as u32,
+        num_blocks: geometry.num_blocks as u32,
+        first_layer: range.start as u32,
+        end_layer: range.end as u32,
+        epoch,
+    }
+}
+
 /// Add before drop: before a planned change is carried out, the nodes the new plan (`epoch`)
 /// takes in that the running plan (`running`) does not use load their layers, while the
 /// running plan goes on serving; the switch then finds them ready (their `Init` keeps what
@@ -294,13 +298,7 @@ pub async fn preload(mesh: &MeshDriver, epoch: u64, running: &[(String, std::ops
     // A JoinSet: when the caller's task is aborted (the plan moved on) the calls go with it.
     let mut calls = tokio::task::JoinSet::new();
     for (link, range) in active.remotes.iter().filter(|(link, _)| !running.iter().any(|(n, _)| n == link.peer())) {
-        let init = StageRequest::Init {
-            block_size: geometry.block_size as u32,
-            num_blocks: geometry.num_blocks as u32,
-            first_layer: range.start as u32,
-            end_layer: range.end as u32,
-            epoch,
-        };
+        let init = init_request(geometry, range, epoch);
         let (link, range) = (link.clone(), range.clone());
         calls.spawn(async move { (link.peer().to_string(), range, link.call(init).await) });
     }
@@ -408,13 +406,7 @@ fn init_remotes(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan) -> Resu
         .remotes
         .iter()
         .map(|(link, range)| {
-            let init = StageRequest::Init {
-                block_size: args.geometry.block_size as u32,
-                num_blocks: args.geometry.num_blocks as u32,
-                first_layer: range.start as u32,
-                end_layer: range.end as u32,
-                epoch: active.epoch,
-            };
+            let init = init_request(args.geometry, range, active.epoch);
             let link = link.clone();
             args.runtime.spawn(async move { link.call(init).await })
         })
@@ -497,12 +489,14 @@ fn worker(args: ShardArgs, rx: mpsc::Receiver<Box<ShardWork>>, me: ActorRef<Shar
 }
 
 /// The step's own layers on this node's GPU shard (sampling too when they end the model).
+/// The step's layout moves to the shard (the scheduler keeps its own copy of the step).
 fn device_step(args: &ShardArgs, epoch: u64, work: &mut ShardWork, sample: bool) -> Result<baton_shard::StepDone, ShardFailure> {
+    let (input, ids) = (Input::Tokens(work.step.tokens()), work.step.scheduled.iter().map(|s| s.id).collect());
     let req = StepRequest {
         epoch,
-        layout: work.step.layout.clone(),
-        input: Input::Tokens(work.step.tokens()),
-        ids: work.step.scheduled.iter().map(|s| s.id).collect(),
+        layout: baton_engine::BatchLayout { chunks: std::mem::take(&mut work.step.layout.chunks) },
+        input,
+        ids,
         released: if sample { std::mem::take(&mut work.released) } else { Vec::new() },
         starts: if sample { std::mem::take(&mut work.new_sequences) } else { Vec::new() },
     };
@@ -623,13 +617,14 @@ fn start_chain(plan: &PipelinePlan, runtime: &tokio::runtime::Handle, active: Ac
 /// The head's share of a pipeline step: its layers here, then the step goes down the chain.
 fn run_head_stage(args: &ShardArgs, epoch: u64, chain: &Chain, mut work: ShardWork) -> Result<(), ShardFailure> {
     let started = Instant::now();
+    let chunks = layout_to_wire(&work.step.layout);
     // The head samples nothing here: the last stage holds the samplers.
     let StepResult::Hidden(hidden) = device_step(args, epoch, &mut work, false)?.result else {
         return Err(ShardFailure::Engine("the head stage unexpectedly ends the model".into()));
     };
     let item = ChainItem {
         number: work.number,
-        chunks: layout_to_wire(&work.step.layout),
+        chunks,
         ids: work.step.scheduled.iter().map(|s| s.id).collect(),
         hidden,
         new_sequences: work

@@ -252,7 +252,8 @@ struct DeviceThread<B: Backend> {
     stage: Option<(StageWorker<B>, u64)>,
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+/// What a caught panic said.
+pub fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
