@@ -119,11 +119,11 @@ impl<B: Backend> Loader<'_, B> {
     }
 
     /// What the last stage adds after the layers: the final norm and (untied) the LM head.
-    fn tail(&mut self, config: &ModelConfig) -> Result<(Option<B::Weight>, Option<B::Weight>)> {
+    fn tail(&mut self, config: &ModelConfig) -> Result<(B::Weight, Option<B::Weight>)> {
         let (h, v) = (config.hidden_size, config.vocab_size);
         let norm = self.get("model.norm.weight", &[h])?;
         let head = if config.tie_word_embeddings { None } else { Some(self.get("lm_head.weight", &[v, h])?) };
-        Ok((Some(norm), head))
+        Ok((norm, head))
     }
 
     fn opt(&mut self, present: bool, name: &str, shape: &[usize]) -> Result<Option<B::Weight>> {
@@ -182,7 +182,10 @@ impl<B: Backend> Stage<B> {
         };
         let gathered_only = if last && config.tie_word_embeddings { 0 } else { ld.done };
         let layers = ld.layers(config, range.clone())?;
-        let (final_norm, lm_head) = if last { ld.tail(config)? } else { (None, None) };
+        let (final_norm, lm_head) = match last {
+            true => ld.tail(config).map(|(norm, head)| (Some(norm), head))?,
+            false => (None, None),
+        };
         let kv_caches = (0..range.len())
             .map(|_| backend.kv_cache(kv.num_blocks, kv.block_size, kvd))
             .collect::<Result<Vec<_>>>()?;
@@ -280,7 +283,7 @@ impl<B: Backend> Stage<B> {
             self.embed = embed;
         }
         if let Some((norm, head)) = tail {
-            self.final_norm = norm;
+            self.final_norm = Some(norm);
             self.lm_head = head;
         }
         self.layers.splice(0..0, before);
