@@ -343,3 +343,58 @@ fn a_node_of_a_new_replica_heads_a_second_pipeline_that_entry_nodes_use() {
         assert_eq!(tokens, want[i]);
     }
 }
+
+/// The pipeline head dies under load (`kill -9`) while every request entered at the other
+/// nodes: its neighbour (node-b, layers 4..8) takes over as head (loading layers 0..4 and the
+/// embedding), the entry nodes resume each stream there from the tokens they relayed, and every
+/// stream ends with exactly the tokens one node gives. When node-a starts again it finds the
+/// new head in the gossip and serves it as a stage.
+#[test]
+fn a_dead_head_costs_no_request_that_entered_elsewhere() {
+    let model = deep_tiny_model("elastic-head-model");
+    let (cfg, ports) = write_cluster("elastic-head", &model);
+    let max_tokens = 300;
+    let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&model, p, max_tokens)).collect();
+    let (mut nodes, head) = start_mesh(&cfg, ports.http, &model);
+    let entry = |port: u16| support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{port}"), quic: None, model: model.clone() };
+    let (entry_b, entry_c) = (entry(ports.http_b), entry(ports.http_c));
+    let streamed = |h: &support::Server| metric(h, "baton:inter_token_latency_seconds_count");
+
+    let (b, c, h) = (&entry_b, &entry_c, &head);
+    let results = std::thread::scope(|scope| {
+        let streams: Vec<_> = (0..24).map(|i| scope.spawn(move || stream(if i % 2 == 0 { b } else { c }, PROMPTS[i % 8], max_tokens))).collect();
+        wait_for("the streams to get going", 60, &cfg, || streamed(h) >= 24.0 * 10.0);
+        let _ = nodes.0[2].kill(); // node-a, the head: SIGKILL
+        let _ = nodes.0[2].wait();
+        streams.into_iter().map(|s| s.join().unwrap()).collect::<Vec<_>>()
+    });
+    let logs = || format!("node-b:\n{}\nnode-c:\n{}", log_tail(&cfg, "node-b"), log_tail(&cfg, "node-c"));
+    for (i, (status, tokens, text)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {text}\n{}", logs());
+        assert_eq!(tokens.len(), max_tokens, "request {i}: {} tokens\n{text}\n{}", tokens.len(), logs());
+        assert_eq!(*tokens, want[i % 8], "request {i}: tokens differ from one node's\n{}", logs());
+    }
+    let b_log = log_text(&cfg, "node-b");
+    assert!(b_log.contains("heads the pipeline now"), "node-b did not take over:\n{}", logs());
+    let resumed = log_text(&cfg, "node-b").matches("a request resumed at").count() + log_text(&cfg, "node-c").matches("a request resumed at").count();
+    assert!(resumed >= 1, "no stream was resumed: the kill came too late\n{}", logs());
+
+    // The new head's view, through an entry node: node-b heads from layer 0, node-a is down.
+    let view = mesh(&entry_c);
+    let layers = |v: &Value, n: &str| v["nodes"].as_array().and_then(|x| x.iter().find(|x| x["name"] == n)).map_or(Value::Null, |x| x["layers"].clone());
+    assert!(view["epoch"].as_u64() >= Some(2), "{view}");
+    assert_eq!(layers(&view, "node-b"), json!([0, 8]), "{view}");
+    assert_eq!(layers(&view, "node-c"), json!([8, 12]), "{view}");
+    assert_eq!(metric(&entry_c, "baton:request_failure_total"), 0.0);
+
+    // node-a comes back: not as a second head, but as a stage of node-b's pipeline; a request
+    // entering at it is served token for token.
+    nodes.0[2] = spawn_node(&cfg, "node-a", &[], Some("tcp"));
+    wait_for("node-a to join node-b's pipeline", 60, &cfg, || log_text(&cfg, "node-a").contains("joining it as a stage"));
+    wait_for("node-a to be taken in", 60, &cfg, || node_state(&mesh(&entry_c), "node-a") == "serving");
+    let entry_a = entry(ports.http);
+    wait_for("node-a's front", 30, &cfg, || support::health_ok(&entry_a.addr));
+    let (status, tokens, text) = stream(&entry_a, PROMPTS[3], 32);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(tokens, want[3][..32]);
+}

@@ -237,3 +237,50 @@ fn sigterm_finishes_running_requests_then_exits() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `resume_token_ids` (what an entry node sends when the head it forwarded a stream to died):
+/// the continuation is exactly the rest of an uninterrupted run, seeded sampling and penalties
+/// included, the text goes on where the client's ends, a chat stream gets no second role chunk,
+/// the usage counts every token, and a resume with nothing left or a bad id is a 400.
+#[test]
+fn a_resumed_request_continues_exactly_where_the_first_head_stopped() {
+    let s = start("resume", &[]);
+    let base = json!({"prompt": "Once upon a time", "max_tokens": 30, "temperature": 0.9, "top_p": 0.95, "seed": 11,
+                      "presence_penalty": 0.5, "ignore_eos": true, "stream": true, "return_token_ids": true,
+                      "stream_options": {"include_usage": true}});
+    let whole = sse(&s, "/v1/completions", &base);
+    let ids = |chunks: &[Value]| -> Vec<u64> { chunks.iter().filter_map(|c| c["choices"][0]["token_ids"].as_array()).flatten().filter_map(Value::as_u64).collect() };
+    let text = |chunks: &[Value]| -> String { chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect() };
+    let all = ids(&whole);
+    assert_eq!(all.len(), 30);
+    for cut in [1, 13, 29] {
+        let mut resumed = base.clone();
+        resumed["resume_token_ids"] = json!(all[..cut]);
+        let rest = sse(&s, "/v1/completions", &resumed);
+        assert_eq!(ids(&rest), all[cut..], "resumed after {cut} tokens");
+        let first: String = whole.iter().take(cut).filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+        assert_eq!(first + &text(&rest), text(&whole), "the text goes on where it stopped (cut {cut})");
+        assert_eq!(rest.last().unwrap()["usage"]["completion_tokens"], 30);
+    }
+    // Chat: the resumed stream has no role chunk of its own.
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10, "temperature": 0, "ignore_eos": true, "stream": true, "return_token_ids": true});
+    let whole = sse(&s, "/v1/chat/completions", &chat);
+    let all: Vec<u64> = whole.iter().filter_map(|c| c["choices"][0]["token_ids"].as_array()).flatten().filter_map(Value::as_u64).collect();
+    let mut resumed = chat.clone();
+    resumed["resume_token_ids"] = json!(all[..4]);
+    let rest = sse(&s, "/v1/chat/completions", &resumed);
+    assert!(rest.iter().all(|c| c["choices"][0]["delta"].get("role").is_none()), "{rest:?}");
+    let rest_ids: Vec<u64> = rest.iter().filter_map(|c| c["choices"][0]["token_ids"].as_array()).flatten().filter_map(Value::as_u64).collect();
+    assert_eq!(rest_ids, all[4..]);
+    // Bad resumes.
+    let mut full = base.clone();
+    full["stream"] = json!(false);
+    full["resume_token_ids"] = json!(vec![1u64; 30]);
+    let (status, body) = post(&s, "/v1/completions", &full);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "resume_token_ids", "{body}");
+    full["resume_token_ids"] = json!([1, 99_999_999]);
+    let (status, body) = post(&s, "/v1/completions", &full);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "resume_token_ids", "{body}");
+}

@@ -184,12 +184,13 @@ pub struct MeshCore {
 
 impl MeshCore {
     /// `roster`: every node of the pipeline, the head among them; `initial`: the plan the mesh
-    /// starts with, every node of which is taken to be up at `now`.
-    pub fn new(head: &str, roster: Vec<Member>, num_layers: usize, initial: Vec<(String, Range<usize>)>, config: CoreConfig, now: u64) -> Self {
+    /// starts with (epoch 1 at a cold start; above the dead head's after a succession), every
+    /// node of which is taken to be up at `now`.
+    pub fn new(head: &str, roster: Vec<Member>, num_layers: usize, initial: Plan, config: CoreConfig, now: u64) -> Self {
         let nodes = roster
             .into_iter()
             .map(|member| {
-                let planned = member.name == head || initial.iter().any(|(n, _)| *n == member.name);
+                let planned = member.name == head || initial.stages.iter().any(|(n, _)| *n == member.name);
                 Node {
                     member,
                     state: if planned { NodeState::Up { since: now } } else { NodeState::Down },
@@ -208,8 +209,8 @@ impl MeshCore {
             num_layers,
             config,
             nodes,
-            plan: Some(Plan { epoch: 1, stages: initial }),
-            next_epoch: 2,
+            next_epoch: initial.epoch + 1,
+            plan: Some(initial),
             unserved: None,
             unserved_lost: Vec::new(),
             history: VecDeque::new(),
@@ -660,6 +661,55 @@ pub fn split_capped(num_layers: usize, nodes: &[(f64, usize)]) -> Option<Vec<usi
         }
         open.retain(|i| !over.contains(i));
     }
+}
+
+/// A pipeline head died: the plan its successor starts with. `stages` are the surviving stages
+/// of the dead head's plan (epoch `epoch`) as far as `me` knows them, `me` among them. The
+/// successor is the survivor holding the lowest layers (the dead head's neighbour): `None` for
+/// any other node. It takes the dead head's layers on top of its own, so no other stage moves;
+/// if its memory cannot hold them, the contiguous chain of survivors from it is split again by
+/// capacity. The new plan's epoch is above the dead head's, so every stage refuses what the
+/// old head might still send.
+pub fn succession(me: &str, epoch: u64, stages: &[(String, Range<usize>)], members: &[Member], num_layers: usize) -> Option<Plan> {
+    let mut sorted: Vec<&(String, Range<usize>)> = stages.iter().collect();
+    sorted.sort_by_key(|(n, r)| (r.start, n.clone()));
+    let (first, mine) = sorted.first()?;
+    if first != me || mine.start == 0 {
+        return None;
+    }
+    // The survivors that follow on without a gap.
+    let mut chain: Vec<(String, Range<usize>)> = Vec::new();
+    for (n, r) in sorted {
+        match chain.last() {
+            None => chain.push((n.clone(), r.clone())),
+            Some((_, prev)) if prev.end == r.start => chain.push((n.clone(), r.clone())),
+            Some(_) => break,
+        }
+    }
+    let member = |n: &str| members.iter().find(|m| m.name == n);
+    let my_max = member(me)?.max_layers;
+    let reaches_end = chain.last().is_some_and(|(_, r)| r.end == num_layers);
+    let stages = if reaches_end && my_max >= mine.end {
+        let mut out = chain;
+        out[0].1 = 0..mine.end;
+        out
+    } else {
+        let known: Vec<&Member> = chain.iter().filter_map(|(n, _)| member(n)).collect();
+        let counts = split_capped(num_layers, &known.iter().map(|m| (m.capacity, m.max_layers)).collect::<Vec<_>>())?;
+        let mut at = 0;
+        let mut out = Vec::new();
+        for (m, c) in known.iter().zip(counts) {
+            if c > 0 {
+                out.push((m.name.clone(), at..at + c));
+                at += c;
+            }
+        }
+        if out.first().map(|(n, _)| n.as_str()) != Some(me) {
+            return None;
+        }
+        out
+    };
+    Some(Plan { epoch: epoch + 1, stages })
 }
 
 /// "node-a 0..10 -> 0..15, node-c 20..30 -> 15..30, node-b 10..20 -> gone": the new plan's

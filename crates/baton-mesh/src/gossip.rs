@@ -293,16 +293,27 @@ impl Gossip {
             });
         }
         let mut changed = self.infos.1.swap(false, std::sync::atomic::Ordering::Relaxed);
+        let mut newcomer = false;
         while let Some(n) = rt.to_notify() {
             changed = true;
             match n {
-                OwnedNotification::MemberUp(id) => tracing::info!(member = %id.name, generation = id.generation, "gossip: member up"),
+                OwnedNotification::MemberUp(id) => {
+                    tracing::info!(member = %id.name, generation = id.generation, "gossip: member up");
+                    newcomer = true;
+                }
                 OwnedNotification::MemberDown(id) => tracing::info!(member = %id.name, "gossip: member down"),
-                OwnedNotification::Rename(a, b) => tracing::info!(member = %b.name, from = a.generation, to = b.generation, "gossip: member renamed"),
+                OwnedNotification::Rename(a, b) => {
+                    tracing::info!(member = %b.name, from = a.generation, to = b.generation, "gossip: member renamed");
+                    newcomer = true;
+                }
                 other => tracing::debug!(?other, "gossip"),
             }
         }
-        if changed {
+        if newcomer {
+            // Broadcasts are sent a bounded number of times: a member that arrives later
+            // learns this node's info only from a new one.
+            self.update(|_| {});
+        } else if changed {
             self.changes.send_modify(|n| *n += 1);
         }
     }

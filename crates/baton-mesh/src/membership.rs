@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::control::{ControlError, ControlNode, PeerLink};
-use crate::elastic::{Action, ChangeReason, CoreConfig, MeshCore, Member, NodeState, PlanChange};
+use crate::elastic::{Action, ChangeReason, CoreConfig, MeshCore, Member, NodeState, Plan, PlanChange};
 use crate::stage_service;
 use crate::stage_wire::{StageReply, StageRequest};
 use crate::tensor_plane::{StageLink, TensorPlane};
@@ -121,13 +121,13 @@ impl MeshDriver {
         plane: Arc<TensorPlane>,
         roster: Roster,
         num_layers: usize,
-        initial: Vec<(String, Range<usize>)>,
+        initial: Plan,
         window_bytes: usize,
         patience: Duration,
         probe: ProbeConfig,
     ) -> Result<Arc<MeshDriver>, ControlError> {
         let mut links = HashMap::new();
-        for (name, _) in initial.iter().filter(|(n, _)| n != me) {
+        for (name, _) in initial.stages.iter().filter(|(n, _)| n != me) {
             let addr = *roster.control.get(name).ok_or_else(|| ControlError::Protocol(format!("the plan names an unknown node {name}")))?;
             let link = connect_stage(&node, &plane, name, addr, window_bytes, patience).await?;
             eprintln!("baton: stage {name}: activations over {}", link.transport());

@@ -7,6 +7,7 @@
 //! the work of any epoch but the one it was loaded for; this file only translates the wire.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use baton_engine::{KvGeometry, StepResult};
 use baton_shard::{Input, NewSequence, ShardHandle, StepRequest};
@@ -26,7 +27,13 @@ pub struct StageService {
     /// Set when the node asked to leave; `released` when the head let it go.
     draining: tokio::sync::watch::Sender<bool>,
     released: tokio::sync::watch::Sender<bool>,
+    /// The pipeline head this stage serves, and when it last heard from it.
+    head: std::sync::Mutex<Option<(String, Instant)>>,
 }
+
+/// How long a stage stays with a silent head (its probes come every 100 ms) before another
+/// head's `Init` may take it over: a stage never serves two heads at once.
+pub const HEAD_LEASE: Duration = Duration::from_secs(1);
 
 /// This process's generation: its start time in ns since the Unix epoch, so a node started
 /// again on the same machine answers with a larger one.
@@ -45,7 +52,49 @@ impl StageService {
             shard,
             draining: tokio::sync::watch::channel(false).0,
             released: tokio::sync::watch::channel(false).0,
+            head: std::sync::Mutex::new(None),
         }
+    }
+
+    fn lease(&self) -> std::sync::MutexGuard<'_, Option<(String, Instant)>> {
+        self.head.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A message from `peer` over the control plane: the head's keep its lease.
+    fn heard_from(&self, peer: &str) {
+        if let Some((head, last)) = self.lease().as_mut() {
+            if head == peer {
+                *last = Instant::now();
+            }
+        }
+    }
+
+    /// `head`'s `Init`: taken if it is this stage's head, or the stage has none, or its head
+    /// has been silent for [`HEAD_LEASE`].
+    fn take_lease(&self, head: &str) -> Result<(), String> {
+        let mut lease = self.lease();
+        match lease.as_ref() {
+            Some((current, last)) if current != head && last.elapsed() < HEAD_LEASE => {
+                Err(format!("this stage serves the pipeline head {current}, which is alive"))
+            }
+            _ => {
+                if let Some((current, last)) = lease.as_ref().filter(|(c, _)| c != head) {
+                    eprintln!("baton: the pipeline head {head} takes this stage over from {current} (silent for {:.1} s)", last.elapsed().as_secs_f64());
+                }
+                *lease = Some((head.to_string(), Instant::now()));
+                Ok(())
+            }
+        }
+    }
+
+    /// The head this stage serves and how long it has been silent.
+    pub fn head(&self) -> Option<(String, Duration)> {
+        self.lease().as_ref().map(|(h, last)| (h.clone(), last.elapsed()))
+    }
+
+    /// This node's GPU shard.
+    pub fn shard(&self) -> &ShardHandle {
+        &self.shard
     }
 
     /// Starts leaving: pongs say so, and the head moves this node's layers away.
@@ -104,6 +153,7 @@ impl StageService {
             tensor_plane: self.plane.describe().to_string(),
             ucx_steps,
             window_steps,
+            head: self.head().map(|(h, _)| h).unwrap_or_default(),
         }
     }
 
@@ -130,7 +180,10 @@ impl StageService {
             StageRequest::Ping { nonce } => self.pong(nonce),
             StageRequest::Drain | StageRequest::Release => self.leave(&req),
             StageRequest::Attach { .. } => StageReply::Error("Attach is handled by the serving loop".into()),
-            StageRequest::Init { block_size, num_blocks, first_layer, end_layer, epoch } => {
+            StageRequest::Init { block_size, num_blocks, first_layer, end_layer, epoch, head } => {
+                if let Err(e) = self.take_lease(&head) {
+                    return StageReply::Error(e);
+                }
                 let geometry = KvGeometry { block_size: block_size as usize, num_blocks: num_blocks as usize };
                 // Layers it holds already (the cache shape unchanged) stay, with their KV: a
                 // planned change moves only the KV of layers that change hands, and after a
@@ -214,6 +267,7 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
                         break;
                     }
                 };
+                svc.heard_from(&link.peer);
                 let reply = match req {
                     StageRequest::Attach { tensor_address, window_bytes } => svc.attach(&link.peer, tensor_address, window_bytes).await,
                     // Liveness probes and leave requests are answered here, never queued behind a step.
@@ -231,6 +285,21 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
             }
         });
     }
+}
+
+/// The pipeline head the stage node `name` serves (`None`: it serves none, or did not answer
+/// within a second).
+pub async fn head_of(node: &ControlNode, name: &str, addr: std::net::SocketAddr) -> Option<String> {
+    let ask = async {
+        let link = node.connect(addr, name).await.ok()?;
+        let head = match call(&link, &StageRequest::Ping { nonce: 0 }).await.ok()? {
+            StageReply::Pong { head, .. } if !head.is_empty() => Some(head),
+            _ => None,
+        };
+        link.connection.close(0u32.into(), b"asked");
+        head
+    };
+    tokio::time::timeout(Duration::from_secs(1), ask).await.ok().flatten()
 }
 
 /// One request to a remote stage, one reply, over the control plane's QUIC streams.

@@ -63,8 +63,9 @@ pub enum StageRequest {
     Ping { nonce: u64 },
     /// Load layers `first_layer..end_layer` and allocate the KV cache the head's block ids refer
     /// to, for plan `epoch`; answered by `Ready`. From then on the stage serves steps of that
-    /// epoch only.
-    Init { block_size: u32, num_blocks: u32, first_layer: u32, end_layer: u32, epoch: u64 },
+    /// epoch only. `head` names the pipeline head that sends it: a stage serves one head at a
+    /// time, and takes another's `Init` only once its head has been silent for the lease.
+    Init { block_size: u32, num_blocks: u32, first_layer: u32, end_layer: u32, epoch: u64, head: String },
     /// The head's tensor-plane address (its UCX worker), if it has one, and how large an RMA
     /// window it would like for hidden states; answered by `Attached`.
     Attach { tensor_address: Option<Vec<u8>>, window_bytes: u64 },
@@ -110,7 +111,7 @@ pub enum StageReply {
     /// `ucx_steps`: steps that arrived over UCX; `window_steps`: of those, steps whose hidden
     /// states came by RMA into the stage's window.
     /// `draining`: the node asked to leave.
-    Pong { nonce: u64, generation: u64, first_layer: u32, end_layer: u32, epoch: u64, loaded: bool, draining: bool, tensor_plane: String, ucx_steps: u64, window_steps: u64 },
+    Pong { nonce: u64, generation: u64, first_layer: u32, end_layer: u32, epoch: u64, loaded: bool, draining: bool, tensor_plane: String, ucx_steps: u64, window_steps: u64, head: String },
     Ack,
     /// The stage's UCX worker address and RMA window, when both ends have UCX.
     Attached { tensor_address: Option<Vec<u8>>, window: Option<WireWindow> },

@@ -50,10 +50,15 @@ impl Front {
         self.heads.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// A head that appeared (another replica's, through the gossip); known names are kept.
+    /// A head that appeared (another replica's, or a successor, through the gossip); a known
+    /// name takes the addresses the gossip gives.
     pub fn add(&self, head: HeadAddr) {
         let mut heads = self.heads.lock().unwrap_or_else(|p| p.into_inner());
-        if heads.iter().any(|h| h.name == head.name) {
+        if let Some(known) = heads.iter_mut().find(|h| h.name == head.name) {
+            if known.http != head.http || known.quic != head.quic {
+                eprintln!("baton: pipeline head {} is at http://{} now", head.name, head.http);
+                *known = head;
+            }
             return;
         }
         eprintln!("baton: pipeline head {} (http://{}) joined; requests are spread over it too", head.name, head.http);
@@ -148,28 +153,179 @@ async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    let mut tried: Vec<String> = Vec::new();
+    relay(front, None, parts, bytes).await
+}
+
+/// How long a request whose head died waits for another (a successor loads the embedding and
+/// the first layers, or another replica takes it).
+const HEAD_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The least loaded head not in `tried`, waiting up to `until` for one to be reachable.
+async fn next_head(front: &Front, tried: &[String], until: Instant) -> Option<HeadAddr> {
     loop {
-        let Some(head) = front.pick(&tried) else {
-            return unavailable(format!("no pipeline head is reachable (tried {})", tried.join(", ")));
+        if let Some(h) = front.pick(tried).or_else(|| front.pick(&[])) {
+            return Some(h);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A generation request (completions or chat completions, JSON body) and whether it streams.
+fn generation_body(parts: &axum::http::request::Parts, bytes: &[u8]) -> Option<(serde_json::Map<String, serde_json::Value>, bool)> {
+    if parts.method != axum::http::Method::POST || !parts.uri.path().ends_with("completions") {
+        return None;
+    }
+    let serde_json::Value::Object(body) = serde_json::from_slice(bytes).ok()? else { return None };
+    let stream = body.get("stream").and_then(serde_json::Value::as_bool).unwrap_or(false);
+    Some((body, stream))
+}
+
+/// Sends a request to a head (`first`, or the least loaded) and relays the answer. A
+/// generation request whose head dies before answering goes to another; a streamed one whose
+/// head dies mid-stream goes on at another from the tokens already relayed (`resume_token_ids`),
+/// so the client sees one stream with no token repeated or missing.
+pub async fn relay(front: Arc<Front>, first: Option<HeadAddr>, parts: axum::http::request::Parts, bytes: axum::body::Bytes) -> Response {
+    let generation = generation_body(&parts, &bytes);
+    let mut tried: Vec<String> = Vec::new();
+    let mut first = first;
+    let until = Instant::now() + HEAD_PATIENCE;
+    loop {
+        let head = match first.take() {
+            Some(h) => h,
+            None => match if generation.is_some() { next_head(&front, &tried, until).await } else { front.pick(&tried) } {
+                Some(h) => h,
+                None => return unavailable(format!("no pipeline head is reachable (tried {})", tried.join(", "))),
+            },
         };
         let outstanding = Outstanding(front.clone(), head.name.clone());
-        match send_to(&front, &head, &parts, &bytes).await {
-            Ok(r) => return relay_back(r, outstanding),
-            // Never delivered: another head may take it.
-            Err(e) if e.is_connect() => {
+        let body = match &generation {
+            Some((b, true)) => axum::body::Bytes::from(crate::resume::RelayedStream::new(b.clone()).body()),
+            _ => bytes.clone(),
+        };
+        let resp = match send_to(&front, &head, &parts, &body).await {
+            Ok(r) => r,
+            // Never answered: another head may take it (a generation request, or any request
+            // that was never delivered).
+            Err(e) if e.is_connect() || generation.is_some() => {
                 tracing::warn!(head = %head.name, error = %e, "a pipeline head is unreachable");
                 front.unreachable(&head.name);
                 tried.push(head.name);
+                continue;
             }
             Err(e) => return unavailable(format!("the pipeline head {} ({}) failed: {e}", head.name, head.http)),
+        };
+        match &generation {
+            Some((b, true)) if resp.status().is_success() => {
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+                return relay_stream(front, b.clone(), path, resp, outstanding, head.name);
+            }
+            Some((_, false)) if resp.status().is_success() => {
+                // Not streamed: the whole answer, or (the head died) the request again elsewhere.
+                let status = resp.status().as_u16();
+                let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
+                match resp.bytes().await {
+                    Ok(full) => {
+                        let mut r = Response::builder().status(status);
+                        if let Some(ct) = ct {
+                            r = r.header(header::CONTENT_TYPE, ct.as_bytes());
+                        }
+                        return r.body(Body::from(full)).unwrap_or_else(|e| unavailable(format!("relaying the head's answer: {e}")));
+                    }
+                    Err(e) => {
+                        tracing::warn!(head = %head.name, error = %e, "a pipeline head failed mid-answer; sending the request again");
+                        front.unreachable(&head.name);
+                        tried.push(head.name);
+                    }
+                }
+            }
+            _ => return relay_back(resp, outstanding),
         }
     }
 }
 
+/// Relays a streamed generation and, if its head dies mid-stream, resumes it at another.
+fn relay_stream(front: Arc<Front>, request: serde_json::Map<String, serde_json::Value>, path: String, resp: reqwest::Response, outstanding: Outstanding, head: String) -> Response {
+    use crate::resume::{Relay, RelayedStream, SseSplitter};
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(64);
+    tokio::spawn(async move {
+        let mut state = RelayedStream::new(request);
+        let (mut resp, mut outstanding, mut head) = (resp, outstanding, head);
+        loop {
+            let mut split = SseSplitter::default();
+            let mut body = resp.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                let Ok(chunk) = chunk else { break };
+                for item in split.push(&chunk) {
+                    if let Relay::Send(b) = state.event(item) {
+                        // The client went away: dropping the head's response aborts it there.
+                        if tx.send(Ok(b.into())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                if state.done {
+                    return;
+                }
+            }
+            drop(outstanding);
+            front.unreachable(&head);
+            if state.finished {
+                // Every token arrived; only the end of the stream was lost.
+                let _ = tx.send(Ok(axum::body::Bytes::from_static(b"data: [DONE]\n\n"))).await;
+                return;
+            }
+            tracing::warn!(%head, tokens = state.token_ids.len(), "a pipeline head died mid-stream; resuming the request at another");
+            let until = Instant::now() + HEAD_PATIENCE;
+            let mut tried = vec![head.clone()];
+            let next = loop {
+                let Some(h) = next_head(&front, &tried, until).await else { break None };
+                let body = axum::body::Bytes::from(state.body());
+                let sent = front.client.post(format!("http://{}{path}", h.http)).header(FORWARDED, "1").header(header::CONTENT_TYPE, "application/json").body(body).send().await;
+                match sent {
+                    Ok(r) if r.status().is_success() => break Some((r, h)),
+                    Ok(r) if r.status().is_client_error() && r.status() != StatusCode::TOO_MANY_REQUESTS => {
+                        // The head refused the continuation itself: say why, as the stream's end.
+                        let why = r.text().await.unwrap_or_default();
+                        let _ = tx.send(Ok(format!("data: {why}\n\ndata: [DONE]\n\n").into())).await;
+                        return;
+                    }
+                    // Not ready yet (loading), overloaded, or gone: wait and try again.
+                    Ok(_) | Err(_) => {
+                        if Instant::now() >= until {
+                            break None;
+                        }
+                        tried.push(h.name.clone());
+                        if tried.len() > 8 {
+                            tried.drain(..tried.len() - 1);
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            };
+            let Some((r, h)) = next else {
+                let err = serde_json::json!({"error": {"message": "the pipeline head died mid-stream and no other could resume the request", "type": "service_unavailable", "param": null, "code": "head_unreachable"}});
+                let _ = tx.send(Ok(format!("data: {err}\n\ndata: [DONE]\n\n").into())).await;
+                return;
+            };
+            eprintln!("baton: a request resumed at {} after {} token(s)", h.name, state.token_ids.len());
+            (resp, outstanding, head) = (r, Outstanding(front.clone(), h.name.clone()), h.name);
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .unwrap_or_else(|e| unavailable(format!("relaying the head's answer: {e}")))
+}
+
 /// On a head of a cluster with several replicas: a generation request that arrives here directly
 /// goes to the least loaded head, which may be this one (`me`, served as usual) or another
-/// (proxied, marked forwarded so it stays there). Other requests are this head's own.
+/// (proxied, marked forwarded so it stays there, and resumed elsewhere if that head dies).
+/// Other requests are this head's own.
 pub async fn spread(State((front, me)): State<(Arc<Front>, String)>, req: Request, next: axum::middleware::Next) -> Response {
     if req.method() != axum::http::Method::POST || req.headers().contains_key(FORWARDED) {
         return next.run(req).await;
@@ -177,24 +333,14 @@ pub async fn spread(State((front, me)): State<(Arc<Front>, String)>, req: Reques
     let Some(head) = front.pick(&[]) else {
         return next.run(req).await;
     };
-    let outstanding = Outstanding(front.clone(), head.name.clone());
     if head.name != me {
         let (parts, bytes) = match read_body(req).await {
             Ok(r) => r,
             Err(resp) => return resp,
         };
-        match send_to(&front, &head, &parts, &bytes).await {
-            Ok(r) => return relay_back(r, outstanding),
-            Err(e) => {
-                tracing::warn!(head = %head.name, error = %e, "another head is unreachable; serving here");
-                front.unreachable(&head.name);
-                drop(outstanding);
-                let outstanding = Outstanding(front.clone(), me);
-                let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
-                return hold_until_sent(resp, outstanding);
-            }
-        }
+        return relay(front, Some(head), parts, bytes).await;
     }
+    let outstanding = Outstanding(front.clone(), head.name.clone());
     hold_until_sent(next.run(req).await, outstanding)
 }
 

@@ -6,3 +6,5 @@
 pub mod forward;
 pub mod node;
 pub mod quic_relay;
+pub mod resume;
+pub mod succession;

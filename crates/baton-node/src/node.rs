@@ -177,7 +177,8 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             memory_bytes: me.memory_bytes,
             replica: me.replica as u32,
             state: gossip::NodeState::Ready,
-            head: is_head,
+            // Said once the role is settled (below).
+            head: false,
             serving: None,
             us_per_layer_token: None,
             busy_permille: 0,
@@ -190,11 +191,22 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         let shard = device.spawn(dir.clone()).await?;
         let _stop_shard = StopOnDrop(shard.clone());
         let _publisher = AbortOnDrop(tokio::spawn(publish_shard(gossip.clone(), shard.clone())));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let layer_bytes = placement::layer_bytes(&mc).max(1);
         if new_replica {
             match head_of_replica(&gossip, me.replica as u32).await {
                 Some(head) => eprintln!("baton: replica {} is headed by {head}: joining it as a stage", me.replica),
                 None => {
-                    let layer_bytes = placement::layer_bytes(&mc).max(1);
                     let holds = (me.memory_bytes / layer_bytes) as usize;
                     if holds < mc.num_layers {
                         anyhow::bail!(
@@ -208,16 +220,29 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                     eprintln!("baton: forming replica {}: this node heads a new pipeline with all {} layers", me.replica, mc.num_layers);
                     stages = vec![(me.name.clone(), 0..mc.num_layers)];
                     is_head = true;
-                    gossip.update(|i| i.head = true);
                 }
+            }
+        } else if is_head {
+            // cluster.toml makes this node the head, but while it was away another may have
+            // taken over (succession): then it serves that head as a stage.
+            let mut found = head_of_replica(&gossip, me.replica as u32).await;
+            if found.is_none() {
+                found = head_its_stages_serve(&node, &c, &me).await;
+            }
+            if let Some(head) = found {
+                eprintln!("baton: {head} heads replica {} now (it took over while this node was away): joining it as a stage", me.replica);
+                is_head = false;
             }
         }
         let static_heads: Vec<String> = heads.iter().map(|h| h.name.clone()).collect();
+        // Requests entering at a node that is not (or not yet) a head go to a head, through
+        // this front; it stays on this node's public addresses if the node becomes a head.
+        let mut entry: Option<Arc<Front>> = None;
+        let mut epoch = 1;
         if !is_head {
-            let svc = Arc::new(StageService::new(shard, plane.clone()));
-            // Requests entering here (HTTP or QUIC) go to a head.
+            let svc = Arc::new(StageService::new(shard.clone(), plane.clone()));
             if me.http.is_some() || me.quic.is_some() {
-                let front = Front::start(heads);
+                let front = Front::start(heads.clone());
                 tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.clone()));
                 if let Some(listen) = me.http {
                     let front = front.clone();
@@ -228,13 +253,14 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                     });
                 }
                 if let Some(listen) = me.quic {
-                    let identity = identity.clone();
+                    let (identity, front) = (identity.clone(), front.clone());
                     tokio::spawn(async move {
                         if let Err(e) = crate::quic_relay::serve(listen, front, &identity).await {
                             eprintln!("baton: QUIC relay: {e}");
                         }
                     });
                 }
+                entry = Some(front);
             }
             if signals {
                 tokio::spawn(drain_on_sigusr1(svc.clone()));
@@ -254,48 +280,69 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             };
+            // Only a node with an HTTP address can head (clients reach the head's API).
+            let heir = async {
+                match me.http {
+                    Some(_) => crate::succession::await_head_loss(&svc, &gossip, layer_bytes, mc.num_layers).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = stage_service::serve(node.clone(), svc, Some(gossip)) => {},
-                _ = leave => node.close(),
-                _ = shutdown => node.close(),
+                _ = stage_service::serve(node.clone(), svc.clone(), Some(gossip.clone())) => return Ok(()),
+                _ = leave => {
+                    node.close();
+                    return Ok(());
+                }
+                _ = stopped() => {
+                    node.close();
+                    return Ok(());
+                }
+                plan = heir => {
+                    // The head died and this node held the layers after its own: it heads
+                    // the pipeline now, from the plan it has taken over.
+                    epoch = plan.epoch;
+                    stages = plan.stages;
+                }
             }
-            return Ok(());
         }
+        let promoted = epoch > 1;
         tokio::spawn(gossip::accept(node.clone(), gossip.clone()));
         // The head: reach every other stage of the initial plan, agree on the tensor plane, then
         // follow the membership (stages re-placed when nodes are lost, restart or come back).
         // The stages' RMA windows hold one step's hidden states at the head's token budget.
         let max_batched_tokens = 512;
         let window_bytes = max_batched_tokens * mc.hidden_size * 4;
-        let layer_bytes = placement::layer_bytes(&mc).max(1);
-        let mut pipeline_nodes: Vec<_> = c.nodes.iter().filter(|n| n.replica == me.replica).collect();
-        if !pipeline_nodes.iter().any(|n| n.name == me.name) {
-            pipeline_nodes.insert(0, &me);
-        }
-        let roster = Roster {
-            members: pipeline_nodes
-                .iter()
-                .map(|n| Member { name: n.name.clone(), capacity: n.memory_bytes as f64, max_layers: (n.memory_bytes / layer_bytes) as usize })
-                .collect(),
-            control: pipeline_nodes.iter().map(|n| (n.name.clone(), n.control)).collect(),
-        };
-        let mesh = MeshDriver::start(&me.name, node.clone(), plane.clone(), roster, mc.num_layers, stages.clone(), window_bytes, Duration::from_secs(120), ProbeConfig::default())
+        let roster = pipeline_roster(&c, &me, &gossip, layer_bytes);
+        let patience = if promoted { Duration::from_secs(10) } else { Duration::from_secs(120) };
+        let initial = baton_mesh::elastic::Plan { epoch, stages };
+        let mesh = MeshDriver::start(&me.name, node.clone(), plane.clone(), roster, mc.num_layers, initial, window_bytes, patience, ProbeConfig::default())
             .await
             .context("reaching the pipeline's stages")?;
         tokio::spawn(mesh.clone().follow(gossip.clone(), me.replica as u32, layer_bytes));
         // Even a one-node pipeline follows the membership: nodes that join its replica take
         // layers from it.
         let pipeline = Some(Arc::new(PipelinePlan { micro_batches, mesh: mesh.clone() }));
-        let listen = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", cluster_path.display(), me.name))?;
-        // Requests arriving here directly are spread over every replica's head (this one
-        // included), as they come and go.
-        let mut all_heads = heads.clone();
-        if !all_heads.iter().any(|h| h.name == me.name) {
-            all_heads.push(HeadAddr { name: me.name.clone(), http: listen, quic: me.quic });
-        }
-        let front = Front::start(all_heads);
-        tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads));
-        let spread = Some((front, me.name.clone()));
+        let public = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", cluster_path.display(), me.name))?;
+        // A node that became the head keeps its entry front on its public addresses; the head's
+        // own API listens on new ports of the same hosts, which the gossip tells the fronts.
+        let (listen, quic_listen) = match &entry {
+            Some(_) => (SocketAddr::new(public.ip(), 0), me.quic.map(|q| SocketAddr::new(q.ip(), 0))),
+            None => (public, me.quic),
+        };
+        // Requests arriving at a head directly are spread over every replica's head (this one
+        // included), as they come and go; a promoted head's entry front does that already.
+        let spread = match &entry {
+            Some(_) => None,
+            None => {
+                let mut all_heads = heads.clone();
+                if !all_heads.iter().any(|h| h.name == me.name) {
+                    all_heads.push(HeadAddr { name: me.name.clone(), http: listen, quic: me.quic });
+                }
+                let front = Front::start(all_heads);
+                tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads));
+                Some((front, me.name.clone()))
+            }
+        };
         // `/v1/mesh`: the membership view and the last plan changes (`baton status`).
         let view = mesh.clone();
         let http_layer = Some(baton_serve::HttpLayer(Arc::new(move |app| {
@@ -306,6 +353,14 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                 None => app,
             }
         })));
+        let announce = gossip.clone();
+        let on_bound = baton_serve::OnBound(Arc::new(move |http, quic| {
+            announce.update(|i| {
+                i.head = true;
+                i.http = Some(http);
+                i.quic = quic;
+            });
+        }));
         let model_name = dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
         let opts = ServeOptions {
             model_dir: dir,
@@ -317,32 +372,75 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             max_batched_tokens,
             max_waiting: 1024,
             max_model_len: None,
-            quic_listen: me.quic,
+            quic_listen,
             quic_cert_out: None,
             quic_identity: Some(baton_serve::quic::Identity { cert_der: identity.cert.to_vec(), key_der: identity.key.secret_pkcs8_der().to_vec() }),
             pipeline,
             http_layer,
             request_timeout,
+            on_bound: Some(on_bound),
         };
-        serve(opts, shutdown).await?;
+        serve(opts, stopped()).await?;
         node.close();
         Ok(())
     }
 }
 
+/// Every node of this node's replica: cluster.toml's and those the gossip knows (nodes that
+/// joined), with their control addresses; this node among them.
+fn pipeline_roster(c: &ClusterConfig, me: &NodeConfig, gossip: &Gossip, layer_bytes: u64) -> Roster {
+    let mut members = Vec::new();
+    let mut control = std::collections::HashMap::new();
+    let mut add = |name: &str, memory: u64, addr: SocketAddr| {
+        if !control.contains_key(name) {
+            members.push(Member { name: name.to_string(), capacity: memory as f64, max_layers: (memory / layer_bytes) as usize });
+            control.insert(name.to_string(), addr);
+        }
+    };
+    add(&me.name, me.memory_bytes, me.control);
+    for n in c.nodes.iter().filter(|n| n.replica == me.replica) {
+        add(&n.name, n.memory_bytes, n.control);
+    }
+    for i in gossip.members().into_iter().filter(|i| i.replica as usize == me.replica) {
+        add(&i.name, i.memory_bytes, i.control);
+    }
+    Roster { members, control }
+}
+
 /// The head of `replica` the gossip knows (after waiting up to 5 s to hear from another node).
 async fn head_of_replica(gossip: &Arc<Gossip>, replica: u32) -> Option<String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while gossip.members().len() < 2 && std::time::Instant::now() < deadline {
+    // Until another member is known and every live member's info has arrived.
+    while (gossip.members().len() < 2 || gossip.members().len() <= gossip.alive().len()) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let me = gossip.mine().name;
     gossip.members().into_iter().find(|i| i.head && i.replica == replica && i.name != me).map(|i| i.name)
 }
 
-/// Keeps an entry node's heads up to date with the gossip: a head that formed a new replica is
-/// added; one that is gone from the gossip is removed, unless cluster.toml names it (those stay:
-/// the routing core skips them while they are unreachable).
+/// The head another node of this replica (per cluster.toml) serves, if it is not this one: the
+/// stages know theirs for sure, where the gossip may not have said it yet.
+async fn head_its_stages_serve(node: &Arc<ControlNode>, c: &ClusterConfig, me: &NodeConfig) -> Option<String> {
+    let mut asks = tokio::task::JoinSet::new();
+    for n in c.nodes.iter().filter(|n| n.replica == me.replica && n.name != me.name) {
+        let (node, name, addr) = (node.clone(), n.name.clone(), n.control);
+        asks.spawn(async move { stage_service::head_of(&node, &name, addr).await });
+    }
+    while let Some(answer) = asks.join_next().await {
+        if let Ok(Some(head)) = answer {
+            if head != me.name {
+                return Some(head);
+            }
+        }
+    }
+    None
+}
+
+/// Keeps an entry node's heads up to date with the gossip: a head that formed a new replica or
+/// took over a dead head's pipeline is added (or its address updated); a node the gossip says
+/// is alive and no head (a cluster.toml head that came back as a stage) is removed; one gone
+/// from the gossip is removed unless cluster.toml names it (those stay: the routing core skips
+/// them while they are unreachable).
 async fn follow_heads(gossip: Arc<Gossip>, front: Arc<Front>, static_heads: Vec<String>) {
     let mut changes = gossip.subscribe();
     loop {
@@ -353,7 +451,12 @@ async fn follow_heads(gossip: Arc<Gossip>, front: Arc<Front>, static_heads: Vec<
             }
         }
         for h in front.heads() {
-            if !static_heads.contains(&h.name) && !members.iter().any(|i| i.head && i.name == h.name) {
+            let known = members.iter().find(|i| i.name == h.name);
+            let gone = match known {
+                Some(i) => !i.head && i.state == gossip::NodeState::Ready && i.serving.is_some(),
+                None => !static_heads.contains(&h.name),
+            };
+            if gone {
                 front.remove(&h.name);
             }
         }

@@ -43,6 +43,8 @@ pub enum AdmitError {
     },
     #[error("the request needs {needed} KV blocks, the cache has {total}")]
     NeverFits { needed: usize, total: usize },
+    #[error("the request already produced {produced} of its {max_tokens} tokens")]
+    NothingLeft { produced: usize, max_tokens: usize },
     #[error("sequence id {0} is already in use")]
     DuplicateId(SeqId),
 }
@@ -175,6 +177,16 @@ impl Scheduler {
 
     /// Queues a request.
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, max_tokens: usize, now_us: u64) -> Result<(), AdmitError> {
+        self.add_resumed(id, prompt, Vec::new(), max_tokens, now_us)
+    }
+
+    /// Queues a request that another pipeline head started: `produced` are the tokens it
+    /// already generated (and the client already has), computed again with the prompt before
+    /// generation goes on; `max_tokens` counts them.
+    pub fn add_resumed(&mut self, id: SeqId, prompt: Vec<u32>, produced: Vec<u32>, max_tokens: usize, now_us: u64) -> Result<(), AdmitError> {
+        if produced.len() >= max_tokens && !produced.is_empty() {
+            return Err(AdmitError::NothingLeft { produced: produced.len(), max_tokens });
+        }
         if self.seqs.contains_key(&id) {
             return Err(AdmitError::DuplicateId(id));
         }
@@ -199,11 +211,14 @@ impl Scheduler {
         if self.waiting.len() >= self.config.max_waiting {
             return Err(AdmitError::QueueFull(self.waiting.len()));
         }
+        let prompt_len = prompt.len();
+        let mut tokens = prompt;
+        tokens.extend(produced);
         self.seqs.insert(
             id,
             Sequence {
-                prompt_len: prompt.len(),
-                tokens: prompt,
+                prompt_len,
+                tokens,
                 max_tokens,
                 computed: 0,
                 table: BlockTable::default(),

@@ -218,3 +218,26 @@ fn requeue_all_loses_nothing_and_recomputes_from_the_start() {
     }
     assert_eq!(sched.free_blocks(), sched.total_blocks(), "blocks leaked");
 }
+
+#[test]
+fn a_resumed_request_recomputes_what_it_produced_and_goes_on_from_there() {
+    let mut sched = Scheduler::new(config(), KvGeometry { block_size: 16, num_blocks: 64 });
+    let prompt: Vec<u32> = (1..=20).collect();
+    sched.add_resumed(7, prompt.clone(), vec![100, 101, 102], 5, 0).unwrap();
+    assert_eq!(sched.generated(7).unwrap(), &[100, 101, 102]);
+    // The prompt and the produced tokens are one prefill; the token sampled after it is the 4th.
+    let step = sched.schedule(0).unwrap();
+    let fed: Vec<u32> = step.scheduled[0].tokens.clone();
+    assert_eq!(fed, prompt.iter().copied().chain([100, 101, 102]).collect::<Vec<_>>());
+    assert!(step.scheduled[0].samples);
+    sched.complete(&step, &[(7, 103)], &[]);
+    let step = sched.schedule(0).unwrap();
+    assert_eq!(step.scheduled[0].tokens, vec![103]);
+    // The budget counts the produced tokens: the 5th token is the last.
+    let done = sched.complete(&step, &[(7, 104)], &[]);
+    assert_eq!(done, vec![7]);
+    assert_eq!(sched.free_blocks(), sched.total_blocks());
+    // Nothing left to produce, and a budget the produced tokens already fill, are refused.
+    assert!(matches!(sched.add_resumed(8, prompt.clone(), vec![1, 2], 2, 0), Err(AdmitError::NothingLeft { .. })));
+    assert!(sched.add_resumed(9, prompt, vec![], 2, 0).is_ok());
+}

@@ -138,8 +138,10 @@ async fn admit_and_respond(s: Arc<AppState>, endpoint: Endpoint, request: ApiReq
     };
     let guard = AbortOnDrop { id, scheduler: s.scheduler.clone(), done: false };
     let out = Output::new(&s, endpoint, request_id, &request);
+    // A resumed stream goes on where the client's ends: no second role chunk.
+    let resumed = !request.resume_token_ids.is_empty();
     if request.stream {
-        stream(out, events, guard)
+        stream(out, events, guard, resumed)
     } else {
         collect(out, events, guard).await
     }
@@ -302,13 +304,13 @@ async fn collect(mut out: Output, mut events: mpsc::UnboundedReceiver<Event>, mu
     error_response(&ServeError::Internal("the request ended without a result".into()))
 }
 
-fn stream(mut out: Output, mut events: mpsc::UnboundedReceiver<Event>, guard: AbortOnDrop) -> Response {
+fn stream(mut out: Output, mut events: mpsc::UnboundedReceiver<Event>, guard: AbortOnDrop, resumed: bool) -> Response {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         // Own the whole guard in the task (not just its field), so it lives as long as the stream.
         let mut guard = guard;
         let send = |v: Value| SseEvent::default().data(v.to_string());
-        let mut first = true;
+        let mut first = !resumed;
         while let Some(ev) = events.recv().await {
             let msg = match ev {
                 Event::Started { prompt_token_ids } => {

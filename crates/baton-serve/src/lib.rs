@@ -59,6 +59,18 @@ pub struct ServeOptions {
     pub http_layer: Option<HttpLayer>,
     /// A request unfinished this long after it arrived ends with a timeout error (504).
     pub request_timeout: Duration,
+    /// Told the bound HTTP and QUIC addresses once both listen (for `listen` port 0).
+    pub on_bound: Option<OnBound>,
+}
+
+/// Called with the addresses the server bound (HTTP, and QUIC when it is on).
+#[derive(Clone)]
+pub struct OnBound(pub Arc<dyn Fn(SocketAddr, Option<SocketAddr>) + Send + Sync>);
+
+impl std::fmt::Debug for OnBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnBound")
+    }
 }
 
 /// Why the server could not start (each names what to fix).
@@ -193,6 +205,9 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             Some(ep)
         }
     };
+    if let Some(tell) = &opts.on_bound {
+        (tell.0)(bound, quic.as_ref().and_then(|ep| ep.local_addr().ok()));
+    }
     let drain_sched = sched.clone();
     let graceful = async move {
         shutdown.await;

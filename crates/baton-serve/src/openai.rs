@@ -1,7 +1,8 @@
 //! The OpenAI wire format: request bodies parsed (with errors that name the parameter) into
 //! [`ApiRequest`], and response bodies and stream chunks built from engine events. Includes the
 //! vLLM extensions benchmark tools use: `ignore_eos`, `min_tokens`, `top_k`, `min_p`,
-//! `repetition_penalty`, `stop_token_ids`, `return_token_ids`.
+//! `repetition_penalty`, `stop_token_ids`, `return_token_ids`; and Baton's `resume_token_ids`
+//! (continue a generation another head began: what an entry node sends after a head died).
 
 use serde_json::{json, Map, Value};
 
@@ -192,6 +193,7 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<ApiRequest, ServeError>
         stream: b.bool("stream")?.unwrap_or(false),
         include_usage,
         return_token_ids: b.bool("return_token_ids")?.unwrap_or(false),
+        resume_token_ids: b.token_ids("resume_token_ids")?.unwrap_or_default(),
     })
 }
 

@@ -128,6 +128,7 @@ fn to_api(r: Request) -> Result<ApiRequest, ServeError> {
         stream: true,
         include_usage: false,
         return_token_ids: false,
+        resume_token_ids: Vec::new(),
     })
 }
 

@@ -31,6 +31,10 @@ pub struct ApiRequest {
     pub stream: bool,
     pub include_usage: bool,
     pub return_token_ids: bool,
+    /// Tokens another head already generated for this request (and the client has): they are
+    /// computed with the prompt and generation goes on after them (`resume_token_ids`, what an
+    /// entry node sends when the head it forwarded to died mid-stream).
+    pub resume_token_ids: Vec<u32>,
 }
 
 /// A request ready for the scheduler.
@@ -40,6 +44,8 @@ pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub stop: Vec<String>,
+    /// Tokens already generated elsewhere (see [`ApiRequest::resume_token_ids`]).
+    pub resumed: Vec<u32>,
 }
 
 /// One generated token.

@@ -126,6 +126,16 @@ impl Shared {
             None if is_chat => room,
             None => 16.min(room),
         };
+        let resumed = request.resume_token_ids;
+        if let Some(bad) = resumed.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(ServeError::bad(format!("token id {bad} is outside the vocabulary of {}", self.vocab_size), "resume_token_ids"));
+        }
+        if !resumed.is_empty() && resumed.len() >= max_tokens {
+            return Err(ServeError::bad(
+                format!("`resume_token_ids` holds {} tokens: nothing is left of max_tokens ({max_tokens})", resumed.len()),
+                "resume_token_ids",
+            ));
+        }
         let mut params = request.params;
         params.max_tokens = max_tokens;
         params.min_tokens = params.min_tokens.min(max_tokens);
@@ -135,6 +145,7 @@ impl Shared {
             prompt: ids,
             params,
             stop: request.stop,
+            resumed,
         };
         let id = ractor::call!(self.scheduler, |reply| SchedulerMsg::Submit { request: generate, events: tx, reply })
             .map_err(|e| ServeError::NotReady(format!("scheduler unavailable: {e}")))??;

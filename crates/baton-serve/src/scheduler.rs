@@ -413,6 +413,7 @@ fn admit_error(e: AdmitError) -> ServeError {
         AdmitError::QueueFull(_) => ServeError::Overloaded(e.to_string()),
         AdmitError::EmptyPrompt => ServeError::bad(e.to_string(), "prompt"),
         AdmitError::TooLong { .. } | AdmitError::NeverFits { .. } => ServeError::ContextTooLong(e.to_string()),
+        AdmitError::NothingLeft { .. } => ServeError::bad(e.to_string(), "resume_token_ids"),
         AdmitError::DuplicateId(_) => ServeError::Internal(e.to_string()),
     }
 }
@@ -498,28 +499,37 @@ impl Actor for SchedulerActor {
                 let id = state.next_id;
                 state.next_id += 1;
                 let now_us = state.now_us();
+                let resumed = request.resumed.len();
                 let result = state
                     .core
-                    .add(id, request.prompt.clone(), request.params.max_tokens, now_us)
+                    .add_resumed(id, request.prompt.clone(), request.resumed.clone(), request.params.max_tokens, now_us)
                     .map_err(admit_error);
                 if result.is_ok() {
                     let _ = events.send(Event::Started { prompt_token_ids: request.prompt.clone() });
-                    state.live.insert(
-                        id,
-                        Live {
-                            events,
-                            detok: Detokenizer::default(),
-                            stop: request.stop,
-                            text: String::new(),
-                            prompt: request.prompt,
-                            params: request.params,
-                            generated: 0,
-                            arrived: Instant::now(),
-                            started: None,
-                            first_token: None,
-                            last_token: None,
-                        },
-                    );
+                    let now = Instant::now();
+                    let mut live = Live {
+                        events,
+                        detok: Detokenizer::default(),
+                        stop: request.stop,
+                        text: String::new(),
+                        prompt: request.prompt,
+                        params: request.params,
+                        generated: resumed,
+                        arrived: now,
+                        started: None,
+                        // A resumed request's first token came from another head: no TTFT here.
+                        first_token: (resumed > 0).then_some(now),
+                        last_token: (resumed > 0).then_some(now),
+                    };
+                    // The detokenizer and the stop-string matcher resume where the client's
+                    // text ends: replaying the produced tokens gives the state they had there.
+                    for &t in &request.resumed {
+                        let piece = live.detok.push(&state.tokenizer, t).unwrap_or_default();
+                        if !live.stop.is_empty() {
+                            live.text.push_str(&piece);
+                        }
+                    }
+                    state.live.insert(id, live);
                     tracing::debug!(request_id = %request.request_id, seq = id, "admitted");
                 }
                 let _ = reply.send(result.map(|_| id));

@@ -276,8 +276,9 @@ fn load(args: &ShardArgs) -> Result<(Option<ActivePlan>, bool), ShardFailure> {
 }
 
 /// The `Init` that gives a stage `range` under plan `epoch`, with the head's KV cache shape.
-fn init_request(geometry: KvGeometry, range: &std::ops::Range<usize>, epoch: u64) -> StageRequest {
+fn init_request(head: &str, geometry: KvGeometry, range: &std::ops::Range<usize>, epoch: u64) -> StageRequest {
     StageRequest::Init {
+        head: head.to_string(),
         block_size: geometry.block_size as u32,
         num_blocks: geometry.num_blocks as u32,
         first_layer: range.start as u32,
@@ -298,7 +299,7 @@ pub async fn preload(mesh: &MeshDriver, epoch: u64, running: &[(String, std::ops
     // A JoinSet: when the caller's task is aborted (the plan moved on) the calls go with it.
     let mut calls = tokio::task::JoinSet::new();
     for (link, range) in active.remotes.iter().filter(|(link, _)| !running.iter().any(|(n, _)| n == link.peer())) {
-        let init = init_request(geometry, range, epoch);
+        let init = init_request(mesh.name(), geometry, range, epoch);
         let (link, range) = (link.clone(), range.clone());
         calls.spawn(async move { (link.peer().to_string(), range, link.call(init).await) });
     }
@@ -406,7 +407,7 @@ fn init_remotes(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan) -> Resu
         .remotes
         .iter()
         .map(|(link, range)| {
-            let init = init_request(args.geometry, range, active.epoch);
+            let init = init_request(p.mesh.name(), args.geometry, range, active.epoch);
             let link = link.clone();
             args.runtime.spawn(async move { link.call(init).await })
         })

@@ -29,6 +29,7 @@ fn request(n: u32) -> GenerateRequest {
         prompt: vec![1 + n, 2, 3, 4],
         params: SamplingParams { ignore_eos: true, ..SamplingParams::greedy(400) },
         stop: Vec::new(),
+        resumed: Vec::new(),
     }
 }
 

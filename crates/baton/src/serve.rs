@@ -83,6 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         quic_identity: None,
         http_layer: None,
         request_timeout: std::time::Duration::from_secs(args.request_timeout),
+        on_bound: None,
         model_dir,
         model_name,
         listen,

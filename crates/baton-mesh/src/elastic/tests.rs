@@ -28,7 +28,7 @@ fn stages(s: &[(&str, Range<usize>)]) -> Vec<(String, Range<usize>)> {
 fn core_of(roster: &[(&str, f64, usize)], num_layers: usize, initial: &[(&str, Range<usize>)], config: CoreConfig) -> MeshCore {
     let head = roster[0].0;
     let members = roster.iter().map(|&(n, c, m)| member(n, c, m)).collect();
-    MeshCore::new(head, members, num_layers, stages(initial), config, 0)
+    MeshCore::new(head, members, num_layers, Plan { epoch: 1, stages: stages(initial) }, config, 0)
 }
 
 /// Head "a", then "b" and "c": equal capacity, 10 of 30 layers each.
@@ -732,7 +732,7 @@ impl Sim {
         let roster: Vec<Member> =
             names.iter().zip(&capacity).zip(&truth).map(|((name, &capacity), t)| Member { name: name.clone(), capacity, max_layers: t.max_layers }).collect();
         let plan: Vec<(String, Range<usize>)> = names.iter().cloned().zip(initial).collect();
-        let core = MeshCore::new(&names[0], roster, num_layers, plan, config, 0);
+        let core = MeshCore::new(&names[0], roster, num_layers, Plan { epoch: 1, stages: plan }, config, 0);
         let index = names.iter().enumerate().map(|(i, name)| (name.clone(), i)).collect();
         let settle_at = EVENTS_END + (config.rejoin_after_us << 6) + 5_000_000;
         let mut sim = Sim {
@@ -1103,4 +1103,40 @@ fn simulated_mesh_of_100() {
     // The core's tick is O(n²) once restarted nodes wait outside the plan: two seeds, one constrained.
     let total = simulate(100, [0, 3]);
     assert!(total.restarted > 0, "100 nodes: no restart was ever seen: {total:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Succession: the plan a dead head's neighbour starts with.
+
+#[test]
+fn the_dead_heads_neighbour_takes_its_layers_and_no_other_stage_moves() {
+    let members = vec![member("b", 1.0, 30), member("c", 1.0, 30)];
+    let survivors = stages(&[("c", 20..30), ("b", 10..20)]);
+    let plan = succession("b", 7, &survivors, &members, 30).unwrap();
+    assert_eq!(plan, Plan { epoch: 8, stages: stages(&[("b", 0..20), ("c", 20..30)]) });
+    // Only the survivor with the lowest layers succeeds.
+    assert_eq!(succession("c", 7, &survivors, &members, 30), None);
+    // A node that already holds layer 0 is a head, not a successor.
+    assert_eq!(succession("b", 7, &stages(&[("b", 0..30)]), &members, 30), None);
+}
+
+#[test]
+fn a_successor_too_small_for_the_dead_heads_layers_splits_them_over_the_chain() {
+    let members = vec![member("b", 1.0, 15), member("c", 1.0, 30), member("d", 1.0, 30)];
+    let plan = succession("b", 1, &stages(&[("b", 10..20), ("c", 20..25), ("d", 25..30)]), &members, 30).unwrap();
+    assert_eq!(plan.epoch, 2);
+    assert_eq!(plan.stages.first().map(|(n, r)| (n.as_str(), r.start)), Some(("b", 0)));
+    let mut at = 0;
+    for (n, r) in &plan.stages {
+        assert_eq!(r.start, at, "contiguous");
+        assert!(r.len() <= members.iter().find(|m| &m.name == n).unwrap().max_layers, "{n} within its memory");
+        at = r.end;
+    }
+    assert_eq!(at, 30);
+    // A gap in what the successor knows (a stage it has no news of): the chain it has must
+    // hold the whole model, or there is no plan.
+    let gap = stages(&[("b", 10..20), ("d", 25..30)]);
+    assert_eq!(succession("b", 1, &gap, &[member("b", 1.0, 15), member("d", 1.0, 10)], 30), None);
+    let alone = succession("b", 1, &gap, &[member("b", 1.0, 30), member("d", 1.0, 10)], 30).unwrap();
+    assert_eq!(alone.stages, stages(&[("b", 0..30)]));
 }
