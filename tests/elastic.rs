@@ -398,3 +398,43 @@ fn a_dead_head_costs_no_request_that_entered_elsewhere() {
     assert_eq!(status, 200, "{text}");
     assert_eq!(tokens, want[3][..32]);
 }
+
+/// The native QUIC client resumes by itself: `baton client` streams through node-b's QUIC
+/// relay, knowing only node-b; node-b is killed mid-stream (a stage too: the head re-places
+/// its layers); each client reconnects to a node the server named when the stream started,
+/// resumes from the tokens it holds, and prints one stream with exactly one node's tokens.
+#[test]
+fn a_quic_client_resumes_its_stream_at_another_node_when_its_node_dies() {
+    let bin = env!("CARGO_BIN_EXE_baton");
+    let model = deep_tiny_model("elastic-client-model");
+    let (cfg, ports) = write_cluster("elastic-client", &model);
+    let max_tokens = 300;
+    let want: Vec<Vec<u64>> = PROMPTS.iter().take(4).map(|p| reference(&model, p, max_tokens)).collect();
+    let (mut nodes, head) = start_mesh(&cfg, ports.http, &model);
+    let ca = cfg.with_file_name("cluster-tls").join("ca.der");
+    assert!(ca.exists(), "{}", ca.display());
+    let addr = format!("node-b=127.0.0.1:{}", ports.quic_b);
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            Command::new(bin)
+                .args(["client", "--addr", &addr, "--cert", ca.to_str().unwrap(), "--prompt", PROMPTS[i], "--max-tokens", &max_tokens.to_string(), "--ignore-eos", "--json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    wait_for("the streams to get going", 60, &cfg, || metric(&head, "baton:inter_token_latency_seconds_count") >= 4.0 * 10.0);
+    let _ = nodes.0[1].kill(); // node-b: SIGKILL
+    let _ = nodes.0[1].wait();
+    for (i, c) in clients.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "client {i}: {err}\n{}", log_tail(&cfg, "node-a"));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("client {i}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+        let tokens: Vec<u64> = v["token_ids"].as_array().unwrap().iter().filter_map(Value::as_u64).collect();
+        assert_eq!(tokens, want[i], "client {i}: tokens differ from one node's ({})", v["served_by"]);
+        assert_eq!(v["usage"]["completion_tokens"], max_tokens, "{v}");
+        assert_eq!(v["served_by"], json!(["node-b", "node-a"]), "client {i} did not move to node-a: {v}\n{err}");
+    }
+}

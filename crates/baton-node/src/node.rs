@@ -361,6 +361,9 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                 i.quic = quic;
             });
         }));
+        // Every node's QUIC API (a stage's relay, a head's own), for clients resuming streams.
+        let known = gossip.clone();
+        let peers = baton_serve::Peers(Arc::new(move || known.members().into_iter().filter_map(|i| i.quic.map(|q| (i.name, q))).collect()));
         let model_name = dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
         let opts = ServeOptions {
             model_dir: dir,
@@ -379,6 +382,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             http_layer,
             request_timeout,
             on_bound: Some(on_bound),
+            peers: Some(peers),
         };
         serve(opts, stopped()).await?;
         node.close();

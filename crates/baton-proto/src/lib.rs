@@ -10,7 +10,7 @@ use rkyv::util::AlignedVec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped on any incompatible change; a server refuses other versions with an error frame.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 4 << 20;
 /// QUIC application close code for a peer that sent bytes that are not a valid frame.
@@ -53,6 +53,9 @@ pub struct Request {
     pub min_tokens: u32,
     /// Top-n log-probabilities per token.
     pub logprobs: Option<u32>,
+    /// Tokens already received for this request from a node that went away: the server
+    /// computes them with the prompt and streams only what follows (a client resuming).
+    pub resume_token_ids: Vec<u32>,
 }
 
 impl Request {
@@ -76,6 +79,7 @@ impl Request {
             ignore_eos: false,
             min_tokens: 0,
             logprobs: None,
+            resume_token_ids: Vec::new(),
         }
     }
 }
@@ -100,10 +104,19 @@ pub enum Finish {
     Abort,
 }
 
+/// A node's QUIC client API.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct NodeAddr {
+    pub name: String,
+    pub addr: String,
+}
+
 /// What the server streams back.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Frame {
-    Started { prompt_token_ids: Vec<u32> },
+    /// `nodes`: other nodes of the cluster a client may resume this stream at (name, the
+    /// name their certificate carries, and QUIC address), if the one it is connected to goes.
+    Started { prompt_token_ids: Vec<u32>, nodes: Vec<NodeAddr> },
     Token { id: u32, text: String, logprob: f32, top_logprobs: Vec<(u32, f32)> },
     Done { finish: Finish, prompt_tokens: u32, completion_tokens: u32, tail: String },
     Error { kind: ErrorKind, message: String, param: Option<String> },

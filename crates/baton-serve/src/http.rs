@@ -45,6 +45,8 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     pub next_request: AtomicU64,
     pub created: u64,
+    /// The cluster's QUIC client APIs (told to QUIC clients, which resume there).
+    pub peers: Option<crate::Peers>,
 }
 
 pub fn routes(state: Arc<AppState>) -> AxumRouter {

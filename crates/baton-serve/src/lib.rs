@@ -61,6 +61,18 @@ pub struct ServeOptions {
     pub request_timeout: Duration,
     /// Told the bound HTTP and QUIC addresses once both listen (for `listen` port 0).
     pub on_bound: Option<OnBound>,
+    /// A cluster's QUIC client APIs, named as their certificates are.
+    pub peers: Option<Peers>,
+}
+
+/// The cluster's QUIC client APIs now (name, address), for clients that resume streams.
+#[derive(Clone)]
+pub struct Peers(pub Arc<dyn Fn() -> Vec<(String, SocketAddr)> + Send + Sync>);
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Peers")
+    }
 }
 
 /// Called with the addresses the server bound (HTTP, and QUIC when it is on).
@@ -178,6 +190,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         draining: draining.clone(),
         next_request: AtomicU64::new(0),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        peers: opts.peers.clone(),
     });
     let quic = match opts.quic_listen {
         None => None,

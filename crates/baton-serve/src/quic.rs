@@ -128,7 +128,7 @@ fn to_api(r: Request) -> Result<ApiRequest, ServeError> {
         stream: true,
         include_usage: false,
         return_token_ids: false,
-        resume_token_ids: Vec::new(),
+        resume_token_ids: r.resume_token_ids,
     })
 }
 
@@ -196,7 +196,11 @@ async fn stream(state: Arc<AppState>, conn: quinn::Connection, mut out: quinn::S
     let mut guard = AbortOnDrop { id, scheduler: state.scheduler.clone(), done: false };
     while let Some(ev) = events.recv().await {
         let (frame, last) = match ev {
-            Event::Started { prompt_token_ids } => (Frame::Started { prompt_token_ids }, false),
+            Event::Started { prompt_token_ids } => {
+                let nodes = state.peers.as_ref().map(|p| (p.0)()).unwrap_or_default();
+                let nodes = nodes.into_iter().map(|(name, addr)| baton_proto::NodeAddr { name, addr: addr.to_string() }).collect();
+                (Frame::Started { prompt_token_ids, nodes }, false)
+            }
             Event::Token(t) => (Frame::Token { id: t.token, text: t.text, logprob: t.logprob, top_logprobs: t.top_logprobs }, false),
             Event::Done { finish, prompt_tokens, completion_tokens, tail } => {
                 let finish = match finish {

@@ -84,6 +84,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         http_layer: None,
         request_timeout: std::time::Duration::from_secs(args.request_timeout),
         on_bound: None,
+        peers: None,
         model_dir,
         model_name,
         listen,
