@@ -438,3 +438,36 @@ fn a_quic_client_resumes_its_stream_at_another_node_when_its_node_dies() {
         assert_eq!(v["served_by"], json!(["node-b", "node-a"]), "client {i} did not move to node-a: {v}\n{err}");
     }
 }
+
+/// A stage paused with SIGSTOP under load is lost to the head (its probes go unanswered) and its
+/// layers re-placed; resumed with SIGCONT (the same process, the same generation) it answers
+/// again and is taken back. No request fails, and every one has one node's tokens.
+#[test]
+fn a_stage_paused_and_resumed_rejoins_without_a_failed_request() {
+    let model = deep_tiny_model("elastic-pause-model");
+    let (cfg, ports) = write_cluster("elastic-pause", &model);
+    let max_tokens = 600;
+    let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&model, p, max_tokens)).collect();
+    let (nodes, head) = start_mesh(&cfg, ports.http, &model);
+    let node_c = nodes.0[0].id().to_string();
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &node_c]).status().unwrap().success());
+    let h = &head;
+    let results = std::thread::scope(|scope| {
+        let streams: Vec<_> = (0..8).map(|i| scope.spawn(move || stream(h, PROMPTS[i], max_tokens))).collect();
+        wait_for("the streams to get going", 60, &cfg, || metric(h, "baton:inter_token_latency_seconds_count") >= 8.0 * 10.0);
+        signal("-STOP");
+        wait_for("the head to lose node-c", 30, &cfg, || node_state(&mesh(h), "node-c") == "down");
+        signal("-CONT");
+        wait_for("node-c to be taken back", 60, &cfg, || node_state(&mesh(h), "node-c") == "serving");
+        let during = streams.iter().any(|s| !s.is_finished());
+        (streams.into_iter().map(|s| s.join().unwrap()).collect::<Vec<_>>(), during)
+    });
+    let (results, during) = results;
+    assert!(during, "every stream had finished before node-c was back: the pause was not tested under load");
+    for (i, (status, tokens, text)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {text}");
+        assert_eq!(*tokens, want[i], "request {i}: tokens differ from one node's\n{}", log_tail(&cfg, "node-a"));
+    }
+    assert_eq!(metric(&head, "baton:request_failure_total"), 0.0);
+    drop(nodes);
+}
