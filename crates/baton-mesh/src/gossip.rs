@@ -371,11 +371,3 @@ pub async fn serve_connection(gossip: Arc<Gossip>, link: PeerLink) {
     }
 }
 
-/// A node that serves no stage (a pipeline head): accepts peers for the gossip alone.
-pub async fn accept(node: Arc<ControlNode>, gossip: Arc<Gossip>) {
-    while let Some(link) = node.accept().await {
-        if let Ok(link) = link {
-            tokio::spawn(serve_connection(gossip.clone(), link));
-        }
-    }
-}

@@ -471,6 +471,8 @@ async fn ping(node: &ControlNode, link: &mut Option<PeerLink>, name: &str, addr:
         }
     };
     match stage_service::call(&l, &StageRequest::Ping { nonce }).await? {
+        // Another pipeline's head (a node that took over while this one was away) is no stage.
+        StageReply::Pong { head, .. } if head == name => Err(ControlError::Protocol(format!("{name} heads a pipeline itself"))),
         StageReply::Pong { nonce: n, generation, draining, .. } if n == nonce => Ok((generation, draining)),
         other => Err(ControlError::Protocol(format!("{name} answered a ping with {other:?}"))),
     }

@@ -287,6 +287,48 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
     }
 }
 
+/// A pipeline head's side of the control plane: peers are served the gossip, and a ping is
+/// answered with a `Pong` naming this node as its own head (so a node asking whom a replica's
+/// nodes serve learns it from the head too); any other stage request is refused.
+pub async fn serve_head(node: Arc<ControlNode>, gossip: Arc<crate::gossip::Gossip>) {
+    let me = gossip.name().to_string();
+    while let Some(link) = node.accept().await {
+        let Ok(link) = link else { continue };
+        tokio::spawn(crate::gossip::serve_connection(gossip.clone(), link.clone()));
+        let (node, me) = (node.clone(), me.clone());
+        tokio::spawn(async move {
+            while let Some((mut send, mut recv)) = node.accept_bi(&link).await {
+                let reply = match read_frame_limited(&mut recv, baton_proto::MAX_FRAME).await.map(|b| b.map(|b| decode::<StageRequest>(&b))) {
+                    Ok(Some(Ok(StageRequest::Ping { nonce }))) => StageReply::Pong {
+                        nonce,
+                        generation: generation(),
+                        first_layer: 0,
+                        end_layer: 0,
+                        epoch: 0,
+                        loaded: false,
+                        draining: false,
+                        tensor_plane: String::new(),
+                        ucx_steps: 0,
+                        window_steps: 0,
+                        head: me.clone(),
+                    },
+                    Ok(Some(Ok(_))) => StageReply::Error(format!("{me} is a pipeline head, not a stage")),
+                    Ok(None) => continue,
+                    Ok(Some(Err(e))) | Err(e) => {
+                        tracing::warn!(peer = %link.peer, error = %e, "malformed control frame; closing the connection");
+                        link.connection.close(CLOSE_MALFORMED.into(), b"malformed frame");
+                        break;
+                    }
+                };
+                if let Ok(bytes) = encode(&reply) {
+                    let _ = write_frame(&mut send, &bytes).await;
+                    let _ = send.finish();
+                }
+            }
+        });
+    }
+}
+
 /// The pipeline head the stage node `name` serves (`None`: it serves none, or did not answer
 /// within a second).
 pub async fn head_of(node: &ControlNode, name: &str, addr: std::net::SocketAddr) -> Option<String> {

@@ -306,7 +306,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             }
         }
         let promoted = epoch > 1;
-        tokio::spawn(gossip::accept(node.clone(), gossip.clone()));
+        tokio::spawn(stage_service::serve_head(node.clone(), gossip.clone()));
         // The head: reach every other stage of the initial plan, agree on the tensor plane, then
         // follow the membership (stages re-placed when nodes are lost, restart or come back).
         // The stages' RMA windows hold one step's hidden states at the head's token budget.
@@ -416,6 +416,11 @@ async fn head_of_replica(gossip: &Arc<Gossip>, replica: u32) -> Option<String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     // Until another member is known and every live member's info has arrived.
     while (gossip.members().len() < 2 || gossip.members().len() <= gossip.alive().len()) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And a little longer for the members the first ones tell of.
+    let settle = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < settle.min(deadline) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let me = gossip.mine().name;

@@ -69,8 +69,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     let rtt = start.elapsed().as_secs_f64() * 1e3;
                     me.close();
                     match reply {
-                        StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, generation, epoch, first_layer, end_layer, .. } => Some(serde_json::json!({
-                            "up": true, "loaded": loaded, "ping_ms": rtt, "tensor_plane": tensor_plane,
+                        StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, generation, epoch, first_layer, end_layer, head, .. } => Some(serde_json::json!({
+                            "up": true, "loaded": loaded, "head": head, "ping_ms": rtt, "tensor_plane": tensor_plane,
                             "ucx_steps": ucx_steps, "rma_window_steps": window_steps, "generation": generation,
                             "epoch": epoch, "serving": if loaded { serde_json::json!([first_layer, end_layer]) } else { Value::Null }
                         })),
@@ -82,7 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let serving = state.get("serving").cloned().filter(|v| !v.is_null());
             rows.push(serde_json::json!({"pipeline": pi, "stage": si, "node": name, "control": node.control.to_string(),
                                          "configured_layers": [range.start, range.end], "layers": serving,
-                                         "role": if si == 0 { "head" } else { "stage" }, "state": state}));
+                                         "role": if si == 0 { "head" } else if state["head"] == name.as_str() { "head*" } else { "stage" }, "state": state}));
         }
     }
     if args.json {
@@ -94,6 +94,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let s = &r["state"];
         let state = if s["up"] != true {
             "DOWN".to_string()
+        } else if r["role"] == "head*" {
+            format!("up, heads the pipeline now (it took over from a head that died; generation {})", s["generation"])
         } else if r["role"] == "head" {
             format!("up, {} | running {} waiting {} kv {:.1}%", if s["ready"] == true { "ready" } else { "loading" }, s["running"], s["waiting"], s["kv_cache_usage"].as_f64().unwrap_or(0.0) * 100.0)
         } else {
