@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs the official openai Python client and NVIDIA's
 # NVRTC (from PyPI) into a virtualenv under target/ (once), then runs every Rust test, unit and
-# process-level, and checks that the build without UCX still compiles.
+# process-level, then a 90-second chaos soak (scripts/chaos.sh: kills, heads included, and
+# pauses under resuming clients; 0 failed, hung or mismatched), and checks that the build
+# without UCX still compiles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=target/pyenv
@@ -14,5 +16,7 @@ export BATON_TEST_PYTHON="$PWD/$venv/bin/python"
 nvrtc_lib=$("$venv/bin/python" -c "import nvidia.cu13, os; print(os.path.join(list(nvidia.cu13.__path__)[0], 'lib'))")
 export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --release --workspace "$@"
+# The chaos soak's short version, on the binary the tests just built.
+NO_BUILD=1 bash scripts/chaos.sh 1.5 1
 # The build without UCX (activations over QUIC streams) must keep compiling.
 cargo check --release -q -p baton --no-default-features
