@@ -193,6 +193,9 @@ pub async fn relay(front: Arc<Front>, first: Option<HeadAddr>, parts: axum::http
     let mut first = first;
     let until = Instant::now() + HEAD_PATIENCE;
     loop {
+        if Instant::now() >= until {
+            return unavailable(format!("no pipeline head answered within {} s (tried {})", HEAD_PATIENCE.as_secs(), tried.join(", ")));
+        }
         let head = match first.take() {
             Some(h) => h,
             None => match if generation.is_some() { next_head(&front, &tried, until).await } else { front.pick(&tried) } {
