@@ -386,6 +386,10 @@ fn a_dead_head_costs_no_request_that_entered_elsewhere() {
     assert_eq!(layers(&view, "node-b"), json!([0, 8]), "{view}");
     assert_eq!(layers(&view, "node-c"), json!([8, 12]), "{view}");
     assert_eq!(metric(&entry_c, "baton:request_failure_total"), 0.0);
+    // Peers' bad input is counted by kind; a kill is none.
+    for kind in ["malformed_gossip", "forged_gossip", "malformed_control", "oversized_control"] {
+        assert_eq!(view["dropped"][kind], 0, "{kind}: {view}");
+    }
 
     // node-a comes back: not as a second head, but as a stage of node-b's pipeline; a request
     // entering at it is served token for token.

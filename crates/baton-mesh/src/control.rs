@@ -136,6 +136,85 @@ pub struct ControlNode {
     /// Bumped when the revocation list was reloaded: the loops serving connections check
     /// their peer again ([`ControlNode::until_revoked`]).
     revocations: tokio::sync::watch::Sender<u64>,
+    drops: Arc<Drops>,
+}
+
+/// Why something a peer sent was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropKind {
+    /// A gossip packet that does not decode (or that SWIM rejects).
+    MalformedGossip,
+    /// A gossip packet over the size limit.
+    OversizedGossip,
+    /// A gossip packet whose sender is not the connection's certificate.
+    ForgedGossip,
+    /// A node's info of an older generation than one already known (a replay).
+    ReplayedGeneration,
+    /// A control or stage frame that does not decode (the connection is closed).
+    MalformedControl,
+    /// A control or stage frame over the size limit (the connection is closed).
+    OversizedControl,
+    /// Stage work (a step, KV) of a plan epoch the stage does not serve.
+    StaleEpoch,
+}
+
+impl DropKind {
+    pub const ALL: [DropKind; 7] = [
+        DropKind::MalformedGossip,
+        DropKind::OversizedGossip,
+        DropKind::ForgedGossip,
+        DropKind::ReplayedGeneration,
+        DropKind::MalformedControl,
+        DropKind::OversizedControl,
+        DropKind::StaleEpoch,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropKind::MalformedGossip => "malformed_gossip",
+            DropKind::OversizedGossip => "oversized_gossip",
+            DropKind::ForgedGossip => "forged_gossip",
+            DropKind::ReplayedGeneration => "replayed_generation",
+            DropKind::MalformedControl => "malformed_control",
+            DropKind::OversizedControl => "oversized_control",
+            DropKind::StaleEpoch => "stale_epoch",
+        }
+    }
+
+    /// A control frame that could not be read: oversized or malformed (a lost connection is
+    /// no bad input).
+    pub fn of_frame(e: &baton_proto::FrameError) -> Option<DropKind> {
+        match e {
+            baton_proto::FrameError::TooLarge(_) => Some(DropKind::OversizedControl),
+            baton_proto::FrameError::Malformed(_) => Some(DropKind::MalformedControl),
+            baton_proto::FrameError::Io(_) | baton_proto::FrameError::Closed => None,
+        }
+    }
+}
+
+/// What this node dropped of what its peers sent, by kind (each drop also has its log line).
+#[derive(Debug, Default)]
+pub struct Drops([std::sync::atomic::AtomicU64; 7]);
+
+impl Drops {
+    pub fn count_if(&self, kind: Option<DropKind>) {
+        if let Some(k) = kind {
+            self.count(k);
+        }
+    }
+
+    pub fn count(&self, kind: DropKind) {
+        self.0[kind as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self, kind: DropKind) -> u64 {
+        self.0[kind as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every kind with its count.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        DropKind::ALL.iter().map(|&k| (k.as_str(), self.get(k))).collect()
+    }
 }
 
 /// A mutually authenticated link to a named peer.
@@ -177,7 +256,12 @@ impl ControlNode {
         client_config.transport_config(transport());
         let mut endpoint = quinn::Endpoint::server(server_config, addr).map_err(|source| ControlError::Bind { addr, source })?;
         endpoint.set_default_client_config(client_config);
-        Ok(ControlNode { endpoint, identity, revoked, revocations: tokio::sync::watch::channel(0).0 })
+        Ok(ControlNode { endpoint, identity, revoked, revocations: tokio::sync::watch::channel(0).0, drops: Arc::default() })
+    }
+
+    /// What this node dropped of what its peers sent.
+    pub fn drops(&self) -> &Arc<Drops> {
+        &self.drops
     }
 
     /// Whether the revocation list names `peer`.
@@ -271,6 +355,7 @@ impl ControlNode {
                 while let Some((mut send, mut recv)) = node.accept_bi(&link).await {
                     let conn = link.connection.clone();
                     let peer = link.peer.clone();
+                    let drops = node.drops.clone();
                     tokio::spawn(async move {
                         let msg = match read_frame(&mut recv).await {
                             Ok(Some(body)) => decode::<ControlMessage>(&body),
@@ -287,6 +372,7 @@ impl ControlNode {
                             Ok(other) => tracing::debug!(%peer, ?other, "ignoring an unexpected control message"),
                             Err(e) => {
                                 tracing::warn!(%peer, error = %e, "malformed control frame; closing the connection");
+                                drops.count_if(DropKind::of_frame(&e));
                                 conn.close(CLOSE_MALFORMED.into(), b"malformed frame");
                             }
                         }

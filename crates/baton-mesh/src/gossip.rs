@@ -15,7 +15,7 @@ use foca::{AccumulatingRuntime, BroadcastHandler, Codec, Config, Foca, Identity,
 use rand::SeedableRng;
 use tokio::sync::watch;
 
-use crate::control::{ControlNode, PeerLink};
+use crate::control::{ControlNode, DropKind, PeerLink};
 
 /// The largest gossip packet accepted.
 pub const MAX_GOSSIP_PACKET: usize = 64 << 10;
@@ -107,7 +107,7 @@ pub struct InfoError(String);
 
 /// Every node's latest info, as the gossip brought it; `fresh` is set when one changed.
 #[derive(Debug, Default, Clone)]
-struct Infos(Arc<Mutex<HashMap<String, NodeInfo>>>, Arc<std::sync::atomic::AtomicBool>);
+struct Infos(Arc<Mutex<HashMap<String, NodeInfo>>>, Arc<std::sync::atomic::AtomicBool>, Arc<crate::control::Drops>);
 
 impl Infos {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeInfo>> {
@@ -123,8 +123,17 @@ impl BroadcastHandler<NodeId> for Infos {
         let info: NodeInfo = postcard::from_bytes(data).map_err(|e| InfoError(e.to_string()))?;
         let stamp = (info.generation, info.version);
         let mut map = self.lock();
-        if map.get(&info.name).is_some_and(|old| (old.generation, old.version) >= stamp) {
-            return Ok(None);
+        if let Some(old) = map.get(&info.name) {
+            if old.generation > info.generation {
+                // An older process's info arriving after its successor's: a replay.
+                tracing::warn!(node = %info.name, generation = info.generation, known = old.generation, "dropping a node's info of an older generation");
+                self.2.count(crate::control::DropKind::ReplayedGeneration);
+                return Ok(None);
+            }
+            if (old.generation, old.version) >= stamp {
+                // Gossip brings the same broadcast more than once: nothing new.
+                return Ok(None);
+            }
         }
         let key = InfoKey { name: info.name.clone(), stamp };
         map.insert(info.name.clone(), info);
@@ -160,7 +169,7 @@ impl Gossip {
     /// Starts the agent for `info` (this node) and announces it to every seed.
     pub fn start(node: Arc<ControlNode>, info: NodeInfo, seeds: Vec<(String, SocketAddr)>) -> Arc<Gossip> {
         let me = NodeId { name: info.name.clone(), generation: info.generation, control: info.control };
-        let infos = Infos::default();
+        let infos = Infos(Arc::default(), Arc::default(), node.drops().clone());
         let rng = rand::rngs::SmallRng::seed_from_u64(info.generation ^ 0x9e37_79b9_7f4a_7c15);
         let swim = Foca::with_custom_broadcast(me.clone(), config(), rng, PostcardCodec, infos.clone());
         let (changes, _) = watch::channel(0);
@@ -253,14 +262,25 @@ impl Gossip {
             Ok(h) => h.src,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "dropping a malformed gossip packet");
+                self.node.drops().count(DropKind::MalformedGossip);
                 return;
             }
         };
         if claimed.name != peer {
             tracing::warn!(%peer, claimed = %claimed.name, "dropping a gossip packet that claims another identity");
+            self.node.drops().count(DropKind::ForgedGossip);
             return;
         }
-        self.with_swim(|swim, rt| swim.handle_data(data, rt));
+        let mut malformed = false;
+        self.with_swim(|swim, rt| {
+            let r = swim.handle_data(data, rt);
+            malformed = matches!(r, Err(foca::Error::MalformedPacket | foca::Error::Decode(_) | foca::Error::CustomBroadcast(_) | foca::Error::DataTooBig));
+            r
+        });
+        if malformed {
+            tracing::warn!(%peer, "dropping a malformed gossip packet (SWIM could not read it)");
+            self.node.drops().count(DropKind::MalformedGossip);
+        }
     }
 
     /// Leaves the cluster (a draining node, at the end).
@@ -365,7 +385,15 @@ pub async fn serve_connection(gossip: Arc<Gossip>, link: PeerLink) {
             match baton_proto::read_frame_limited(&mut recv, MAX_GOSSIP_PACKET).await {
                 Ok(Some(body)) => gossip.receive(&peer, &body),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(%peer, error = %e, "dropping an unreadable gossip packet"),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "dropping an unreadable gossip packet");
+                    let kind = match e {
+                        baton_proto::FrameError::TooLarge(_) => Some(DropKind::OversizedGossip),
+                        baton_proto::FrameError::Malformed(_) => Some(DropKind::MalformedGossip),
+                        _ => None,
+                    };
+                    gossip.node.drops().count_if(kind);
+                }
             }
         });
     }

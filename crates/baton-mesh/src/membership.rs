@@ -64,6 +64,8 @@ pub struct MeshStatus {
     pub unserved: Option<[usize; 2]>,
     pub nodes: Vec<NodeStatus>,
     pub changes: Vec<ChangeStatus>,
+    /// What the head dropped of what its peers sent, by kind.
+    pub dropped: std::collections::BTreeMap<&'static str, u64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -422,6 +424,7 @@ impl MeshDriver {
     pub fn status(&self) -> MeshStatus {
         let core = self.core();
         MeshStatus {
+            dropped: self.node.drops().snapshot().into_iter().collect(),
             epoch: core.plan().map(|p| p.epoch),
             unserved: core.unserved().map(|r| [r.start, r.end]),
             nodes: core

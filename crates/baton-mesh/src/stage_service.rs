@@ -29,6 +29,8 @@ pub struct StageService {
     released: tokio::sync::watch::Sender<bool>,
     /// The pipeline head this stage serves, and when it last heard from it.
     head: std::sync::Mutex<Option<(String, Instant)>>,
+    /// This node's count of what peers sent that it dropped.
+    drops: Arc<crate::control::Drops>,
 }
 
 /// How long a stage stays with a silent head (its probes come every 100 ms) before another
@@ -44,7 +46,7 @@ pub fn generation() -> u64 {
 
 impl StageService {
     /// Serves `shard` (this node's GPU-shard actor) over `plane`.
-    pub fn new(shard: ShardHandle, plane: Arc<TensorPlane>) -> Self {
+    pub fn new(shard: ShardHandle, plane: Arc<TensorPlane>, drops: Arc<crate::control::Drops>) -> Self {
         StageService {
             plane,
             #[cfg(feature = "ucx")]
@@ -53,6 +55,7 @@ impl StageService {
             draining: tokio::sync::watch::channel(false).0,
             released: tokio::sync::watch::channel(false).0,
             head: std::sync::Mutex::new(None),
+            drops,
         }
     }
 
@@ -85,6 +88,15 @@ impl StageService {
                 Ok(())
             }
         }
+    }
+
+    /// The answer to work the shard refused; work of another plan epoch is counted.
+    fn refused(&self, e: baton_shard::ShardError) -> StageReply {
+        if matches!(e, baton_shard::ShardError::WrongEpoch { .. }) {
+            tracing::warn!(error = %e, "dropping stage work of another plan epoch");
+            self.drops.count(crate::control::DropKind::StaleEpoch);
+        }
+        StageReply::Error(e.to_string())
     }
 
     /// The head this stage serves and how long it has been silent.
@@ -193,19 +205,19 @@ impl StageService {
                         tracing::info!(epoch, first = first_layer, end = end_layer, reused = l.kept, extended = l.extended, "stage initialised");
                         StageReply::Ready { first_layer, end_layer, epoch, kept: l.kept }
                     }
-                    Err(e) => StageReply::Error(e.to_string()),
+                    Err(e) => self.refused(e),
                 }
             }
             StageRequest::ExportKv { epoch, first_layer, end_layer, blocks } => {
                 match self.shard.export_kv(epoch, first_layer as usize..end_layer as usize, blocks).await {
                     Ok(data) => StageReply::Kv { data },
-                    Err(e) => StageReply::Error(e.to_string()),
+                    Err(e) => self.refused(e),
                 }
             }
             StageRequest::ImportKv { epoch, first_layer, end_layer, blocks, data } => {
                 match self.shard.import_kv(epoch, first_layer as usize..end_layer as usize, blocks, data).await {
                     Ok(()) => StageReply::Ack,
-                    Err(e) => StageReply::Error(e.to_string()),
+                    Err(e) => self.refused(e),
                 }
             }
             StageRequest::Step { epoch, chunks, input, new_sequences, released, ids } => {
@@ -217,7 +229,7 @@ impl StageService {
                 let starts = new_sequences.into_iter().map(new_sequence).collect();
                 let step = StepRequest { epoch, layout: layout_from_wire(&chunks), input, ids, released, starts };
                 match self.shard.step(step).await {
-                    Err(e) => StageReply::Error(e.to_string()),
+                    Err(e) => self.refused(e),
                     Ok(done) => {
                         let compute_us = done.compute.as_micros() as u64;
                         match done.result {
@@ -263,6 +275,7 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(peer = %link.peer, error = %e, "malformed stage frame; closing the connection");
+                        node.drops().count_if(crate::control::DropKind::of_frame(&e));
                         link.connection.close(CLOSE_MALFORMED.into(), b"malformed frame");
                         break;
                     }
@@ -316,6 +329,7 @@ pub async fn serve_head(node: Arc<ControlNode>, gossip: Arc<crate::gossip::Gossi
                     Ok(None) => continue,
                     Ok(Some(Err(e))) | Err(e) => {
                         tracing::warn!(peer = %link.peer, error = %e, "malformed control frame; closing the connection");
+                        node.drops().count_if(crate::control::DropKind::of_frame(&e));
                         link.connection.close(CLOSE_MALFORMED.into(), b"malformed frame");
                         break;
                     }

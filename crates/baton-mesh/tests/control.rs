@@ -99,4 +99,13 @@ async fn cluster_peers_talk_and_strangers_are_refused() {
     link.ping(4).await.unwrap();
     let cl2 = c.connect(a_addr, "node-a").await.unwrap();
     cl2.ping(5).await.unwrap();
+    // The garbage was counted (a frame that does not decode), and nothing else was.
+    assert_eq!(a.drops().get(baton_mesh::control::DropKind::MalformedControl), 1);
+    assert_eq!(a.drops().snapshot().iter().map(|(_, n)| n).sum::<u64>(), 1, "{:?}", a.drops().snapshot());
+    // An oversized frame (a length over the limit) closes the connection too, counted as such.
+    let cl3 = c.connect(a_addr, "node-a").await.unwrap();
+    let _ = cl3.send_raw(&u32::MAX.to_le_bytes()).await.unwrap();
+    assert_eq!(close_code(&cl3.connection).await, Some(baton_proto::CLOSE_MALFORMED as u64));
+    assert_eq!(a.drops().get(baton_mesh::control::DropKind::OversizedControl), 1);
+    cl2.ping(7).await.unwrap();
 }

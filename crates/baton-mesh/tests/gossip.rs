@@ -1,11 +1,11 @@
 //! The gossip's identity check: a SWIM packet whose header claims a sender other than the
 //! certificate of the connection it came on is dropped; the same packet from its real sender
-//! is taken; garbage is dropped without harm.
+//! is taken; garbage is dropped without harm; each drop is counted by kind.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use baton_mesh::control::ControlNode;
+use baton_mesh::control::{ControlNode, DropKind};
 use baton_mesh::gossip::{Gossip, NodeId, NodeInfo, NodeState};
 use baton_mesh::pki::generate;
 use foca::{AccumulatingRuntime, Config, Foca, PostcardCodec};
@@ -43,7 +43,7 @@ async fn a_gossip_packet_claiming_another_identity_is_dropped() {
         us_per_layer_token: None,
         busy_permille: 0,
     };
-    let gossip = Gossip::start(node, info, Vec::new());
+    let gossip = Gossip::start(node.clone(), info, Vec::new());
     let a = NodeId { name: "node-a".into(), generation: 1, control };
     let forged = announce_from("node-b", &a);
 
@@ -56,4 +56,8 @@ async fn a_gossip_packet_claiming_another_identity_is_dropped() {
     // The same packet on node-b's own connection: node-b is a member.
     gossip.receive("node-b", &forged);
     assert_eq!(gossip.alive(), vec!["node-b".to_string()]);
+    // Each drop was counted, by kind, and nothing else.
+    let drops = node.drops();
+    assert_eq!((drops.get(DropKind::ForgedGossip), drops.get(DropKind::MalformedGossip)), (1, 1));
+    assert_eq!(drops.snapshot().iter().map(|(_, n)| n).sum::<u64>(), 2, "{:?}", drops.snapshot());
 }

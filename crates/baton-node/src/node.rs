@@ -240,7 +240,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         let mut entry: Option<Arc<Front>> = None;
         let mut epoch = 1;
         if !is_head {
-            let svc = Arc::new(StageService::new(shard.clone(), plane.clone()));
+            let svc = Arc::new(StageService::new(shard.clone(), plane.clone(), node.drops().clone()));
             if me.http.is_some() || me.quic.is_some() {
                 let front = Front::start(heads.clone());
                 tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.clone()));
