@@ -154,8 +154,7 @@ pub struct ResumingGeneration {
 impl ResumingGeneration {
     /// Sends `request` to the first of `nodes` that answers.
     pub async fn start(nodes: Vec<Node>, ca_der: &[u8], request: Request) -> Result<Self, ClientError> {
-        let first = nodes.first().ok_or_else(|| ClientError::Connect("no node to connect to".into()))?.clone();
-        let mut last = None;
+        let mut last = ClientError::Connect("no node to connect to".into());
         for (i, node) in nodes.iter().enumerate() {
             match Client::connect(node.addr, &node.name, ca_der).await {
                 Ok(client) => {
@@ -174,10 +173,10 @@ impl ResumingGeneration {
                         resumes: 0,
                     });
                 }
-                Err(e) => last = Some(e),
+                Err(e) => last = e,
             }
         }
-        Err(last.unwrap_or_else(|| ClientError::Connect(format!("cannot reach {}", first.addr))))
+        Err(last)
     }
 
     /// The next frame of the request, `None` after its `Done` or `Error`.

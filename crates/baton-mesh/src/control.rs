@@ -194,7 +194,7 @@ impl DropKind {
 
 /// What this node dropped of what its peers sent, by kind (each drop also has its log line).
 #[derive(Debug, Default)]
-pub struct Drops([std::sync::atomic::AtomicU64; 7]);
+pub struct Drops([std::sync::atomic::AtomicU64; DropKind::ALL.len()]);
 
 impl Drops {
     pub fn count_if(&self, kind: Option<DropKind>) {

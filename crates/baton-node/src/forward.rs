@@ -204,10 +204,11 @@ pub async fn relay(front: Arc<Front>, first: Option<HeadAddr>, parts: axum::http
             },
         };
         let outstanding = Outstanding(front.clone(), head.name.clone());
-        let body = match &generation {
-            Some((b, true)) => axum::body::Bytes::from(crate::resume::RelayedStream::new(b.clone()).body()),
-            _ => bytes.clone(),
+        let stream = match &generation {
+            Some((b, true)) => Some(crate::resume::RelayedStream::new(b.clone())),
+            _ => None,
         };
+        let body = stream.as_ref().map_or_else(|| bytes.clone(), |s| s.body().into());
         let resp = match send_to(&front, &head, &parts, &body).await {
             Ok(r) => r,
             // Never answered: another head may take it (a generation request, or any request
@@ -220,11 +221,10 @@ pub async fn relay(front: Arc<Front>, first: Option<HeadAddr>, parts: axum::http
             }
             Err(e) => return unavailable(format!("the pipeline head {} ({}) failed: {e}", head.name, head.http)),
         };
+        if let Some(stream) = stream.filter(|_| resp.status().is_success()) {
+            return relay_stream(front, stream, parts, resp, outstanding, head.name);
+        }
         match &generation {
-            Some((b, true)) if resp.status().is_success() => {
-                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-                return relay_stream(front, b.clone(), path, resp, outstanding, head.name);
-            }
             Some((_, false)) if resp.status().is_success() => {
                 // Not streamed: the whole answer, or (the head died) the request again elsewhere.
                 let status = resp.status().as_u16();
@@ -250,11 +250,10 @@ pub async fn relay(front: Arc<Front>, first: Option<HeadAddr>, parts: axum::http
 }
 
 /// Relays a streamed generation and, if its head dies mid-stream, resumes it at another.
-fn relay_stream(front: Arc<Front>, request: serde_json::Map<String, serde_json::Value>, path: String, resp: reqwest::Response, outstanding: Outstanding, head: String) -> Response {
-    use crate::resume::{Relay, RelayedStream, SseSplitter};
+fn relay_stream(front: Arc<Front>, mut state: crate::resume::RelayedStream, parts: axum::http::request::Parts, resp: reqwest::Response, outstanding: Outstanding, head: String) -> Response {
+    use crate::resume::SseSplitter;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(64);
     tokio::spawn(async move {
-        let mut state = RelayedStream::new(request);
         let (mut resp, mut outstanding, mut head) = (resp, outstanding, head);
         loop {
             let mut split = SseSplitter::default();
@@ -262,11 +261,9 @@ fn relay_stream(front: Arc<Front>, request: serde_json::Map<String, serde_json::
             while let Some(chunk) = body.next().await {
                 let Ok(chunk) = chunk else { break };
                 for item in split.push(&chunk) {
-                    if let Relay::Send(b) = state.event(item) {
-                        // The client went away: dropping the head's response aborts it there.
-                        if tx.send(Ok(b.into())).await.is_err() {
-                            return;
-                        }
+                    // The client went away: dropping the head's response aborts it there.
+                    if tx.send(Ok(state.event(item).into())).await.is_err() {
+                        return;
                     }
                 }
                 if state.done {
@@ -285,9 +282,7 @@ fn relay_stream(front: Arc<Front>, request: serde_json::Map<String, serde_json::
             let mut tried = vec![head.clone()];
             let next = loop {
                 let Some(h) = next_head(&front, &tried, until).await else { break None };
-                let body = axum::body::Bytes::from(state.body());
-                let sent = front.client.post(format!("http://{}{path}", h.http)).header(FORWARDED, "1").header(header::CONTENT_TYPE, "application/json").body(body).send().await;
-                match sent {
+                match send_to(&front, &h, &parts, &state.body().into()).await {
                     Ok(r) if r.status().is_success() => break Some((r, h)),
                     Ok(r) if r.status().is_client_error() && r.status() != StatusCode::TOO_MANY_REQUESTS => {
                         // The head refused the continuation itself: say why, as the stream's end.

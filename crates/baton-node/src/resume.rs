@@ -74,15 +74,6 @@ pub struct RelayedStream {
     pub done: bool,
 }
 
-/// What the relay does with one event from the head.
-#[derive(Debug, PartialEq)]
-pub enum Relay {
-    /// Send these bytes to the client.
-    Send(Vec<u8>),
-    /// Nothing to send.
-    Skip,
-}
-
 impl RelayedStream {
     /// `request`: the client's body (a streamed completion or chat completion).
     pub fn new(request: Map<String, Value>) -> Self {
@@ -101,24 +92,25 @@ impl RelayedStream {
         serde_json::to_vec(&Value::Object(b)).unwrap_or_default()
     }
 
-    /// One event from the head: its tokens are noted, the stream's id and creation time made
-    /// those of the first head, and token ids the client did not ask for taken out.
-    pub fn event(&mut self, item: SseItem) -> Relay {
+    /// One event from the head, as the bytes to send the client: its tokens are noted, the
+    /// stream's id and creation time made those of the first head, and token ids the client
+    /// did not ask for taken out.
+    pub fn event(&mut self, item: SseItem) -> Vec<u8> {
         let data = match item {
-            SseItem::Other(raw) => return Relay::Send(raw),
+            SseItem::Other(raw) => return raw,
             SseItem::Data(d) => d,
         };
         if data.trim() == "[DONE]" {
             self.done = true;
-            return Relay::Send(b"data: [DONE]\n\n".to_vec());
+            return b"data: [DONE]\n\n".to_vec();
         }
         let Ok(Value::Object(mut chunk)) = serde_json::from_str::<Value>(&data) else {
-            return Relay::Send(format!("data: {data}\n\n").into_bytes());
+            return format!("data: {data}\n\n").into_bytes();
         };
         if chunk.contains_key("error") {
             // The head's own answer (the request failed there): final.
             self.done = true;
-            return Relay::Send(format!("data: {}\n\n", Value::Object(chunk)).into_bytes());
+            return format!("data: {}\n\n", Value::Object(chunk)).into_bytes();
         }
         for (key, kept) in [("id", &mut self.id), ("created", &mut self.created)] {
             match kept {
@@ -144,7 +136,7 @@ impl RelayedStream {
         if !self.client_wants_ids {
             chunk.remove("prompt_token_ids");
         }
-        Relay::Send(format!("data: {}\n\n", Value::Object(chunk)).into_bytes())
+        format!("data: {}\n\n", Value::Object(chunk)).into_bytes()
     }
 }
 
@@ -165,8 +157,7 @@ mod tests {
         SseItem::Data(json!({"id": id, "created": created, "choices": [{"index": 0, "text": "x", "token_ids": tokens, "finish_reason": finish}]}).to_string())
     }
 
-    fn sent(r: Relay) -> Value {
-        let Relay::Send(b) = r else { panic!("nothing sent") };
+    fn sent(b: Vec<u8>) -> Value {
         let s = String::from_utf8(b).unwrap();
         serde_json::from_str(s.strip_prefix("data: ").unwrap().trim()).unwrap()
     }
@@ -196,7 +187,7 @@ mod tests {
         assert_eq!((next["id"].clone(), next["created"].clone()), (json!("cmpl-a"), json!(10)));
         assert_eq!(r.token_ids, vec![5, 6, 7]);
         assert!(r.finished && !r.done);
-        assert_eq!(r.event(SseItem::Data("[DONE]".into())), Relay::Send(b"data: [DONE]\n\n".to_vec()));
+        assert_eq!(r.event(SseItem::Data("[DONE]".into())), b"data: [DONE]\n\n".to_vec());
         assert!(r.done);
     }
 

@@ -49,12 +49,11 @@ pub async fn await_head_loss(svc: &StageService, gossip: &Arc<Gossip>, layer_byt
                 continue;
             }
         }
-        let old: Vec<(String, std::ops::Range<usize>)> = stages.clone();
         eprintln!(
             "baton: the pipeline head {head} has been silent for {:.1} s and does not answer: this node heads the pipeline now (epoch {}: {})",
             silent.as_secs_f64(),
             plan.epoch,
-            describe_move(&old, &plan.stages)
+            describe_move(&stages, &plan.stages)
         );
         return plan;
     }
