@@ -78,6 +78,27 @@ pub struct NodeInfo {
     pub us_per_layer_token: Option<f32>,
     /// Its load: the share of the last few seconds its device spent computing, per mille.
     pub busy_permille: u16,
+    /// The pipeline it heads (`None` unless `head`): two heads of one replica (a partition
+    /// healed) compare these, and the lesser steps down (see [`HeadedPipeline::outranks`]).
+    pub pipeline: Option<HeadedPipeline>,
+}
+
+/// What a head says of the pipeline it heads: its plan's epoch and how many nodes serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeadedPipeline {
+    pub epoch: u64,
+    pub stages: u32,
+}
+
+impl HeadedPipeline {
+    /// Whether head `name` with `self` outranks head `other_name` with `other` of the same
+    /// replica: the newer plan, then the larger pipeline, then the cluster.toml head
+    /// (`is_static`), then the lower name. A total order, so two heads that see each other
+    /// agree on which one steps down.
+    pub fn outranks(&self, name: &str, other: &HeadedPipeline, other_name: &str, is_static: impl Fn(&str) -> bool) -> bool {
+        let key = |p: &HeadedPipeline, n: &str| (p.epoch, p.stages, is_static(n), std::cmp::Reverse(n.to_string()));
+        key(self, name) > key(other, other_name)
+    }
 }
 
 /// A layer range a node serves, under a plan epoch.
@@ -162,6 +183,13 @@ fn config() -> Config {
     c.probe_period = Duration::from_millis(500);
     c.probe_rtt = Duration::from_millis(250);
     c.max_packet_size = std::num::NonZeroUsize::new(MAX_GOSSIP_PACKET).unwrap_or(std::num::NonZeroUsize::MIN);
+    // Down members are asked again every second: when a cut link heals, the two sides find
+    // each other within a second or two (the LAN profile waits 65 s), and each side renews
+    // the identity the other declared down.
+    c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+        frequency: Duration::from_secs(1),
+        num_members: std::num::NonZeroUsize::new(3).unwrap_or(std::num::NonZeroUsize::MIN),
+    });
     c
 }
 
@@ -399,3 +427,27 @@ pub async fn serve_connection(gossip: Arc<Gossip>, link: PeerLink) {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::HeadedPipeline;
+
+    /// Two heads of one replica agree on which one steps down: exactly one outranks the other,
+    /// by epoch, then size, then the cluster.toml head, then the lower name.
+    #[test]
+    fn exactly_one_of_two_heads_outranks_the_other() {
+        let p = |epoch, stages| HeadedPipeline { epoch, stages };
+        let is_static = |n: &str| n == "node-a";
+        let cases = [
+            ((p(3, 1), "node-c"), (p(2, 3), "node-a"), true),
+            ((p(2, 2), "node-a"), (p(2, 1), "node-c"), true),
+            ((p(2, 1), "node-a"), (p(2, 1), "node-c"), true),
+            ((p(2, 1), "node-b"), (p(2, 1), "node-c"), true),
+            ((p(2, 0), "node-a"), (p(2, 1), "node-c"), false),
+        ];
+        for ((x, xn), (y, yn), x_wins) in cases {
+            assert_eq!(x.outranks(xn, &y, yn, is_static), x_wins, "{xn} {x:?} vs {yn} {y:?}");
+            assert_eq!(y.outranks(yn, &x, xn, is_static), !x_wins, "{yn} {y:?} vs {xn} {x:?}");
+        }
+    }
+}

@@ -111,6 +111,8 @@ pub struct MeshDriver {
     /// Released drained nodes (name, generation): the gossip's last word on them is not a
     /// new member. The same name with a new generation (started again) is.
     departed: Mutex<std::collections::HashSet<(String, u64)>>,
+    /// Set by [`MeshDriver::stop`]: its probes, ticks and gossip follower end.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl MeshDriver {
@@ -153,6 +155,7 @@ impl MeshDriver {
             notices,
             decided: Mutex::new(HashMap::new()),
             departed: Mutex::default(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         });
         for m in roster.members.iter().filter(|m| m.name != me) {
             let Some(addr) = driver.control_addr(&m.name) else { continue };
@@ -160,6 +163,16 @@ impl MeshDriver {
         }
         tokio::spawn(Arc::clone(&driver).tick_loop(probe.tick));
         Ok(driver)
+    }
+
+    /// Stops probing and deciding (the node steps down from heading): its stages' leases lapse
+    /// within [`stage_service::HEAD_LEASE`], so another head may take them.
+    pub fn stop(&self) {
+        self.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn control_addr(&self, name: &str) -> Option<SocketAddr> {
@@ -187,7 +200,7 @@ impl MeshDriver {
     /// directly over mTLS, which decides everything else about them).
     pub async fn follow(self: Arc<Self>, gossip: Arc<crate::gossip::Gossip>, replica: u32, layer_bytes: u64) {
         let mut changes = gossip.subscribe();
-        loop {
+        while !self.is_stopped() {
             for info in gossip.members() {
                 if info.replica != replica || self.departed.lock().unwrap_or_else(|p| p.into_inner()).contains(&(info.name.clone(), info.generation)) {
                     continue;
@@ -382,7 +395,7 @@ impl MeshDriver {
     async fn tick_loop(self: Arc<Self>, every: Duration) {
         let mut t = tokio::time::interval(every);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        while !self.is_stopped() {
             t.tick().await;
             let now = self.now_us();
             let actions = self.core().tick(now);
@@ -394,13 +407,13 @@ impl MeshDriver {
         let mut link: Option<PeerLink> = None;
         let mut nonce = 0u64;
         loop {
-            // A forgotten node (released after a drain) is probed no more.
-            if !self.control.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&name) {
+            // A forgotten node (released after a drain) is probed no more, nor any once stopped.
+            if self.is_stopped() || !self.control.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&name) {
                 return;
             }
             let started = Instant::now();
             nonce += 1;
-            let answer = tokio::time::timeout(probe.timeout, ping(&self.node, &mut link, &name, addr, nonce)).await;
+            let answer = tokio::time::timeout(probe.timeout, ping(&self.node, &self.me, &mut link, &name, addr, nonce)).await;
             let now = self.now_us();
             match answer {
                 Ok(Ok((generation, draining))) => {
@@ -457,9 +470,10 @@ impl MeshDriver {
     }
 }
 
-/// One probe: (re)connects if needed, pings, returns the node's generation and whether it is
-/// draining.
-async fn ping(node: &ControlNode, link: &mut Option<PeerLink>, name: &str, addr: SocketAddr, nonce: u64) -> Result<(u64, bool), ControlError> {
+/// One probe by head `me`: (re)connects if needed, pings, returns the node's generation and
+/// whether it is draining. A node that serves another live head, or heads a pipeline itself, is
+/// no stage of `me`'s (a probe failure) until that head's lease on it lapses.
+async fn ping(node: &ControlNode, me: &str, link: &mut Option<PeerLink>, name: &str, addr: SocketAddr, nonce: u64) -> Result<(u64, bool), ControlError> {
     if node.is_revoked(name) {
         // A revoked node's open link is dropped, and no new one is made.
         *link = None;
@@ -474,8 +488,10 @@ async fn ping(node: &ControlNode, link: &mut Option<PeerLink>, name: &str, addr:
         }
     };
     match stage_service::call(&l, &StageRequest::Ping { nonce }).await? {
-        // Another pipeline's head (a node that took over while this one was away) is no stage.
+        // Another pipeline's head (a node that took over while this one was away or cut off)
+        // is no stage, nor a stage another head holds.
         StageReply::Pong { head, .. } if head == name => Err(ControlError::Protocol(format!("{name} heads a pipeline itself"))),
+        StageReply::Pong { head, .. } if !head.is_empty() && head != me => Err(ControlError::Protocol(format!("{name} serves the pipeline head {head}"))),
         StageReply::Pong { nonce: n, generation, draining, .. } if n == nonce => Ok((generation, draining)),
         other => Err(ControlError::Protocol(format!("{name} answered a ping with {other:?}"))),
     }

@@ -31,6 +31,9 @@ pub struct StageService {
     head: std::sync::Mutex<Option<(String, Instant)>>,
     /// This node's count of what peers sent that it dropped.
     drops: Arc<crate::control::Drops>,
+    /// Set (to this node's name) while the node heads a pipeline itself: pings are answered
+    /// naming it as its own head, and stage work is refused.
+    heading: std::sync::Mutex<Option<String>>,
 }
 
 /// How long a stage stays with a silent head (its probes come every 100 ms) before another
@@ -56,7 +59,19 @@ impl StageService {
             released: tokio::sync::watch::channel(false).0,
             head: std::sync::Mutex::new(None),
             drops,
+            heading: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The node heads a pipeline (`Some(its name)`) or serves as a stage again (`None`, with no
+    /// head until one sends its `Init`).
+    pub fn set_heading(&self, me: Option<String>) {
+        *self.heading.lock().unwrap_or_else(|p| p.into_inner()) = me;
+        *self.lease() = None;
+    }
+
+    fn heading(&self) -> Option<String> {
+        self.heading.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn lease(&self) -> std::sync::MutexGuard<'_, Option<(String, Instant)>> {
@@ -149,8 +164,25 @@ impl StageService {
         StageReply::Attached { tensor_address: None, window: None }
     }
 
-    /// The answer to a ping: never waits for a running step.
+    /// The answer to a ping: never waits for a running step. It names the head whose lease is
+    /// fresh (none once the head has been silent past [`HEAD_LEASE`]), or this node while it
+    /// heads a pipeline itself.
     fn pong(&self, nonce: u64) -> StageReply {
+        if let Some(me) = self.heading() {
+            return StageReply::Pong {
+                nonce,
+                generation: generation(),
+                first_layer: 0,
+                end_layer: 0,
+                epoch: 0,
+                loaded: false,
+                draining: false,
+                tensor_plane: String::new(),
+                ucx_steps: 0,
+                window_steps: 0,
+                head: me,
+            };
+        }
         let serving = self.shard.serving();
         let (ucx_steps, window_steps) = self.ucx_counts();
         let (layers, epoch) = serving.as_ref().map_or((0..0, 0), |s| (s.layers.clone(), s.epoch));
@@ -165,7 +197,7 @@ impl StageService {
             tensor_plane: self.plane.describe().to_string(),
             ucx_steps,
             window_steps,
-            head: self.head().map(|(h, _)| h).unwrap_or_default(),
+            head: self.head().filter(|(_, silent)| *silent < HEAD_LEASE).map(|(h, _)| h).unwrap_or_default(),
         }
     }
 
@@ -248,7 +280,8 @@ fn new_sequence(s: WireNewSequence) -> NewSequence {
 }
 
 /// Serves the stage to whichever cluster peer connects (the pipeline head), over the control
-/// plane and, when it is on, UCX.
+/// plane and, when it is on, UCX, and the gossip on the same connections; for the node's whole
+/// life, whatever its role (while it heads a pipeline, pings name it and stage work is refused).
 pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Option<Arc<crate::gossip::Gossip>>) {
     #[cfg(feature = "ucx")]
     if let Some(requests) = svc.plane.ucx().and_then(|u| u.take_requests()) {
@@ -282,9 +315,10 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
                 };
                 svc.heard_from(&link.peer);
                 let reply = match req {
+                    StageRequest::Ping { nonce } => svc.pong(nonce),
+                    _ if svc.heading().is_some() => StageReply::Error(format!("{} is a pipeline head, not a stage", svc.heading().unwrap_or_default())),
                     StageRequest::Attach { tensor_address, window_bytes } => svc.attach(&link.peer, tensor_address, window_bytes).await,
                     // Liveness probes and leave requests are answered here, never queued behind a step.
-                    StageRequest::Ping { nonce } => svc.pong(nonce),
                     StageRequest::Drain | StageRequest::Release => svc.leave(&req),
                     req => svc.handle(req).await,
                 };
@@ -294,49 +328,6 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
                         let _ = send.finish();
                     }
                     Err(e) => tracing::error!(error = %e, "cannot encode a stage reply"),
-                }
-            }
-        });
-    }
-}
-
-/// A pipeline head's side of the control plane: peers are served the gossip, and a ping is
-/// answered with a `Pong` naming this node as its own head (so a node asking whom a replica's
-/// nodes serve learns it from the head too); any other stage request is refused.
-pub async fn serve_head(node: Arc<ControlNode>, gossip: Arc<crate::gossip::Gossip>) {
-    let me = gossip.name().to_string();
-    while let Some(link) = node.accept().await {
-        let Ok(link) = link else { continue };
-        tokio::spawn(crate::gossip::serve_connection(gossip.clone(), link.clone()));
-        let (node, me) = (node.clone(), me.clone());
-        tokio::spawn(async move {
-            while let Some((mut send, mut recv)) = node.accept_bi(&link).await {
-                let reply = match read_frame_limited(&mut recv, baton_proto::MAX_FRAME).await.map(|b| b.map(|b| decode::<StageRequest>(&b))) {
-                    Ok(Some(Ok(StageRequest::Ping { nonce }))) => StageReply::Pong {
-                        nonce,
-                        generation: generation(),
-                        first_layer: 0,
-                        end_layer: 0,
-                        epoch: 0,
-                        loaded: false,
-                        draining: false,
-                        tensor_plane: String::new(),
-                        ucx_steps: 0,
-                        window_steps: 0,
-                        head: me.clone(),
-                    },
-                    Ok(Some(Ok(_))) => StageReply::Error(format!("{me} is a pipeline head, not a stage")),
-                    Ok(None) => continue,
-                    Ok(Some(Err(e))) | Err(e) => {
-                        tracing::warn!(peer = %link.peer, error = %e, "malformed control frame; closing the connection");
-                        node.drops().count_if(crate::control::DropKind::of_frame(&e));
-                        link.connection.close(CLOSE_MALFORMED.into(), b"malformed frame");
-                        break;
-                    }
-                };
-                if let Ok(bytes) = encode(&reply) {
-                    let _ = write_frame(&mut send, &bytes).await;
-                    let _ = send.finish();
                 }
             }
         });

@@ -182,6 +182,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             serving: None,
             us_per_layer_token: None,
             busy_permille: 0,
+            pipeline: None,
         };
         let seeds: Vec<(String, SocketAddr)> = c.nodes.iter().map(|n| (n.name.clone(), n.control)).collect();
         let gossip = Gossip::start(node.clone(), info, seeds.clone());
@@ -235,158 +236,266 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             }
         }
         let static_heads: Vec<String> = heads.iter().map(|h| h.name.clone()).collect();
+        // The node's stage service answers its control connections for its whole life, in
+        // either role (while the node heads a pipeline, pings name it and stage work is refused).
+        let svc = Arc::new(StageService::new(shard.clone(), plane.clone(), node.drops().clone()));
+        tokio::spawn(stage_service::serve(node.clone(), svc.clone(), Some(gossip.clone())));
+        if signals {
+            tokio::spawn(drain_on_sigusr1(svc.clone()));
+        }
         // Requests entering at a node that is not (or not yet) a head go to a head, through
         // this front; it stays on this node's public addresses if the node becomes a head.
         let mut entry: Option<Arc<Front>> = None;
-        let mut epoch = 1;
-        if !is_head {
-            let svc = Arc::new(StageService::new(shard.clone(), plane.clone(), node.drops().clone()));
-            if me.http.is_some() || me.quic.is_some() {
-                let front = Front::start(heads.clone());
-                tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.clone()));
-                if let Some(listen) = me.http {
-                    let front = front.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = crate::forward::serve(listen, front, std::future::pending()).await {
-                            eprintln!("baton: {e}");
-                        }
-                    });
+        let mut plan = baton_mesh::elastic::Plan { epoch: 1, stages };
+        loop {
+            if !is_head {
+                if entry.is_none() && (me.http.is_some() || me.quic.is_some()) {
+                    entry = Some(start_entry_front(&me, &heads, &static_heads, &gossip, &identity));
                 }
-                if let Some(listen) = me.quic {
-                    let (identity, front) = (identity.clone(), front.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = crate::quic_relay::serve(listen, front, &identity).await {
-                            eprintln!("baton: QUIC relay: {e}");
-                        }
-                    });
+                let mut draining = svc.draining();
+                let mut released = svc.released();
+                let leave = {
+                    let gossip = gossip.clone();
+                    async move {
+                        let _ = draining.wait_for(|d| *d).await;
+                        eprintln!("baton: draining: waiting for the head to move this node's layers");
+                        gossip.update(|i| i.state = gossip::NodeState::Draining);
+                        let _ = released.wait_for(|r| *r).await;
+                        eprintln!("baton: released by the head; leaving");
+                        gossip.leave();
+                        // Let the leave message go out.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                };
+                // Only a node with an HTTP address can head (clients reach the head's API).
+                let heir = async {
+                    match me.http {
+                        Some(_) => crate::succession::await_head_loss(&svc, &gossip, layer_bytes, mc.num_layers).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = leave => {
+                        node.close();
+                        return Ok(());
+                    }
+                    _ = stopped() => {
+                        node.close();
+                        return Ok(());
+                    }
+                    // The head died (or was cut off) and this node held the layers after its
+                    // own: it heads the pipeline now, from the plan it has taken over.
+                    taken = heir => plan = taken,
                 }
-                entry = Some(front);
             }
-            if signals {
-                tokio::spawn(drain_on_sigusr1(svc.clone()));
-            }
-            let mut draining = svc.draining();
-            let mut released = svc.released();
-            let leave = {
-                let gossip = gossip.clone();
+            svc.set_heading(Some(me.name.clone()));
+            let promoted = plan.epoch > 1;
+            // The head: reach every other stage of the plan, agree on the tensor plane, then
+            // follow the membership (stages re-placed when nodes are lost, restart or come back).
+            // The stages' RMA windows hold one step's hidden states at the head's token budget.
+            let max_batched_tokens = 512;
+            let window_bytes = max_batched_tokens * mc.hidden_size * 4;
+            let roster = pipeline_roster(&c, &me, &gossip, layer_bytes);
+            let patience = if promoted { Duration::from_secs(10) } else { Duration::from_secs(120) };
+            let mesh = MeshDriver::start(&me.name, node.clone(), plane.clone(), roster, mc.num_layers, plan.clone(), window_bytes, patience, ProbeConfig::default())
+                .await
+                .context("reaching the pipeline's stages")?;
+            let mut head_tasks = vec![
+                AbortOnDrop(tokio::spawn(mesh.clone().follow(gossip.clone(), me.replica as u32, layer_bytes))),
+                AbortOnDrop(tokio::spawn(publish_pipeline(gossip.clone(), mesh.clone(), plan.epoch))),
+            ];
+            // Even a one-node pipeline follows the membership: nodes that join its replica take
+            // layers from it.
+            let pipeline = Some(Arc::new(PipelinePlan { micro_batches, mesh: mesh.clone() }));
+            let public = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", cluster_path.display(), me.name))?;
+            // A node that became the head keeps its entry front on its public addresses; the
+            // head's own API listens on new ports of the same hosts, which the gossip tells the
+            // fronts.
+            let (listen, quic_listen) = match &entry {
+                Some(_) => (SocketAddr::new(public.ip(), 0), me.quic.map(|q| SocketAddr::new(q.ip(), 0))),
+                None => (public, me.quic),
+            };
+            // Requests arriving at a head directly are spread over every replica's head (this
+            // one included), as they come and go; a promoted head's entry front does that
+            // already.
+            let spread = match &entry {
+                Some(_) => None,
+                None => {
+                    let mut all_heads = heads.clone();
+                    if !all_heads.iter().any(|h| h.name == me.name) {
+                        all_heads.push(HeadAddr { name: me.name.clone(), http: listen, quic: me.quic });
+                    }
+                    let front = Front::start(all_heads);
+                    head_tasks.push(AbortOnDrop(tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.clone()))));
+                    Some((front, me.name.clone()))
+                }
+            };
+            // `/v1/mesh`: the membership view and the last plan changes (`baton status`).
+            let view = mesh.clone();
+            let http_layer = Some(baton_serve::HttpLayer(Arc::new(move |app| {
+                let view = view.clone();
+                let app = app.route("/v1/mesh", axum::routing::get(move || async move { axum::Json(view.status()) }));
+                match &spread {
+                    Some(state) => app.layer(axum::middleware::from_fn_with_state(state.clone(), crate::forward::spread)),
+                    None => app,
+                }
+            })));
+            let announce = gossip.clone();
+            let on_bound = baton_serve::OnBound(Arc::new(move |http, quic| {
+                announce.update(|i| {
+                    i.head = true;
+                    i.http = Some(http);
+                    i.quic = quic;
+                });
+            }));
+            // Every node's QUIC API (a stage's relay, a head's own), for clients resuming streams.
+            let known = gossip.clone();
+            let peers = baton_serve::Peers(Arc::new(move || known.members().into_iter().filter_map(|i| i.quic.map(|q| (i.name, q))).collect()));
+            let model_name = dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
+            let opts = ServeOptions {
+                model_dir: dir.clone(),
+                model_name,
+                listen,
+                device: shard.clone(),
+                keep_device: true,
+                kv_cache_bytes: kv_cache_mb << 20,
+                max_num_seqs: 64,
+                max_batched_tokens,
+                max_waiting: 1024,
+                max_model_len: None,
+                quic_listen,
+                quic_cert_out: None,
+                quic_identity: Some(baton_serve::quic::Identity { cert_der: identity.cert.to_vec(), key_der: identity.key.secret_pkcs8_der().to_vec() }),
+                pipeline,
+                http_layer,
+                request_timeout,
+                on_bound: Some(on_bound),
+                peers: Some(peers),
+            };
+            // Serving ends when the node stops, or when it meets another head of its replica
+            // that outranks it (a partition healed): then it stops taking requests, lets those
+            // running finish, and serves that head as a stage.
+            let stepped_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let ended = {
+                let (stop, stepped_down) = (stopped(), stepped_down.clone());
+                let watch = outranked(gossip.clone(), me.replica as u32, static_heads.clone());
                 async move {
-                    let _ = draining.wait_for(|d| *d).await;
-                    eprintln!("baton: draining: waiting for the head to move this node's layers");
-                    gossip.update(|i| i.state = gossip::NodeState::Draining);
-                    let _ = released.wait_for(|r| *r).await;
-                    eprintln!("baton: released by the head; leaving");
-                    gossip.leave();
-                    // Let the leave message go out.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::select! {
+                        _ = stop => {}
+                        _ = watch => stepped_down.store(true, std::sync::atomic::Ordering::SeqCst),
+                    }
                 }
             };
-            // Only a node with an HTTP address can head (clients reach the head's API).
-            let heir = async {
-                match me.http {
-                    Some(_) => crate::succession::await_head_loss(&svc, &gossip, layer_bytes, mc.num_layers).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = stage_service::serve(node.clone(), svc.clone(), Some(gossip.clone())) => return Ok(()),
-                _ = leave => {
-                    node.close();
-                    return Ok(());
-                }
-                _ = stopped() => {
-                    node.close();
-                    return Ok(());
-                }
-                plan = heir => {
-                    // The head died and this node held the layers after its own: it heads
-                    // the pipeline now, from the plan it has taken over.
-                    epoch = plan.epoch;
-                    stages = plan.stages;
-                }
+            serve(opts, ended).await?;
+            mesh.stop();
+            drop(head_tasks);
+            if !stepped_down.load(std::sync::atomic::Ordering::SeqCst) {
+                node.close();
+                return Ok(());
             }
-        }
-        let promoted = epoch > 1;
-        tokio::spawn(stage_service::serve_head(node.clone(), gossip.clone()));
-        // The head: reach every other stage of the initial plan, agree on the tensor plane, then
-        // follow the membership (stages re-placed when nodes are lost, restart or come back).
-        // The stages' RMA windows hold one step's hidden states at the head's token budget.
-        let max_batched_tokens = 512;
-        let window_bytes = max_batched_tokens * mc.hidden_size * 4;
-        let roster = pipeline_roster(&c, &me, &gossip, layer_bytes);
-        let patience = if promoted { Duration::from_secs(10) } else { Duration::from_secs(120) };
-        let initial = baton_mesh::elastic::Plan { epoch, stages };
-        let mesh = MeshDriver::start(&me.name, node.clone(), plane.clone(), roster, mc.num_layers, initial, window_bytes, patience, ProbeConfig::default())
-            .await
-            .context("reaching the pipeline's stages")?;
-        tokio::spawn(mesh.clone().follow(gossip.clone(), me.replica as u32, layer_bytes));
-        // Even a one-node pipeline follows the membership: nodes that join its replica take
-        // layers from it.
-        let pipeline = Some(Arc::new(PipelinePlan { micro_batches, mesh: mesh.clone() }));
-        let public = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", cluster_path.display(), me.name))?;
-        // A node that became the head keeps its entry front on its public addresses; the head's
-        // own API listens on new ports of the same hosts, which the gossip tells the fronts.
-        let (listen, quic_listen) = match &entry {
-            Some(_) => (SocketAddr::new(public.ip(), 0), me.quic.map(|q| SocketAddr::new(q.ip(), 0))),
-            None => (public, me.quic),
-        };
-        // Requests arriving at a head directly are spread over every replica's head (this one
-        // included), as they come and go; a promoted head's entry front does that already.
-        let spread = match &entry {
-            Some(_) => None,
-            None => {
-                let mut all_heads = heads.clone();
-                if !all_heads.iter().any(|h| h.name == me.name) {
-                    all_heads.push(HeadAddr { name: me.name.clone(), http: listen, quic: me.quic });
-                }
-                let front = Front::start(all_heads);
-                tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads));
-                Some((front, me.name.clone()))
-            }
-        };
-        // `/v1/mesh`: the membership view and the last plan changes (`baton status`).
-        let view = mesh.clone();
-        let http_layer = Some(baton_serve::HttpLayer(Arc::new(move |app| {
-            let view = view.clone();
-            let app = app.route("/v1/mesh", axum::routing::get(move || async move { axum::Json(view.status()) }));
-            match &spread {
-                Some(state) => app.layer(axum::middleware::from_fn_with_state(state.clone(), crate::forward::spread)),
-                None => app,
-            }
-        })));
-        let announce = gossip.clone();
-        let on_bound = baton_serve::OnBound(Arc::new(move |http, quic| {
-            announce.update(|i| {
-                i.head = true;
-                i.http = Some(http);
-                i.quic = quic;
+            gossip.update(|i| {
+                i.head = false;
+                i.pipeline = None;
+                i.http = me.http;
+                i.quic = me.quic;
             });
-        }));
-        // Every node's QUIC API (a stage's relay, a head's own), for clients resuming streams.
-        let known = gossip.clone();
-        let peers = baton_serve::Peers(Arc::new(move || known.members().into_iter().filter_map(|i| i.quic.map(|q| (i.name, q))).collect()));
-        let model_name = dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
-        let opts = ServeOptions {
-            model_dir: dir,
-            model_name,
-            listen,
-            device: shard,
-            kv_cache_bytes: kv_cache_mb << 20,
-            max_num_seqs: 64,
-            max_batched_tokens,
-            max_waiting: 1024,
-            max_model_len: None,
-            quic_listen,
-            quic_cert_out: None,
-            quic_identity: Some(baton_serve::quic::Identity { cert_der: identity.cert.to_vec(), key_der: identity.key.secret_pkcs8_der().to_vec() }),
-            pipeline,
-            http_layer,
-            request_timeout,
-            on_bound: Some(on_bound),
-            peers: Some(peers),
+            svc.set_heading(None);
+            is_head = false;
+            eprintln!("baton: stepped down: serving as a stage of the head that outranks this one");
+        }
+    }
+}
+
+/// The entry front on this node's public HTTP and QUIC addresses, following the gossip's heads.
+/// Binding is retried for a few seconds: a head that stepped down has just let go of them.
+fn start_entry_front(me: &NodeConfig, heads: &[HeadAddr], static_heads: &[String], gossip: &Arc<Gossip>, identity: &pki::NodeIdentity) -> Arc<Front> {
+    let front = Front::start(heads.to_vec());
+    tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.to_vec()));
+    if let Some(listen) = me.http {
+        let front = front.clone();
+        tokio::spawn(async move {
+            let mut tries = 0;
+            while let Err(e) = crate::forward::serve(listen, front.clone(), std::future::pending()).await {
+                tries += 1;
+                if tries == 10 {
+                    eprintln!("baton: {e}");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+    if let Some(listen) = me.quic {
+        let (identity, front) = (identity.clone(), front.clone());
+        tokio::spawn(async move {
+            let mut tries = 0;
+            while let Err(e) = crate::quic_relay::serve(listen, front.clone(), &identity).await {
+                tries += 1;
+                if tries == 10 {
+                    eprintln!("baton: QUIC relay: {e}");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+    front
+}
+
+/// Publishes the pipeline this node heads (its plan's epoch, how many nodes serve it) while the
+/// gossip says it is a head, whenever the plan changes.
+async fn publish_pipeline(gossip: Arc<Gossip>, mesh: Arc<MeshDriver>, first_epoch: u64) {
+    let mut notices = mesh.subscribe();
+    let mut epoch = first_epoch;
+    loop {
+        let status = mesh.status();
+        epoch = status.epoch.unwrap_or(epoch).max(epoch);
+        let stages = status.nodes.iter().filter(|n| n.layers.is_some() && n.state == "serving").count() as u32;
+        // A head that cannot serve (its stages lost) heads no pipeline worth keeping.
+        let stages = if status.epoch.is_some() { stages } else { 0 };
+        let now = Some(gossip::HeadedPipeline { epoch, stages });
+        let mine = gossip.mine();
+        if mine.head && mine.pipeline != now {
+            gossip.update(|i| i.pipeline = now);
+        }
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(500), notices.changed()).await {
+            return;
+        }
+    }
+}
+
+/// Resolves when another head of `replica` outranks this one (the two sides of a healed
+/// partition each chose a head): twice in a row, half a second apart, so both have each
+/// other's latest word. The gossip stops naming this node a head at once, so the fronts send
+/// it nothing new.
+async fn outranked(gossip: Arc<Gossip>, replica: u32, static_heads: Vec<String>) {
+    let is_static = |n: &str| static_heads.iter().any(|h| h == n);
+    let mut seen: Option<String> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mine = gossip.mine();
+        let Some(my) = mine.pipeline.filter(|_| mine.head) else {
+            seen = None;
+            continue;
         };
-        serve(opts, stopped()).await?;
-        node.close();
-        Ok(())
+        let winner = gossip.members().into_iter().find(|i| {
+            i.head && i.replica == replica && i.name != mine.name && i.pipeline.is_some_and(|theirs| theirs.outranks(&i.name, &my, &mine.name, is_static))
+        });
+        match winner {
+            Some(w) if seen.as_deref() == Some(w.name.as_str()) => {
+                let theirs = w.pipeline.unwrap_or(my);
+                eprintln!(
+                    "baton: {} heads replica {replica} too (the cluster was split and has healed): its plan (epoch {}, {} node(s)) outranks this node's (epoch {}, {} node(s)); stepping down: finishing running requests, then serving as a stage",
+                    w.name, theirs.epoch, theirs.stages, my.epoch, my.stages
+                );
+                gossip.update(|i| {
+                    i.head = false;
+                    i.pipeline = None;
+                });
+                return;
+            }
+            w => seen = w.map(|w| w.name),
+        }
     }
 }
 

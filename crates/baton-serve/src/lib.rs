@@ -35,8 +35,11 @@ pub struct ServeOptions {
     /// The name clients put in `model`.
     pub model_name: String,
     pub listen: SocketAddr,
-    /// This node's GPU-shard actor (stopped when serving ends).
+    /// This node's GPU-shard actor (stopped when serving ends, unless `keep_device`).
     pub device: baton_shard::ShardHandle,
+    /// The caller stops the shard: a cluster node serves on with it after it steps down from
+    /// heading a pipeline.
+    pub keep_device: bool,
     /// Bytes of KV cache.
     pub kv_cache_bytes: usize,
     pub max_num_seqs: usize,
@@ -253,6 +256,8 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     sched.stop(None);
     let _ = router_handle.await;
     let _ = sched_handle.await;
-    device.stop();
+    if !opts.keep_device {
+        device.stop();
+    }
     result.map_err(StartError::Http)
 }

@@ -89,6 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model_name,
         listen,
         device,
+        keep_device: false,
         kv_cache_bytes: args.kv_cache_mb << 20,
         max_num_seqs: args.max_num_seqs,
         max_batched_tokens: args.max_batched_tokens,

@@ -36,6 +36,28 @@ fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((head.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
 }
 
+/// Pings node `name` over the control plane: its answer (layers, epoch, whom it serves), or
+/// `None` if it does not answer within 3 s.
+fn ping(rt: &tokio::runtime::Runtime, identity: &pki::NodeIdentity, control: SocketAddr, name: &str) -> Option<Value> {
+    rt.block_on(async {
+        let bind = SocketAddr::new(if control.is_ipv4() { std::net::Ipv4Addr::UNSPECIFIED.into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() }, 0);
+        let me = ControlNode::bind(bind, identity.clone(), std::sync::Arc::default()).ok()?;
+        let link = tokio::time::timeout(Duration::from_secs(3), me.connect(control, name)).await.ok()?.ok()?;
+        let start = Instant::now();
+        let reply = tokio::time::timeout(Duration::from_secs(3), stage_service::call(&link, &StageRequest::Ping { nonce: 1 })).await.ok()?.ok()?;
+        let rtt = start.elapsed().as_secs_f64() * 1e3;
+        me.close();
+        match reply {
+            StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, generation, epoch, first_layer, end_layer, head, .. } => Some(serde_json::json!({
+                "up": true, "loaded": loaded, "head": head, "ping_ms": rtt, "tensor_plane": tensor_plane,
+                "ucx_steps": ucx_steps, "rma_window_steps": window_steps, "generation": generation,
+                "epoch": epoch, "serving": if loaded { serde_json::json!([first_layer, end_layer]) } else { Value::Null }
+            })),
+            _ => None,
+        }
+    })
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let c = ClusterConfig::from_file(&args.cluster)?;
     let layers = load::ClusterModel::of(&c, &args.cluster)?.num_layers().context("the cluster's model")?;
@@ -44,6 +66,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let identity = pki::load(&c.tls_dir, head).with_context(|| format!("the head's certificate (run `baton cluster init {}`)", args.cluster.display()))?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut rows = Vec::new();
+    // Per pipeline: each head named by a node, and the nodes that serve it.
+    let mut sides: std::collections::BTreeMap<usize, std::collections::BTreeMap<String, Vec<String>>> = Default::default();
     for (pi, p) in plan.pipelines.iter().enumerate() {
         for (si, (name, range)) in p.stages.iter().enumerate() {
             let Some(node) = c.node(name) else { continue };
@@ -60,33 +84,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     _ => serde_json::json!({"up": false}),
                 }
             } else {
-                rt.block_on(async {
-                    let bind: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-                    let me = ControlNode::bind(bind, identity.clone(), std::sync::Arc::default()).ok()?;
-                    let link = tokio::time::timeout(Duration::from_secs(3), me.connect(node.control, name)).await.ok()?.ok()?;
-                    let start = Instant::now();
-                    let reply = tokio::time::timeout(Duration::from_secs(3), stage_service::call(&link, &StageRequest::Ping { nonce: 1 })).await.ok()?.ok()?;
-                    let rtt = start.elapsed().as_secs_f64() * 1e3;
-                    me.close();
-                    match reply {
-                        StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, generation, epoch, first_layer, end_layer, head, .. } => Some(serde_json::json!({
-                            "up": true, "loaded": loaded, "head": head, "ping_ms": rtt, "tensor_plane": tensor_plane,
-                            "ucx_steps": ucx_steps, "rma_window_steps": window_steps, "generation": generation,
-                            "epoch": epoch, "serving": if loaded { serde_json::json!([first_layer, end_layer]) } else { Value::Null }
-                        })),
-                        _ => None,
-                    }
-                })
-                .unwrap_or_else(|| serde_json::json!({"up": false}))
+                ping(&rt, &identity, node.control, name).unwrap_or_else(|| serde_json::json!({"up": false}))
             };
+            // Whom the node serves (its own name while it heads a pipeline): two heads in one
+            // pipeline mean the cluster is split.
+            let head_of = if si == 0 { ping(&rt, &identity, node.control, name).map(|p| p["head"].clone()) } else { state.get("head").cloned() };
+            if let Some(h) = head_of.as_ref().and_then(Value::as_str).filter(|h| !h.is_empty()) {
+                sides.entry(pi).or_default().entry(h.to_string()).or_default().push(name.clone());
+            }
             let serving = state.get("serving").cloned().filter(|v| !v.is_null());
             rows.push(serde_json::json!({"pipeline": pi, "stage": si, "node": name, "control": node.control.to_string(),
                                          "configured_layers": [range.start, range.end], "layers": serving,
                                          "role": if si == 0 { "head" } else if state["head"] == name.as_str() { "head*" } else { "stage" }, "state": state}));
         }
     }
+    let split: Vec<Value> = sides
+        .iter()
+        .filter(|(_, heads)| heads.len() > 1)
+        .map(|(pi, heads)| serde_json::json!({"pipeline": pi, "sides": heads.iter().map(|(h, n)| serde_json::json!({"head": h, "nodes": n})).collect::<Vec<_>>()}))
+        .collect();
     if args.json {
-        println!("{}", serde_json::json!({"cluster": c.name, "model": c.model, "layers": layers, "nodes": rows}));
+        println!("{}", serde_json::json!({"cluster": c.name, "model": c.model, "layers": layers, "nodes": rows, "split": split}));
         return Ok(());
     }
     println!("cluster `{}`: model {} ({layers} layers), {} pipeline(s)", c.name, c.model, plan.pipelines.len());
@@ -112,6 +130,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => format!("{:<14}", "no layers"),
         };
         println!("  {:<10} {:<6} {:<22} {layers} {state}", r["node"].as_str().unwrap_or(""), r["role"].as_str().unwrap_or(""), r["control"].as_str().unwrap_or(""));
+    }
+    for s in &split {
+        let sides: Vec<String> = s["sides"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|side| format!("{} heads {}", side["head"].as_str().unwrap_or(""), side["nodes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")))
+            .collect();
+        println!(
+            "pipeline {}: SPLIT: {} (its nodes cannot reach each other; each side serves its own clients, and when the link heals the lesser head steps down)",
+            s["pipeline"],
+            sides.join("; ")
+        );
     }
     for r in rows.iter().filter(|r| r["role"] == "head") {
         let mesh = &r["state"]["mesh"];
