@@ -314,11 +314,12 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
                     }
                 };
                 svc.heard_from(&link.peer);
+                let heading = svc.heading();
                 let reply = match req {
-                    StageRequest::Ping { nonce } => svc.pong(nonce),
-                    _ if svc.heading().is_some() => StageReply::Error(format!("{} is a pipeline head, not a stage", svc.heading().unwrap_or_default())),
-                    StageRequest::Attach { tensor_address, window_bytes } => svc.attach(&link.peer, tensor_address, window_bytes).await,
                     // Liveness probes and leave requests are answered here, never queued behind a step.
+                    StageRequest::Ping { nonce } => svc.pong(nonce),
+                    _ if heading.is_some() => StageReply::Error(format!("{} is a pipeline head, not a stage", heading.unwrap_or_default())),
+                    StageRequest::Attach { tensor_address, window_bytes } => svc.attach(&link.peer, tensor_address, window_bytes).await,
                     StageRequest::Drain | StageRequest::Release => svc.leave(&req),
                     req => svc.handle(req).await,
                 };

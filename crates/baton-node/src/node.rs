@@ -300,10 +300,9 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             let mesh = MeshDriver::start(&me.name, node.clone(), plane.clone(), roster, mc.num_layers, plan.clone(), window_bytes, patience, ProbeConfig::default())
                 .await
                 .context("reaching the pipeline's stages")?;
-            let mut head_tasks = vec![
-                AbortOnDrop(tokio::spawn(mesh.clone().follow(gossip.clone(), me.replica as u32, layer_bytes))),
-                AbortOnDrop(tokio::spawn(publish_pipeline(gossip.clone(), mesh.clone(), plan.epoch))),
-            ];
+            // The driver's own loops end with `mesh.stop()`; these, when dropped.
+            tokio::spawn(mesh.clone().follow(gossip.clone(), me.replica as u32, layer_bytes));
+            let mut head_tasks = vec![AbortOnDrop(tokio::spawn(publish_pipeline(gossip.clone(), mesh.clone(), plan.epoch)))];
             // Even a one-node pipeline follows the membership: nodes that join its replica take
             // layers from it.
             let pipeline = Some(Arc::new(PipelinePlan { micro_batches, mesh: mesh.clone() }));
@@ -393,9 +392,8 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                 node.close();
                 return Ok(());
             }
+            // (`outranked` has already said it heads no more.)
             gossip.update(|i| {
-                i.head = false;
-                i.pipeline = None;
                 i.http = me.http;
                 i.quic = me.quic;
             });
@@ -413,33 +411,29 @@ fn start_entry_front(me: &NodeConfig, heads: &[HeadAddr], static_heads: &[String
     tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.to_vec()));
     if let Some(listen) = me.http {
         let front = front.clone();
-        tokio::spawn(async move {
-            let mut tries = 0;
-            while let Err(e) = crate::forward::serve(listen, front.clone(), std::future::pending()).await {
-                tries += 1;
-                if tries == 10 {
-                    eprintln!("baton: {e}");
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
+        tokio::spawn(serve_retrying("HTTP entry front", move || crate::forward::serve(listen, front.clone(), std::future::pending())));
     }
     if let Some(listen) = me.quic {
         let (identity, front) = (identity.clone(), front.clone());
-        tokio::spawn(async move {
-            let mut tries = 0;
-            while let Err(e) = crate::quic_relay::serve(listen, front.clone(), &identity).await {
-                tries += 1;
-                if tries == 10 {
-                    eprintln!("baton: QUIC relay: {e}");
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
+        tokio::spawn(serve_retrying("QUIC relay", move || {
+            let (identity, front) = (identity.clone(), front.clone());
+            async move { crate::quic_relay::serve(listen, front, &identity).await }
+        }));
     }
     front
+}
+
+/// Runs a server, starting it again (10 tries, 500 ms apart) while it cannot bind.
+async fn serve_retrying<F: std::future::Future<Output = anyhow::Result<()>>>(what: &'static str, mut serve: impl FnMut() -> F) {
+    for _ in 1..10 {
+        if serve().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Err(e) = serve().await {
+        eprintln!("baton: {what}: {e}");
+    }
 }
 
 /// Publishes the pipeline this node heads (its plan's epoch, how many nodes serve it) while the

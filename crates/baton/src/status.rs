@@ -131,16 +131,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         println!("  {:<10} {:<6} {:<22} {layers} {state}", r["node"].as_str().unwrap_or(""), r["role"].as_str().unwrap_or(""), r["control"].as_str().unwrap_or(""));
     }
-    for s in &split {
-        let sides: Vec<String> = s["sides"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|side| format!("{} heads {}", side["head"].as_str().unwrap_or(""), side["nodes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")))
-            .collect();
+    for (pi, heads) in sides.iter().filter(|(_, heads)| heads.len() > 1) {
+        let sides: Vec<String> = heads.iter().map(|(head, nodes)| format!("{head} heads {}", nodes.join(", "))).collect();
         println!(
-            "pipeline {}: SPLIT: {} (its nodes cannot reach each other; each side serves its own clients, and when the link heals the lesser head steps down)",
-            s["pipeline"],
+            "pipeline {pi}: SPLIT: {} (its nodes cannot reach each other; each side serves its own clients, and when the link heals the lesser head steps down)",
             sides.join("; ")
         );
     }
