@@ -13,57 +13,7 @@ use serde_json::{json, Value};
 #[path = "support/mod.rs"]
 mod support;
 
-use support::cluster::{log_tail, log_text, spawn_node, write_cluster, Nodes};
-
-/// A tiny model with 12 layers, so three nodes split it 4/4/4, two 6/6, and taking a third
-/// node back improves the slowest stage past the planner's threshold.
-fn deep_tiny_model(name: &str) -> std::path::PathBuf {
-    let dir = support::scratch(name);
-    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["gen-model", "--preset", "tiny", "--layers", "12", "--out", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    dir
-}
-
-/// What one node gives for `prompt`, greedy.
-fn reference(model: &std::path::Path, prompt: &str, max_tokens: usize) -> Vec<u64> {
-    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-tokens", &max_tokens.to_string(), "--ignore-eos", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
-}
-
-/// Streams one greedy completion; returns the HTTP status and every token id streamed.
-fn stream(head: &support::Server, prompt: &str, max_tokens: usize) -> (u16, Vec<u64>, String) {
-    let body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true, "return_token_ids": true});
-    let (status, _, text) = support::http(head, "POST", "/v1/completions", Some(&body.to_string()));
-    let mut tokens = Vec::new();
-    for data in text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
-        let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-        if let Some(ids) = v["choices"][0]["token_ids"].as_array() {
-            tokens.extend(ids.iter().filter_map(Value::as_u64));
-        }
-    }
-    (status, tokens, text)
-}
-
-fn metric(head: &support::Server, name: &str) -> f64 {
-    let text = support::http(head, "GET", "/metrics", None).2;
-    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
-}
-
-fn mesh(head: &support::Server) -> Value {
-    serde_json::from_str(&support::http(head, "GET", "/v1/mesh", None).2).unwrap_or(Value::Null)
-}
-
-fn node_state(view: &Value, name: &str) -> String {
-    view["nodes"].as_array().and_then(|n| n.iter().find(|n| n["name"] == name)).map_or(String::new(), |n| n["state"].as_str().unwrap_or("").to_string())
-}
+use support::cluster::{deep_tiny_model, log_tail, log_text, mesh, metric, node_state, reference, spawn_node, stream, write_cluster, Nodes};
 
 fn wait_for(what: &str, secs: u64, cfg: &std::path::Path, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -385,10 +335,11 @@ fn a_dead_head_costs_no_request_that_entered_elsewhere() {
     assert!(view["epoch"].as_u64() >= Some(2), "{view}");
     assert_eq!(layers(&view, "node-b"), json!([0, 8]), "{view}");
     assert_eq!(layers(&view, "node-c"), json!([8, 12]), "{view}");
-    assert_eq!(metric(&entry_c, "baton:request_failure_total"), 0.0);
-    // Peers' bad input is counted by kind; a kill is none.
+    // Peers' bad input is counted by kind, at the new head and on each node's own /metrics; a
+    // kill is none.
     for kind in ["malformed_gossip", "forged_gossip", "malformed_control", "oversized_control"] {
         assert_eq!(view["dropped"][kind], 0, "{kind}: {view}");
+        assert_eq!(metric(&entry_c, &format!("baton:peer_messages_dropped_total{{kind=\"{kind}\"}}")), 0.0);
     }
 
     // node-a comes back: not as a second head, but as a stage of node-b's pipeline; a request

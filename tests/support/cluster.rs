@@ -3,6 +3,8 @@
 
 use std::process::{Child, Command, Stdio};
 
+use serde_json::{json, Value};
+
 pub struct Nodes(pub Vec<Child>);
 
 impl Drop for Nodes {
@@ -52,7 +54,7 @@ pub fn spawn_node(cfg: &std::path::Path, name: &str, extra: &[&str], ucx_tls: Op
     cmd.stdout(Stdio::null()).stderr(Stdio::from(log)).spawn().unwrap()
 }
 
-fn log_path(cfg: &std::path::Path, name: &str) -> std::path::PathBuf {
+pub fn log_path(cfg: &std::path::Path, name: &str) -> std::path::PathBuf {
     cfg.with_file_name(format!("{name}.log"))
 }
 
@@ -119,3 +121,54 @@ memory_gb = 1
     (cfg, Ports { http, quic, control_b: cb, http_b, quic_b, http_c })
 }
 
+/// A tiny model with 12 layers, so three nodes split it 4/4/4, two 6/6, and taking a third
+/// node back improves the slowest stage past the planner's threshold.
+pub fn deep_tiny_model(name: &str) -> std::path::PathBuf {
+    let dir = super::scratch(name);
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["gen-model", "--preset", "tiny", "--layers", "12", "--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+/// What one node gives for `prompt`, greedy.
+pub fn reference(model: &std::path::Path, prompt: &str, max_tokens: usize) -> Vec<u64> {
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-tokens", &max_tokens.to_string(), "--ignore-eos", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
+}
+
+/// Streams one greedy completion; returns the HTTP status and every token id streamed.
+pub fn stream(head: &super::Server, prompt: &str, max_tokens: usize) -> (u16, Vec<u64>, String) {
+    let body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true, "return_token_ids": true});
+    let (status, _, text) = super::http(head, "POST", "/v1/completions", Some(&body.to_string()));
+    let mut tokens = Vec::new();
+    for data in text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
+        let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+        if let Some(ids) = v["choices"][0]["token_ids"].as_array() {
+            tokens.extend(ids.iter().filter_map(Value::as_u64));
+        }
+    }
+    (status, tokens, text)
+}
+
+/// A sample of `/metrics` (a head's requests and latencies, an entry node's own counters); a
+/// sample the node does not export fails the test, never reads as 0.
+pub fn metric(node: &super::Server, name: &str) -> f64 {
+    let text = super::http(node, "GET", "/metrics", None).2;
+    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or_else(|| panic!("{} exports no {name}:\n{text}", node.addr))
+}
+
+pub fn mesh(head: &super::Server) -> Value {
+    serde_json::from_str(&super::http(head, "GET", "/v1/mesh", None).2).unwrap_or(Value::Null)
+}
+
+pub fn node_state(view: &Value, name: &str) -> String {
+    view["nodes"].as_array().and_then(|n| n.iter().find(|n| n["name"] == name)).map_or(String::new(), |n| n["state"].as_str().unwrap_or("").to_string())
+}

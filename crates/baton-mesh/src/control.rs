@@ -215,6 +215,18 @@ impl Drops {
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         DropKind::ALL.iter().map(|&k| (k.as_str(), self.get(k))).collect()
     }
+
+    /// The counts in Prometheus text format (`baton:peer_messages_dropped_total{kind=...}`), for
+    /// the node's `/metrics`.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::from(
+            "# HELP baton:peer_messages_dropped_total Messages from peers this node dropped (gossip, control, stage work), by why\n# TYPE baton:peer_messages_dropped_total counter\n",
+        );
+        for (kind, n) in self.snapshot() {
+            out.push_str(&format!("baton:peer_messages_dropped_total{{kind=\"{kind}\"}} {n}\n"));
+        }
+        out
+    }
 }
 
 /// A mutually authenticated link to a named peer.

@@ -430,7 +430,47 @@ pub async fn serve_connection(gossip: Arc<Gossip>, link: PeerLink) {
 
 #[cfg(test)]
 mod tests {
-    use super::HeadedPipeline;
+    use super::{HeadedPipeline, Infos, NodeInfo, NodeState};
+    use crate::control::DropKind;
+    use foca::BroadcastHandler;
+
+    fn info(generation: u64, version: u64) -> Vec<u8> {
+        let info = NodeInfo {
+            name: "node-b".into(),
+            generation,
+            version,
+            control: "127.0.0.1:9".parse().unwrap(),
+            http: None,
+            quic: None,
+            memory_bytes: 1 << 30,
+            replica: 0,
+            state: NodeState::Ready,
+            head: false,
+            serving: None,
+            us_per_layer_token: None,
+            busy_permille: 0,
+            pipeline: None,
+        };
+        postcard::to_allocvec(&info).unwrap()
+    }
+
+    /// A node's info from an older process (a replayed generation) is dropped and counted; a
+    /// repeat of the current one is ignored without counting; a newer one is taken; bytes that
+    /// are no node info are an error (the gossip drops the packet).
+    #[test]
+    fn a_replayed_generation_is_dropped_and_counted() {
+        let mut infos = Infos::default();
+        assert!(infos.receive_item(&info(5, 1), None).unwrap().is_some());
+        assert!(infos.receive_item(&info(4, 9), None).unwrap().is_none(), "an older generation was taken");
+        assert_eq!(infos.2.get(DropKind::ReplayedGeneration), 1);
+        assert!(infos.receive_item(&info(5, 1), None).unwrap().is_none());
+        assert_eq!(infos.2.get(DropKind::ReplayedGeneration), 1, "a duplicate counted as a replay");
+        assert!(infos.receive_item(&info(5, 2), None).unwrap().is_some());
+        assert!(infos.receive_item(&info(6, 0), None).unwrap().is_some());
+        assert_eq!(infos.lock()["node-b"].generation, 6);
+        assert!(infos.receive_item(&[0xff; 12], None).is_err());
+        assert_eq!(infos.2.snapshot().iter().map(|(_, n)| n).sum::<u64>(), 1);
+    }
 
     /// Two heads of one replica agree on which one steps down: exactly one outranks the other,
     /// by epoch, then size, then the cluster.toml head, then the lower name.

@@ -373,11 +373,14 @@ async fn poll_loads(front: Arc<Front>) {
 }
 
 /// Serves `listen`, forwarding everything to the pipeline heads' HTTP addresses.
-pub async fn serve(listen: SocketAddr, front: Arc<Front>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+/// `/metrics` is this node's own (what Prometheus scraping every node expects; the requests it
+/// forwards are counted by the heads' `/metrics`); every other path is forwarded.
+pub async fn serve(listen: SocketAddr, front: Arc<Front>, metrics: baton_serve::MoreMetrics, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let heads: Vec<String> = front.heads().iter().map(|h| format!("{} (http://{})", h.name, h.http)).collect();
     eprintln!("baton: forwarding http://{listen} to the pipeline head(s) {}, by load", heads.join(", "));
-    let app = axum::Router::new().fallback(forward).with_state(front);
+    let own = axum::routing::get(move || async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], (metrics.0)()) });
+    let app = axum::Router::new().route("/metrics", own).fallback(forward).with_state(front);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }

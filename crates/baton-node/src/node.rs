@@ -250,7 +250,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         loop {
             if !is_head {
                 if entry.is_none() && (me.http.is_some() || me.quic.is_some()) {
-                    entry = Some(start_entry_front(&me, &heads, &static_heads, &gossip, &identity));
+                    entry = Some(start_entry_front(&me, &heads, &static_heads, &gossip, &identity, &node));
                 }
                 let mut draining = svc.draining();
                 let mut released = svc.released();
@@ -370,6 +370,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                 request_timeout,
                 on_bound: Some(on_bound),
                 peers: Some(peers),
+                more_metrics: Some(node_metrics(&node)),
             };
             // Serving ends when the node stops, or when it meets another head of its replica
             // that outranks it (a partition healed): then it stops taking requests, lets those
@@ -406,12 +407,19 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
 
 /// The entry front on this node's public HTTP and QUIC addresses, following the gossip's heads.
 /// Binding is retried for a few seconds: a head that stepped down has just let go of them.
-fn start_entry_front(me: &NodeConfig, heads: &[HeadAddr], static_heads: &[String], gossip: &Arc<Gossip>, identity: &pki::NodeIdentity) -> Arc<Front> {
+/// This node's own counters for `/metrics`: what its peers sent that it dropped.
+fn node_metrics(node: &Arc<ControlNode>) -> baton_serve::MoreMetrics {
+    let node = node.clone();
+    baton_serve::MoreMetrics(Arc::new(move || node.drops().prometheus()))
+}
+
+fn start_entry_front(me: &NodeConfig, heads: &[HeadAddr], static_heads: &[String], gossip: &Arc<Gossip>, identity: &pki::NodeIdentity, node: &Arc<ControlNode>) -> Arc<Front> {
     let front = Front::start(heads.to_vec());
     tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.to_vec()));
     if let Some(listen) = me.http {
         let front = front.clone();
-        tokio::spawn(serve_retrying("HTTP entry front", move || crate::forward::serve(listen, front.clone(), std::future::pending())));
+        let metrics = node_metrics(node);
+        tokio::spawn(serve_retrying("HTTP entry front", move || crate::forward::serve(listen, front.clone(), metrics.clone(), std::future::pending())));
     }
     if let Some(listen) = me.quic {
         let (identity, front) = (identity.clone(), front.clone());

@@ -1,6 +1,7 @@
 //! Three nodes of a pipeline started in one process through the library (`node::run`), over
 //! the QUIC tensor plane: a request entering at the head gives, token for token, what the whole
-//! model gives on one engine, and every node stops when its shutdown future resolves.
+//! model gives on one engine; a stage node's own `/metrics` counts the garbage a peer sent it,
+//! and the stage serves on; every node stops when its shutdown future resolves.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ async fn three_nodes_in_one_process_serve_like_one_engine() {
     let mut preset = demo::TINY.clone();
     preset.num_layers = 6;
     demo::write_model(&preset, &model, 3).unwrap();
-    let (ca, cb, cc, http) = (free_udp(), free_udp(), free_udp(), free_tcp());
+    let (ca, cb, cc, http, http_b) = (free_udp(), free_udp(), free_udp(), free_tcp(), free_tcp());
     let path = dir.join("cluster.toml");
     let text = format!(
         r#"
@@ -51,6 +52,7 @@ memory_gb = 1
 [[nodes]]
 name = "node-b"
 control = "127.0.0.1:{cb}"
+http = "127.0.0.1:{http_b}"
 memory_gb = 1
 [[nodes]]
 name = "node-c"
@@ -102,6 +104,21 @@ memory_gb = 1
     assert_eq!(got, reference(&model, &prompt, 24));
     let mesh: serde_json::Value = client.get(format!("http://{head}/v1/mesh")).send().await.unwrap().json().await.unwrap();
     assert_eq!(mesh["epoch"], 1, "{mesh}");
+    let dropped = "baton:peer_messages_dropped_total{kind=\"malformed_control\"}";
+    let head_metrics = client.get(format!("http://{head}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(head_metrics.contains(&format!("{dropped} 0")), "{head_metrics}");
+
+    // A peer with the cluster's certificate of node-c sends node-b garbage: node-b closes that
+    // connection, counts it on its own /metrics, and the pipeline still answers the same.
+    let tls = cluster.tls_dir.clone();
+    let peer = baton_mesh::control::ControlNode::bind("127.0.0.1:0".parse().unwrap(), baton_mesh::pki::load(&tls, "node-c").unwrap(), Default::default()).unwrap();
+    let link = peer.connect(format!("127.0.0.1:{cb}").parse().unwrap(), "node-b").await.unwrap();
+    let _ = link.send_raw(b"\x08\x00\x00\x00garbage!").await;
+    tokio::time::timeout(Duration::from_secs(10), link.connection.closed()).await.expect("node-b kept a connection that sent garbage");
+    let stage_metrics = client.get(format!("http://127.0.0.1:{http_b}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(stage_metrics.contains(&format!("{dropped} 1")), "{stage_metrics}");
+    let reply: serde_json::Value = client.post(format!("http://127.0.0.1:{http_b}/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+    assert_eq!(reply["choices"][0]["token_ids"], serde_json::json!(reference(&model, &prompt, 24)), "{reply}");
 
     stop_tx.send_replace(true);
     for n in nodes {

@@ -47,6 +47,8 @@ pub struct AppState {
     pub created: u64,
     /// The cluster's QUIC client APIs (told to QUIC clients, which resume there).
     pub peers: Option<crate::Peers>,
+    /// Appended to `/metrics` (a cluster node's own counters).
+    pub more_metrics: Option<crate::MoreMetrics>,
 }
 
 pub fn routes(state: Arc<AppState>) -> AxumRouter {
@@ -371,7 +373,11 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.prometheus()).into_response()
+    let mut text = s.metrics.prometheus();
+    if let Some(more) = &s.more_metrics {
+        text.push_str(&(more.0)());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn stats(State(s): State<Arc<AppState>>) -> Json<Value> {

@@ -66,6 +66,19 @@ pub struct ServeOptions {
     pub on_bound: Option<OnBound>,
     /// A cluster's QUIC client APIs, named as their certificates are.
     pub peers: Option<Peers>,
+    /// More Prometheus text for `/metrics`: a cluster node's own counters (what its peers sent
+    /// that it dropped).
+    pub more_metrics: Option<MoreMetrics>,
+}
+
+/// Prometheus text appended to `/metrics` when it is scraped.
+#[derive(Clone)]
+pub struct MoreMetrics(pub Arc<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for MoreMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MoreMetrics")
+    }
 }
 
 /// The cluster's QUIC client APIs now (name, address), for clients that resume streams.
@@ -194,6 +207,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         next_request: AtomicU64::new(0),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         peers: opts.peers.clone(),
+        more_metrics: opts.more_metrics.clone(),
     });
     let quic = match opts.quic_listen {
         None => None,

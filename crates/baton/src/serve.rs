@@ -85,6 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         request_timeout: std::time::Duration::from_secs(args.request_timeout),
         on_bound: None,
         peers: None,
+        more_metrics: None,
         model_dir,
         model_name,
         listen,
