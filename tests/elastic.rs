@@ -401,7 +401,7 @@ fn a_quic_client_resumes_its_stream_at_another_node_when_its_node_dies() {
 fn a_stage_paused_and_resumed_rejoins_without_a_failed_request() {
     let model = deep_tiny_model("elastic-pause-model");
     let (cfg, ports) = write_cluster("elastic-pause", &model);
-    let max_tokens = 600;
+    let max_tokens = 2000;
     let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&model, p, max_tokens)).collect();
     let (nodes, head) = start_mesh(&cfg, ports.http, &model);
     let node_c = nodes.0[0].id().to_string();

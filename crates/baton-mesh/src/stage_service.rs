@@ -221,7 +221,7 @@ impl StageService {
     /// A request for the stage itself, through the shard (in the order they come).
     async fn handle(&self, req: StageRequest) -> StageReply {
         match req {
-            StageRequest::Ping { nonce } => self.pong(nonce),
+            StageRequest::Ping { nonce } | StageRequest::Query { nonce } => self.pong(nonce),
             StageRequest::Drain | StageRequest::Release => self.leave(&req),
             StageRequest::Attach { .. } => StageReply::Error("Attach is handled by the serving loop".into()),
             StageRequest::Init { block_size, num_blocks, first_layer, end_layer, epoch, head } => {
@@ -313,11 +313,13 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
                         break;
                     }
                 };
-                svc.heard_from(&link.peer);
+                if !matches!(req, StageRequest::Query { .. }) {
+                    svc.heard_from(&link.peer);
+                }
                 let heading = svc.heading();
                 let reply = match req {
                     // Liveness probes and leave requests are answered here, never queued behind a step.
-                    StageRequest::Ping { nonce } => svc.pong(nonce),
+                    StageRequest::Ping { nonce } | StageRequest::Query { nonce } => svc.pong(nonce),
                     _ if heading.is_some() => StageReply::Error(format!("{} is a pipeline head, not a stage", heading.unwrap_or_default())),
                     StageRequest::Attach { tensor_address, window_bytes } => svc.attach(&link.peer, tensor_address, window_bytes).await,
                     StageRequest::Drain | StageRequest::Release => svc.leave(&req),
@@ -340,7 +342,7 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
 pub async fn head_of(node: &ControlNode, name: &str, addr: std::net::SocketAddr) -> Option<String> {
     let ask = async {
         let link = node.connect(addr, name).await.ok()?;
-        let head = match call(&link, &StageRequest::Ping { nonce: 0 }).await.ok()? {
+        let head = match call(&link, &StageRequest::Query { nonce: 0 }).await.ok()? {
             StageReply::Pong { head, .. } if !head.is_empty() => Some(head),
             _ => None,
         };

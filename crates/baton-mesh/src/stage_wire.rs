@@ -59,7 +59,7 @@ pub struct WireWindow {
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum StageRequest {
-    /// Liveness probe (`baton status`), answered by `Pong`.
+    /// The pipeline head's liveness probe, answered by `Pong` (it renews the head's lease).
     Ping { nonce: u64 },
     /// Load layers `first_layer..end_layer` and allocate the KV cache the head's block ids refer
     /// to, for plan `epoch`; answered by `Ready`. From then on the stage serves steps of that
@@ -92,6 +92,10 @@ pub enum StageRequest {
         /// Ids of the sequences in `chunks` (sampling order on the last stage).
         ids: Vec<u64>,
     },
+    /// An observer's ping (`baton status`, a node looking for its replica's head): answered as
+    /// a `Ping` is, but it is not the head's word, so it renews no head's lease (an operator
+    /// watching the cluster must not keep a dead head's stages waiting for it).
+    Query { nonce: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]

@@ -1,7 +1,8 @@
 //! A stage served over the control plane drops what a peer should not send: work of a plan
 //! epoch it does not serve (a head's step or KV request from before a re-plan) is refused with
 //! an error and counted as stale; a malformed frame closes that one connection and is counted;
-//! after both the stage still serves its head's current work, step for step.
+//! after both the stage still serves its head's current work, step for step. An observer's
+//! query renews no head's lease; the head's ping does.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -73,6 +74,23 @@ async fn a_stage_drops_stale_epochs_and_malformed_frames_and_keeps_serving() {
     match call(&link, &step(2)).await.unwrap() {
         StageReply::Sampled { tokens, .. } => assert_eq!(tokens.len(), 1),
         other => panic!("the stage did not serve its epoch's step: {other:?}"),
+    }
+
+    // An observer's query (`baton status`, even with the head's certificate) renews no lease:
+    // past the lease with only queries, the stage names no head; the head's own ping renews it.
+    let quiet = std::time::Instant::now();
+    while quiet.elapsed() < stage_service::HEAD_LEASE + std::time::Duration::from_millis(200) {
+        assert!(matches!(call(&link, &StageRequest::Query { nonce: 1 }).await.unwrap(), StageReply::Pong { .. }));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    match call(&link, &StageRequest::Query { nonce: 2 }).await.unwrap() {
+        StageReply::Pong { head, .. } => assert_eq!(head, "", "queries kept the head's lease"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(call(&link, &StageRequest::Ping { nonce: 3 }).await.unwrap(), StageReply::Pong { .. }));
+    match call(&link, &StageRequest::Query { nonce: 4 }).await.unwrap() {
+        StageReply::Pong { head, .. } => assert_eq!(head, "node-a"),
+        other => panic!("{other:?}"),
     }
     let total: u64 = stage_node.drops().snapshot().iter().map(|(_, n)| n).sum();
     assert_eq!(total, 3, "{:?}", stage_node.drops().snapshot());

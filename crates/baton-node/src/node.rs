@@ -405,16 +405,18 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     }
 }
 
-/// The entry front on this node's public HTTP and QUIC addresses, following the gossip's heads.
-/// Binding is retried for a few seconds: a head that stepped down has just let go of them.
 /// This node's own counters for `/metrics`: what its peers sent that it dropped.
 fn node_metrics(node: &Arc<ControlNode>) -> baton_serve::MoreMetrics {
     let node = node.clone();
     baton_serve::MoreMetrics(Arc::new(move || node.drops().prometheus()))
 }
 
+/// The entry front on this node's public HTTP and QUIC addresses, following the gossip's heads,
+/// never forwarding to itself (a head that stepped down is still cluster.toml's; the gossip
+/// tells the front the head it serves now). Binding is retried for a few seconds: a head that
+/// stepped down has just let go of them.
 fn start_entry_front(me: &NodeConfig, heads: &[HeadAddr], static_heads: &[String], gossip: &Arc<Gossip>, identity: &pki::NodeIdentity, node: &Arc<ControlNode>) -> Arc<Front> {
-    let front = Front::start(heads.to_vec());
+    let front = Front::start(heads.iter().filter(|h| h.name != me.name).cloned().collect());
     tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.to_vec()));
     if let Some(listen) = me.http {
         let front = front.clone();

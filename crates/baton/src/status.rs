@@ -44,7 +44,7 @@ fn ping(rt: &tokio::runtime::Runtime, identity: &pki::NodeIdentity, control: Soc
         let me = ControlNode::bind(bind, identity.clone(), std::sync::Arc::default()).ok()?;
         let link = tokio::time::timeout(Duration::from_secs(3), me.connect(control, name)).await.ok()?.ok()?;
         let start = Instant::now();
-        let reply = tokio::time::timeout(Duration::from_secs(3), stage_service::call(&link, &StageRequest::Ping { nonce: 1 })).await.ok()?.ok()?;
+        let reply = tokio::time::timeout(Duration::from_secs(3), stage_service::call(&link, &StageRequest::Query { nonce: 1 })).await.ok()?.ok()?;
         let rtt = start.elapsed().as_secs_f64() * 1e3;
         me.close();
         match reply {
