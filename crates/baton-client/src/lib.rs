@@ -206,6 +206,13 @@ impl ResumingGeneration {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     self.resume().await?
                 }
+                // A node that is not ready (loading, or shutting down: a head stepping down
+                // finishes what it runs but takes nothing new) is no answer while others are
+                // known: the request goes to the next.
+                Ok(Some(Frame::Error { kind: WireErrorKind::NotReady, message, .. })) if self.nodes.len() > 1 => {
+                    tracing::info!(node = %self.nodes[self.at].name, %message, "the node cannot serve; trying the next");
+                    self.resume().await?
+                }
                 Ok(other) => return Ok(other),
                 Err(ClientError::Frame(FrameError::Malformed(m))) => return Err(ClientError::Frame(FrameError::Malformed(m))),
                 Err(e) => {

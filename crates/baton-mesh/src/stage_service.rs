@@ -218,8 +218,13 @@ impl StageService {
         }
     }
 
-    /// A request for the stage itself, through the shard (in the order they come).
+    /// A request for the stage itself, through the shard (in the order they come), over the
+    /// control plane or UCX. While this node heads a pipeline its shard is the head's own, so
+    /// stage work is refused whichever way it comes (another head's old UCX endpoint).
     async fn handle(&self, req: StageRequest) -> StageReply {
+        if let Some(me) = self.heading().filter(|_| !matches!(req, StageRequest::Ping { .. } | StageRequest::Query { .. })) {
+            return StageReply::Error(format!("{me} is a pipeline head, not a stage"));
+        }
         match req {
             StageRequest::Ping { nonce } | StageRequest::Query { nonce } => self.pong(nonce),
             StageRequest::Drain | StageRequest::Release => self.leave(&req),
