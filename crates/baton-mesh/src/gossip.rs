@@ -285,29 +285,12 @@ impl Gossip {
 
     /// A gossip packet that arrived on the control connection of `peer` (its certificate name).
     pub fn receive(self: &Arc<Self>, peer: &str, data: &[u8]) {
-        let mut codec = PostcardCodec;
-        let claimed = match Codec::<NodeId>::decode_header(&mut codec, data) {
-            Ok(h) => h.src,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "dropping a malformed gossip packet");
-                self.node.drops().count(DropKind::MalformedGossip);
-                return;
-            }
-        };
-        if claimed.name != peer {
-            tracing::warn!(%peer, claimed = %claimed.name, "dropping a gossip packet that claims another identity");
-            self.node.drops().count(DropKind::ForgedGossip);
-            return;
-        }
-        let mut malformed = false;
-        self.with_swim(|swim, rt| {
-            let r = swim.handle_data(data, rt);
-            malformed = matches!(r, Err(foca::Error::MalformedPacket | foca::Error::Decode(_) | foca::Error::CustomBroadcast(_) | foca::Error::DataTooBig));
-            r
-        });
-        if malformed {
-            tracing::warn!(%peer, "dropping a malformed gossip packet (SWIM could not read it)");
-            self.node.drops().count(DropKind::MalformedGossip);
+        let mut rt = AccumulatingRuntime::new();
+        let taken = take_packet(&mut self.swim.lock().unwrap_or_else(|p| p.into_inner()), peer, data, &mut rt);
+        self.drain(rt);
+        if let Err(kind) = taken {
+            tracing::warn!(%peer, why = kind.as_str(), "dropping a gossip packet");
+            self.node.drops().count(kind);
         }
     }
 
@@ -397,6 +380,71 @@ impl Gossip {
     }
 }
 
+/// What a gossip packet from `peer` (the connection's certificate name) does to `swim`, or why
+/// it is dropped: its SWIM header must name `peer` as the sender, and SWIM must read it (a
+/// node's info inside is checked by `Infos`). No I/O: what SWIM wants sent comes out in `rt`.
+fn take_packet(swim: &mut Swim, peer: &str, data: &[u8], rt: &mut AccumulatingRuntime<NodeId>) -> Result<(), DropKind> {
+    let claimed = Codec::<NodeId>::decode_header(&mut PostcardCodec, data).map_err(|_| DropKind::MalformedGossip)?.src;
+    if claimed.name != peer {
+        return Err(DropKind::ForgedGossip);
+    }
+    match swim.handle_data(data, rt) {
+        Err(foca::Error::MalformedPacket | foca::Error::Decode(_) | foca::Error::CustomBroadcast(_) | foca::Error::DataTooBig) => Err(DropKind::MalformedGossip),
+        Err(e) => {
+            tracing::debug!(error = %e, "gossip");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
+    }
+}
+
+/// The receiving half of a node's gossip with no node around it: a SWIM agent that reads
+/// packets and keeps what they say, and sends nothing (what the fuzz targets feed bytes to).
+pub struct PacketReader(Swim);
+
+impl PacketReader {
+    /// An agent for node `name`.
+    pub fn new(name: &str) -> Self {
+        let me = NodeId { name: name.to_string(), generation: 1, control: SocketAddr::from(([127, 0, 0, 1], 9)) };
+        let rng = rand::rngs::SmallRng::seed_from_u64(1);
+        PacketReader(Foca::with_custom_broadcast(me, config(), rng, PostcardCodec, Infos::default()))
+    }
+
+    /// Reads a packet that came on `peer`'s connection: taken, with the packets SWIM answers
+    /// with (receiver, bytes), or dropped and why.
+    pub fn read(&mut self, peer: &str, data: &[u8]) -> Result<Vec<(NodeId, Vec<u8>)>, DropKind> {
+        let mut rt = AccumulatingRuntime::new();
+        take_packet(&mut self.0, peer, data, &mut rt)?;
+        Ok(sent(rt))
+    }
+
+    /// The members it knows of now.
+    pub fn members(&self) -> usize {
+        self.0.iter_members().count()
+    }
+
+    /// Publishes `info` (as a node publishes its own) for the packets it makes from now on.
+    pub fn publish(&mut self, info: &NodeInfo) -> Result<(), InfoError> {
+        let bytes = postcard::to_allocvec(info).map_err(|e| InfoError(e.to_string()))?;
+        self.0.add_broadcast(&bytes).map(|_| ()).map_err(|e| InfoError(e.to_string()))
+    }
+
+    /// The packets this agent sends to announce itself to `to` (receiver, bytes).
+    pub fn announce(&mut self, to: NodeId) -> Vec<(NodeId, Vec<u8>)> {
+        let mut rt = AccumulatingRuntime::new();
+        let _ = self.0.announce(to, &mut rt);
+        sent(rt)
+    }
+}
+
+fn sent(mut rt: AccumulatingRuntime<NodeId>) -> Vec<(NodeId, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some((to, data)) = rt.to_send() {
+        out.push((to, data.to_vec()));
+    }
+    out
+}
+
 /// Reads gossip packets from the uni streams of one authenticated control connection.
 pub async fn serve_connection(gossip: Arc<Gossip>, link: PeerLink) {
     loop {
@@ -452,6 +500,24 @@ mod tests {
             pipeline: None,
         };
         postcard::to_allocvec(&info).unwrap()
+    }
+
+    /// The gossip's receiving half with no I/O: two agents learn of each other from the packets
+    /// they make; the same packet on another peer's connection is forged.
+    #[test]
+    fn two_packet_readers_learn_of_each_other_from_their_packets() {
+        let (mut a, mut b) = (super::PacketReader::new("node-a"), super::PacketReader::new("node-b"));
+        let to_a = b.announce(super::NodeId { name: "node-a".into(), generation: 1, control: "127.0.0.1:9".parse().unwrap() });
+        assert_eq!(to_a.len(), 1);
+        let replies = a.read("node-b", &to_a[0].1).unwrap();
+        assert_eq!(a.members(), 1);
+        assert!(!replies.is_empty());
+        for (_, p) in replies {
+            b.read("node-a", &p).unwrap();
+        }
+        assert_eq!(b.members(), 1);
+        assert_eq!(a.read("node-c", &to_a[0].1).err(), Some(DropKind::ForgedGossip));
+        assert_eq!(a.read("node-b", b"not swim").err(), Some(DropKind::MalformedGossip));
     }
 
     /// A node's info from an older process (a replayed generation) is dropped and counted; a

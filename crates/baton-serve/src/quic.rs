@@ -85,7 +85,9 @@ pub async fn serve(endpoint: quinn::Endpoint, state: Arc<AppState>) {
     }
 }
 
-fn to_api(r: Request) -> Result<ApiRequest, ServeError> {
+/// A client's request as the serving layer takes it, or why it is refused (checked field by
+/// field: version, prompt, sampling parameters).
+pub fn to_api(r: Request) -> Result<ApiRequest, ServeError> {
     if r.version != PROTOCOL_VERSION {
         return Err(ServeError::bad(format!("protocol version {} is not supported (this server speaks {PROTOCOL_VERSION})", r.version), "version"));
     }
