@@ -122,6 +122,13 @@ pub struct CoreConfig {
     /// long without a break, and no sooner than `rebalance_every_us` after the last change.
     pub rebalance_after_us: u64,
     pub rebalance_every_us: u64,
+    /// The shell's tick period: a tick that comes much later than this says the detector
+    /// itself was starved (a busy or paused head), not that its stages went silent.
+    pub tick_us: u64,
+    /// A stage whose engine failed this many steps within `error_window_us` (its process
+    /// answering all along) is lost, as a silent one is.
+    pub errors_to_fail: u32,
+    pub error_window_us: u64,
 }
 
 impl Default for CoreConfig {
@@ -133,6 +140,9 @@ impl Default for CoreConfig {
             history: 16,
             rebalance_after_us: 10_000_000,
             rebalance_every_us: 30_000_000,
+            tick_us: 50_000,
+            errors_to_fail: 3,
+            error_window_us: 30_000_000,
         }
     }
 }
@@ -161,6 +171,8 @@ struct Node {
     draining: bool,
     /// Its measured time per layer per token (µs), as it last published it.
     us_per_layer_token: Option<f64>,
+    /// When its engine failed a step lately (within the error window).
+    errors: Vec<u64>,
 }
 
 /// The membership view and the plan of one pipeline, headed by `head`.
@@ -180,7 +192,20 @@ pub struct MeshCore {
     changed_at: u64,
     /// Since when a split by measured speed has been better than the plan's (by the threshold).
     better_since: Option<u64>,
+    /// When the last tick ran.
+    last_tick: Option<u64>,
+    /// The detector's own health (Lifeguard's local health multiplier): 0 while its ticks come
+    /// on time, up to `MAX_LOCAL_HEALTH` while they come late; silence must last
+    /// `dead_after_us * (1 + local_health)` to be a loss.
+    local_health: u32,
+    /// Ticks on time in a row (every `HEALTH_RECOVERY` of them lowers `local_health` by one).
+    timely_ticks: u32,
 }
+
+/// The most `dead_after_us` is stretched by a starved detector: nine times.
+pub const MAX_LOCAL_HEALTH: u32 = 8;
+/// Ticks on time, in a row, that earn back one step of local health (a second at 50 ms).
+const HEALTH_RECOVERY: u32 = 20;
 
 impl MeshCore {
     /// `roster`: every node of the pipeline, the head among them; `initial`: the plan the mesh
@@ -201,6 +226,7 @@ impl MeshCore {
                     failed: false,
                     draining: false,
                     us_per_layer_token: None,
+                    errors: Vec::new(),
                 }
             })
             .collect();
@@ -216,6 +242,9 @@ impl MeshCore {
             history: VecDeque::new(),
             changed_at: now,
             better_since: None,
+            last_tick: None,
+            local_health: 0,
+            timely_ticks: 0,
         }
     }
 
@@ -268,6 +297,7 @@ impl MeshCore {
             failed: false,
             draining: false,
             us_per_layer_token: None,
+            errors: Vec::new(),
         });
     }
 
@@ -359,6 +389,54 @@ impl MeshCore {
         }
     }
 
+    /// `name`'s engine failed a step or a load (it answered with an error: its process lives):
+    /// after `errors_to_fail` of them within `error_window_us` it is lost at the next tick, as
+    /// a silent node is, and taken back only after the rejoin wait (which doubles each time).
+    pub fn stage_errored(&mut self, name: &str, now: u64) {
+        if name == self.head {
+            return;
+        }
+        let (limit, window) = (self.config.errors_to_fail.max(1) as usize, self.config.error_window_us);
+        if let Some(n) = self.node_mut(name) {
+            n.errors.retain(|&t| now.saturating_sub(t) < window);
+            n.errors.push(now);
+            if n.errors.len() >= limit {
+                n.failed = true;
+                n.errors.clear();
+            }
+        }
+    }
+
+    /// The detector's own health now (0: its ticks come on time; see [`MAX_LOCAL_HEALTH`]).
+    pub fn local_health(&self) -> u32 {
+        self.local_health
+    }
+
+    /// Lifeguard's local health, from when this tick came: a tick late by more than a tick
+    /// period means the detector was starved (its probes' answers could not be read either),
+    /// so every node is credited the time it lost, and the health worsens by one (by two past
+    /// the loss threshold); ticks on time earn it back slowly.
+    fn account_for_own_lateness(&mut self, now: u64) {
+        let Some(last) = self.last_tick.replace(now) else { return };
+        let late = now.saturating_sub(last).saturating_sub(self.config.tick_us);
+        if late > self.config.tick_us {
+            for n in &mut self.nodes {
+                if let Some(t) = n.last_ok.as_mut() {
+                    *t = t.saturating_add(late).min(now);
+                }
+            }
+            let step = if late > self.config.dead_after_us { 2 } else { 1 };
+            self.local_health = (self.local_health + step).min(MAX_LOCAL_HEALTH);
+            self.timely_ticks = 0;
+        } else if self.local_health > 0 {
+            self.timely_ticks += 1;
+            if self.timely_ticks >= HEALTH_RECOVERY {
+                self.local_health -= 1;
+                self.timely_ticks = 0;
+            }
+        }
+    }
+
     /// The plan the shell just initialised every stage of: remembers each node's generation.
     pub fn initialised(&mut self, epoch: u64) {
         if self.plan.as_ref().is_none_or(|p| p.epoch != epoch) {
@@ -375,8 +453,9 @@ impl MeshCore {
 
     /// Decides: returns what changed since the last tick.
     pub fn tick(&mut self, now: u64) -> Vec<Action> {
+        self.account_for_own_lateness(now);
         let head = self.head.clone();
-        let dead_after = self.config.dead_after_us;
+        let dead_after = self.config.dead_after_us.saturating_mul(1 + self.local_health as u64);
         // 1. Losses among the plan's nodes.
         let mut lost: Vec<(String, Option<u64>)> = Vec::new();
         let mut restarted: Vec<String> = Vec::new();

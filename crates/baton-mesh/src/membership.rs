@@ -137,7 +137,7 @@ impl MeshDriver {
             eprintln!("baton: stage {name}: activations over {}", link.transport());
             links.insert(name.clone(), link);
         }
-        let config = CoreConfig { dead_after_us: (probe.interval * 7).as_micros() as u64, ..CoreConfig::default() };
+        let config = CoreConfig { dead_after_us: (probe.interval * 7).as_micros() as u64, tick_us: probe.tick.as_micros() as u64, ..CoreConfig::default() };
         let started = Instant::now();
         let core = MeshCore::new(me, roster.members.clone(), num_layers, initial, config, 0);
         let (notices, _) = watch::channel(0);
@@ -315,6 +315,21 @@ impl MeshDriver {
                 return;
             }
             core.stage_failed(stage, now);
+            core.tick(now)
+        };
+        self.apply(actions);
+    }
+
+    /// The stage `stage` of `epoch` answered a step or its `Init` with an engine error: lost
+    /// once that keeps happening (`MeshCore::stage_errored`).
+    pub fn report_error(&self, stage: &str, epoch: u64) {
+        let now = self.now_us();
+        let actions = {
+            let mut core = self.core();
+            if core.plan().is_none_or(|p| p.epoch != epoch) {
+                return;
+            }
+            core.stage_errored(stage, now);
             core.tick(now)
         };
         self.apply(actions);

@@ -105,13 +105,18 @@ impl StageService {
         }
     }
 
-    /// The answer to work the shard refused; work of another plan epoch is counted.
+    /// The answer to work the shard did not do: refused (work of another plan epoch, counted;
+    /// a stage not loaded yet), or failed by its engine.
     fn refused(&self, e: baton_shard::ShardError) -> StageReply {
-        if matches!(e, baton_shard::ShardError::WrongEpoch { .. }) {
-            tracing::warn!(error = %e, "dropping stage work of another plan epoch");
-            self.drops.count(crate::control::DropKind::StaleEpoch);
+        match e {
+            baton_shard::ShardError::WrongEpoch { .. } => {
+                tracing::warn!(error = %e, "dropping stage work of another plan epoch");
+                self.drops.count(crate::control::DropKind::StaleEpoch);
+                StageReply::Refused(e.to_string())
+            }
+            baton_shard::ShardError::NotLoaded => StageReply::Refused(e.to_string()),
+            _ => StageReply::Error(e.to_string()),
         }
-        StageReply::Error(e.to_string())
     }
 
     /// The head this stage serves and how long it has been silent.
@@ -223,7 +228,7 @@ impl StageService {
     /// stage work is refused whichever way it comes (another head's old UCX endpoint).
     async fn handle(&self, req: StageRequest) -> StageReply {
         if let Some(me) = self.heading().filter(|_| !matches!(req, StageRequest::Ping { .. } | StageRequest::Query { .. })) {
-            return StageReply::Error(format!("{me} is a pipeline head, not a stage"));
+            return StageReply::Refused(format!("{me} is a pipeline head, not a stage"));
         }
         match req {
             StageRequest::Ping { nonce } | StageRequest::Query { nonce } => self.pong(nonce),
@@ -231,7 +236,7 @@ impl StageService {
             StageRequest::Attach { .. } => StageReply::Error("Attach is handled by the serving loop".into()),
             StageRequest::Init { block_size, num_blocks, first_layer, end_layer, epoch, head } => {
                 if let Err(e) = self.take_lease(&head) {
-                    return StageReply::Error(e);
+                    return StageReply::Refused(e);
                 }
                 let geometry = KvGeometry { block_size: block_size as usize, num_blocks: num_blocks as usize };
                 // Layers it holds already (the cache shape unchanged) stay, with their KV: a
@@ -325,7 +330,7 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
                 let reply = match req {
                     // Liveness probes and leave requests are answered here, never queued behind a step.
                     StageRequest::Ping { nonce } | StageRequest::Query { nonce } => svc.pong(nonce),
-                    _ if heading.is_some() => StageReply::Error(format!("{} is a pipeline head, not a stage", heading.unwrap_or_default())),
+                    _ if heading.is_some() => StageReply::Refused(format!("{} is a pipeline head, not a stage", heading.unwrap_or_default())),
                     StageRequest::Attach { tensor_address, window_bytes } => svc.attach(&link.peer, tensor_address, window_bytes).await,
                     StageRequest::Drain | StageRequest::Release => svc.leave(&req),
                     req => svc.handle(req).await,

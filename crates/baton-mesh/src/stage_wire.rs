@@ -127,7 +127,12 @@ pub enum StageReply {
     Hidden { hidden: Vec<f32>, compute_us: u64 },
     Sampled { tokens: Vec<WireSampled>, compute_us: u64 },
     Kv { data: Vec<f32> },
+    /// The stage's engine failed the request (an engine error, a panic, a failed load): a head
+    /// that keeps getting these from a stage treats it as lost.
     Error(String),
+    /// Work this stage does not take (another plan epoch, a stage not yet loaded, another
+    /// head's, a node that heads a pipeline itself): no fault of its engine.
+    Refused(String),
 }
 
 pub fn layout_to_wire(l: &BatchLayout) -> Vec<WireChunk> {

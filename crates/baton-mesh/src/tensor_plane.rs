@@ -378,11 +378,11 @@ pub(crate) mod ucx {
             let reply = match request {
                 Err(e) => {
                     tracing::warn!(error = %e, "malformed UCX stage request");
-                    StageReply::Error(format!("malformed request: {e}"))
+                    StageReply::Refused(format!("malformed request: {e}"))
                 }
-                Ok(StageRequest::Attach { .. }) => StageReply::Error("Attach goes over the control plane".into()),
+                Ok(StageRequest::Attach { .. }) => StageReply::Refused("Attach goes over the control plane".into()),
                 Ok(mut req) => match stage.resolve(&head, &mut req).await {
-                    Err(e) => StageReply::Error(e),
+                    Err(e) => StageReply::Refused(e),
                     Ok(()) => handle(req).await,
                 },
             };

@@ -51,11 +51,11 @@ async fn a_stage_drops_stale_epochs_and_malformed_frames_and_keeps_serving() {
 
     // A step and a KV export of epoch 1, sent after the stage took epoch 2: refused, counted.
     match call(&link, &step(1)).await.unwrap() {
-        StageReply::Error(e) => assert!(e.contains("epoch"), "{e}"),
+        StageReply::Refused(e) => assert!(e.contains("epoch"), "{e}"),
         other => panic!("a step of a stale epoch was answered: {other:?}"),
     }
     let export = StageRequest::ExportKv { epoch: 1, first_layer: 0, end_layer: layers, blocks: vec![0] };
-    assert!(matches!(call(&link, &export).await.unwrap(), StageReply::Error(_)));
+    assert!(matches!(call(&link, &export).await.unwrap(), StageReply::Refused(_)));
     assert_eq!(stage_node.drops().get(DropKind::StaleEpoch), 2, "{:?}", stage_node.drops().snapshot());
 
     // Garbage on the same connection: that connection is closed, and counted.

@@ -1,12 +1,20 @@
 //! Three nodes of a pipeline started in one process through the library (`node::run`), over
 //! the QUIC tensor plane: a request entering at the head gives, token for token, what the whole
 //! model gives on one engine; a stage node's own `/metrics` counts the garbage a peer sent it,
-//! and the stage serves on; every node stops when its shutdown future resolves.
+//! and the stage serves on; every node stops when its shutdown future resolves. A stage whose
+//! engine starts failing every step (its process answering all along) is treated as lost: its
+//! layers are re-placed and the requests go on, none failed.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use baton_engine::{demo, Checkpoint, CpuBackend, KvGeometry, LocalRunner, ModelConfig, SamplingParams, Stage};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use baton_engine::backend::{AttnShape, Backend, BatchLayout};
+use baton_engine::checkpoint::TensorBytes;
+use baton_engine::rope::Rope;
+use baton_engine::{demo, Checkpoint, CpuBackend, EngineError, KvGeometry, LocalRunner, ModelConfig, SamplingParams, Stage};
 use baton_mesh::config::ClusterConfig;
 use baton_mesh::tensor_plane::PlaneChoice;
 use baton_node::node::{run, NodeOptions};
@@ -29,9 +37,92 @@ fn reference(dir: &std::path::Path, prompt: &[u32], max_tokens: usize) -> Vec<u3
     runner.generate(prompt, params, &[], &mut |_| {}).unwrap().token_ids
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_in_one_process_serve_like_one_engine() {
-    let dir = std::env::temp_dir().join(format!("baton-in-process-{}", std::process::id()));
+/// The CPU backend, whose every step fails with an engine error while `broken` is set.
+struct Breakable {
+    cpu: CpuBackend,
+    broken: Arc<AtomicBool>,
+}
+
+impl Backend for Breakable {
+    type Weight = <CpuBackend as Backend>::Weight;
+    type Buffer = <CpuBackend as Backend>::Buffer;
+    type KvCache = <CpuBackend as Backend>::KvCache;
+    type Batch = <CpuBackend as Backend>::Batch;
+
+    fn name(&self) -> String {
+        format!("breakable {}", self.cpu.name())
+    }
+    fn weight(&self, t: &TensorBytes) -> baton_engine::Result<Self::Weight> {
+        self.cpu.weight(t)
+    }
+    fn zeros(&self, len: usize) -> baton_engine::Result<Self::Buffer> {
+        self.cpu.zeros(len)
+    }
+    fn upload(&self, data: &[f32]) -> baton_engine::Result<Self::Buffer> {
+        self.cpu.upload(data)
+    }
+    fn download(&self, buf: &Self::Buffer) -> baton_engine::Result<Vec<f32>> {
+        self.cpu.download(buf)
+    }
+    fn kv_cache(&self, num_blocks: usize, block_size: usize, kv_dim: usize) -> baton_engine::Result<Self::KvCache> {
+        self.cpu.kv_cache(num_blocks, block_size, kv_dim)
+    }
+    fn prepare_batch(&self, layout: &BatchLayout, rope: &Rope, attn: AttnShape) -> baton_engine::Result<Self::Batch> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(EngineError::BackendUnavailable("this device broke (test)".into()));
+        }
+        self.cpu.prepare_batch(layout, rope, attn)
+    }
+    fn embed(&self, table: &Self::Weight, tokens: &[u32], out: &mut Self::Buffer) -> baton_engine::Result<()> {
+        self.cpu.embed(table, tokens, out)
+    }
+    fn matmul(&self, x: &Self::Buffer, rows: usize, w: &Self::Weight, bias: Option<&Self::Weight>, out: &mut Self::Buffer) -> baton_engine::Result<()> {
+        self.cpu.matmul(x, rows, w, bias, out)
+    }
+    fn rms_norm(&self, x: &Self::Buffer, weight: &Self::Weight, eps: f32, out: &mut Self::Buffer) -> baton_engine::Result<()> {
+        self.cpu.rms_norm(x, weight, eps, out)
+    }
+    fn add(&self, x: &mut Self::Buffer, y: &Self::Buffer) -> baton_engine::Result<()> {
+        self.cpu.add(x, y)
+    }
+    fn silu_mul(&self, gate: &Self::Buffer, up: &Self::Buffer, out: &mut Self::Buffer) -> baton_engine::Result<()> {
+        self.cpu.silu_mul(gate, up, out)
+    }
+    fn rope(&self, batch: &Self::Batch, x: &mut Self::Buffer, heads: usize, head_dim: usize) -> baton_engine::Result<()> {
+        self.cpu.rope(batch, x, heads, head_dim)
+    }
+    fn write_kv(&self, batch: &Self::Batch, cache: &mut Self::KvCache, k: &Self::Buffer, v: &Self::Buffer) -> baton_engine::Result<()> {
+        self.cpu.write_kv(batch, cache, k, v)
+    }
+    fn attention(&self, batch: &Self::Batch, cache: &Self::KvCache, q: &Self::Buffer, out: &mut Self::Buffer) -> baton_engine::Result<()> {
+        self.cpu.attention(batch, cache, q, out)
+    }
+    fn gather_rows(&self, x: &Self::Buffer, width: usize, rows: &[usize], out: &mut Self::Buffer) -> baton_engine::Result<()> {
+        self.cpu.gather_rows(x, width, rows, out)
+    }
+    fn read_kv_blocks(&self, cache: &Self::KvCache, blocks: &[u32], block_size: usize) -> baton_engine::Result<Vec<f32>> {
+        self.cpu.read_kv_blocks(cache, blocks, block_size)
+    }
+    fn write_kv_blocks(&self, cache: &mut Self::KvCache, blocks: &[u32], block_size: usize, data: &[f32]) -> baton_engine::Result<()> {
+        self.cpu.write_kv_blocks(cache, blocks, block_size, data)
+    }
+}
+
+/// Three nodes in this process (node-a the head with HTTP, node-b with HTTP, node-c), node-b on
+/// `device_b`; returns once the head serves.
+struct Three {
+    dir: std::path::PathBuf,
+    model: std::path::PathBuf,
+    cluster: ClusterConfig,
+    head: SocketAddr,
+    http_b: u16,
+    control_b: u16,
+    stop: tokio::sync::watch::Sender<bool>,
+    nodes: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+async fn start_three(name: &str, device_b: baton_shard::Device) -> Three {
+    let dir = std::env::temp_dir().join(format!("baton-in-process-{}-{name}", std::process::id()));
     let model = dir.join("model");
     let mut preset = demo::TINY.clone();
     preset.num_layers = 6;
@@ -65,7 +156,7 @@ memory_gb = 1
     let cluster = ClusterConfig::from_file(&path).unwrap();
     baton_mesh::pki::init(&cluster).unwrap();
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let mut nodes = Vec::new();
     for name in ["node-c", "node-b", "node-a"] {
         let opts = NodeOptions {
@@ -73,7 +164,7 @@ memory_gb = 1
             cluster_path: path.clone(),
             me: cluster.node(name).unwrap().clone(),
             model_dir: model.clone(),
-            device: baton_shard::Device::cpu(1),
+            device: if name == "node-b" { device_b.clone() } else { baton_shard::Device::cpu(1) },
             kv_cache_mb: 16,
             micro_batches: None,
             tensor_plane: PlaneChoice::Quic,
@@ -97,11 +188,33 @@ memory_gb = 1
         assert!(Instant::now() < deadline, "the in-process head never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Three { dir, model, cluster, head, http_b, control_b: cb, stop, nodes }
+}
+
+impl Three {
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        for n in self.nodes {
+            tokio::time::timeout(Duration::from_secs(30), n).await.expect("a node did not stop").unwrap().unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A greedy completion of `prompt` at `addr`: its token ids.
+async fn complete(client: &reqwest::Client, addr: &str, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let body = serde_json::json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    let reply: serde_json::Value = client.post(format!("http://{addr}/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+    reply["choices"][0]["token_ids"].as_array().unwrap_or_else(|| panic!("{reply}")).iter().map(|t| t.as_u64().unwrap() as u32).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_in_one_process_serve_like_one_engine() {
+    let three = start_three("serve", baton_shard::Device::cpu(1)).await;
+    let (head, model, cb, http_b) = (three.head, three.model.clone(), three.control_b, three.http_b);
+    let client = reqwest::Client::new();
     let prompt = vec![5u32, 17, 42, 9, 300];
-    let body = serde_json::json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
-    let reply: serde_json::Value = client.post(format!("http://{head}/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
-    let got: Vec<u32> = reply["choices"][0]["token_ids"].as_array().unwrap_or_else(|| panic!("{reply}")).iter().map(|t| t.as_u64().unwrap() as u32).collect();
-    assert_eq!(got, reference(&model, &prompt, 24));
+    assert_eq!(complete(&client, &head.to_string(), &prompt, 24).await, reference(&model, &prompt, 24));
     let mesh: serde_json::Value = client.get(format!("http://{head}/v1/mesh")).send().await.unwrap().json().await.unwrap();
     assert_eq!(mesh["epoch"], 1, "{mesh}");
     let dropped = "baton:peer_messages_dropped_total{kind=\"malformed_control\"}";
@@ -110,19 +223,39 @@ memory_gb = 1
 
     // A peer with the cluster's certificate of node-c sends node-b garbage: node-b closes that
     // connection, counts it on its own /metrics, and the pipeline still answers the same.
-    let tls = cluster.tls_dir.clone();
+    let tls = three.cluster.tls_dir.clone();
     let peer = baton_mesh::control::ControlNode::bind("127.0.0.1:0".parse().unwrap(), baton_mesh::pki::load(&tls, "node-c").unwrap(), Default::default()).unwrap();
     let link = peer.connect(format!("127.0.0.1:{cb}").parse().unwrap(), "node-b").await.unwrap();
     let _ = link.send_raw(b"\x08\x00\x00\x00garbage!").await;
     tokio::time::timeout(Duration::from_secs(10), link.connection.closed()).await.expect("node-b kept a connection that sent garbage");
     let stage_metrics = client.get(format!("http://127.0.0.1:{http_b}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(stage_metrics.contains(&format!("{dropped} 1")), "{stage_metrics}");
-    let reply: serde_json::Value = client.post(format!("http://127.0.0.1:{http_b}/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
-    assert_eq!(reply["choices"][0]["token_ids"], serde_json::json!(reference(&model, &prompt, 24)), "{reply}");
+    assert_eq!(complete(&client, &format!("127.0.0.1:{http_b}"), &prompt, 24).await, reference(&model, &prompt, 24));
+    three.stop().await;
+}
 
-    stop_tx.send_replace(true);
-    for n in nodes {
-        tokio::time::timeout(Duration::from_secs(30), n).await.expect("a node did not stop").unwrap().unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_whose_engine_keeps_failing_is_replaced_and_no_request_fails() {
+    let broken = Arc::new(AtomicBool::new(false));
+    let flag = broken.clone();
+    let device = baton_shard::Device::new("breakable cpu", move || Ok(Breakable { cpu: CpuBackend::new(1)?, broken: flag.clone() }));
+    let three = start_three("failing", device).await;
+    let (head, model) = (three.head.to_string(), three.model.clone());
+    let client = reqwest::Client::new();
+    let prompt = vec![5u32, 17, 42, 9, 300];
+    let want = reference(&model, &prompt, 24);
+    assert_eq!(complete(&client, &head, &prompt, 24).await, want);
+
+    // node-b's engine fails every step from now on, its process answering every probe: the
+    // requests still complete with one engine's tokens, and node-b is lost, not retried forever.
+    broken.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(complete(&client, &head, &prompt, 24).await, want);
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let mesh: serde_json::Value = client.get(format!("http://{head}/v1/mesh")).send().await.unwrap().json().await.unwrap();
+    let lost = mesh["changes"].as_array().unwrap().iter().find(|c| c["reason"] == "node_lost").unwrap_or_else(|| panic!("node-b was never lost: {mesh}")).clone();
+    assert_eq!(lost["nodes"], serde_json::json!(["node-b"]), "{mesh}");
+    let metrics = client.get(format!("http://{head}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("baton:request_failure_total 0"), "{metrics}");
+    three.stop().await;
 }

@@ -164,8 +164,10 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         geometry,
     );
     let device = opts.device.clone();
+    // Unnamed (ractor's names are process-wide): several nodes, heads among them, may serve in
+    // one process (baton-node's in-process tests run two clusters at once).
     let (sched, sched_handle) = Actor::spawn(
-        Some("scheduler".into()),
+        None,
         scheduler::SchedulerActor,
         scheduler::SchedulerArgs {
             core,
@@ -180,7 +182,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     .await
     .map_err(|e| StartError::Actor("scheduler", e.to_string()))?;
     let (router, router_handle) = Actor::spawn(
-        Some("router".into()),
+        None,
         router::Router,
         router::RouterArgs {
             model_name: opts.model_name.clone(),

@@ -423,7 +423,12 @@ fn init_remotes(p: &PipelinePlan, args: &ShardArgs, active: &ActivePlan) -> Resu
                     kept_in_place.push(link.peer().to_string());
                 }
             }
-            Ok(StageReply::Error(e)) => return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: e }),
+            Ok(StageReply::Error(e)) => {
+                // Its engine could not load the range: lost if that keeps happening.
+                p.mesh.report_error(link.peer(), active.epoch);
+                return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: e });
+            }
+            Ok(StageReply::Refused(e)) => return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: e }),
             Ok(other) => return Err(ShardFailure::Stage { stage: link.peer().to_string(), detail: format!("answered Init with {other:?}") }),
             Err(e) => {
                 p.mesh.report_lost(link.peer(), active.epoch);
@@ -594,7 +599,12 @@ fn start_chain(plan: &PipelinePlan, runtime: &tokio::runtime::Handle, active: Ac
                             .collect(),
                         forward_time: item.started.elapsed(),
                     }),
-                    Ok(StageReply::Error(e)) => Err(failed(e)),
+                    Ok(StageReply::Error(e)) => {
+                        // Its engine failed the step: lost if that keeps happening.
+                        mesh.report_error(&stage, epoch);
+                        Err(failed(e))
+                    }
+                    Ok(StageReply::Refused(e)) => Err(failed(e)),
                     Ok(other) => Err(failed(format!("answered out of turn: {other:?}"))),
                     Err(e) => {
                         // The link itself broke: the stage is lost, decided now.

@@ -275,6 +275,79 @@ fn stage_failure_is_a_loss_at_the_next_tick() {
     assert_eq!(change.stages, stages(&[("a", 0..15), ("c", 15..30)]));
 }
 
+/// A stage whose engine fails a step now and then stays; one that fails `errors_to_fail` steps
+/// within the window is lost (while it answers every probe) and taken back only after the
+/// rejoin wait.
+#[test]
+fn a_stage_whose_engine_keeps_failing_is_lost_and_a_rare_error_is_not() {
+    let mut core = trio(30, CoreConfig::default());
+    let bc = |_: u64| vec![("b", 1u64), ("c", 1u64)];
+    assert!(drive(&mut core, 0, 100_000, bc).is_empty());
+    // Errors further apart than the window: never three within it.
+    let window = CoreConfig::default().error_window_us;
+    let mut t = 100_000;
+    for _ in 0..5 {
+        core.stage_errored("b", t);
+        assert!(drive(&mut core, t, t + window / 2 + PROBE, bc).is_empty(), "t={t}");
+        t += window / 2 + PROBE;
+    }
+    // Three in a row: lost at the next tick, though it answers.
+    for k in 0..3 {
+        core.stage_errored("b", t + k * 10_000);
+    }
+    let (at, change) = one_change(drive(&mut core, t + 20_000, t + 1_000_000, bc));
+    assert_eq!(at, (t + 20_000) / TICK * TICK + TICK);
+    assert_eq!(change.reason, ChangeReason::NodeLost);
+    assert_eq!(change.nodes, ["b"]);
+    assert_eq!(change.stages, stages(&[("a", 0..15), ("c", 15..30)]));
+    // It is taken back after answering for the rejoin wait (doubled by its loss), not before.
+    let wait = core.config().rejoin_after_us * 2;
+    let (back, change) = one_change(drive(&mut core, t + 1_000_000, t + 1_000_000 + 2 * wait, bc));
+    assert_eq!(change.reason, ChangeReason::NodeJoined);
+    assert!(back >= t + 1_000_000 + wait / 2, "taken back at {back}");
+    // The head's own errors are its own shard's, never a loss of a stage.
+    core.stage_errored("a", back);
+    core.stage_errored("a", back);
+    core.stage_errored("a", back);
+    assert!(drive(&mut core, back, back + 1_000_000, bc).is_empty());
+}
+
+/// Lifeguard's local health: a head whose own ticks stall (busy, or paused) accuses no stage
+/// for the silence it caused itself; its health worsens and slowly recovers on timely ticks;
+/// a stage that really died while the head was slow is still found, later.
+#[test]
+fn a_starved_detector_accuses_no_one_and_recovers() {
+    let config = CoreConfig::default();
+    let mut core = trio(30, config);
+    let bc = |_: u64| vec![("b", 1u64), ("c", 1u64)];
+    assert!(drive(&mut core, 0, 1_000_000, bc).is_empty());
+    assert_eq!(core.local_health(), 0);
+    // The head stalls 2 s: no tick runs and no answer is read; then it runs again.
+    assert!(core.tick(3_000_000).is_empty(), "a stalled head accused its stages");
+    assert!(core.local_health() >= 1);
+    assert!(drive(&mut core, 3_000_000, 4_000_000, bc).is_empty());
+    // Ticks late by two periods, for a while: slower, and no accusation either.
+    let mut t = 4_000_000;
+    for _ in 0..20 {
+        t += 3 * TICK;
+        core.probe_ok("b", 1, t);
+        core.probe_ok("c", 1, t);
+        assert!(core.tick(t).is_empty(), "t={t}");
+    }
+    let sick = core.local_health();
+    assert_eq!(sick, MAX_LOCAL_HEALTH);
+    // Timely ticks earn the health back: one step per second at 50 ms.
+    assert!(drive(&mut core, t, t + 2_000_000, bc).is_empty());
+    assert!(core.local_health() < sick);
+    let t = t + 2_000_000;
+    // c dies while the head is still unwell: lost, within the stretched threshold.
+    let health = core.local_health() as u64;
+    let (at, change) = one_change(drive(&mut core, t, t + 20_000_000, |_| vec![("b", 1u64)]));
+    assert_eq!(change.nodes, ["c"]);
+    assert!(at > t + config.dead_after_us, "lost at {at}: the stretch did not apply");
+    assert!(at <= t + config.dead_after_us * (1 + health) + TICK, "lost at {at}, health {health}");
+}
+
 #[test]
 fn failed_probes_of_a_node_of_the_plan_are_not_a_loss_while_it_answers() {
     let mut core = trio(30, CoreConfig::default());
