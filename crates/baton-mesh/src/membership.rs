@@ -391,7 +391,8 @@ impl MeshDriver {
                     self.decided.lock().unwrap_or_else(|p| p.into_inner()).insert(c.epoch, Instant::now());
                     let detection = c.detection_us.map(|d| format!(" (silent for {} ms)", d / 1000)).unwrap_or_default();
                     tracing::info!(epoch = c.epoch, reason = c.reason.as_str(), nodes = ?c.nodes, "plan change: {}", c.moved);
-                    eprintln!("baton: plan epoch {} ({}: {}{detection}): {}", c.epoch, c.reason.as_str(), c.nodes.join(", "), c.moved);
+                    let who = if c.nodes.is_empty() { "by measured speed".to_string() } else { c.nodes.join(", ") };
+                    eprintln!("baton: plan epoch {} ({}: {who}{detection}): {}", c.epoch, c.reason.as_str(), c.moved);
                 }
                 Action::Unservable { missing, lost } => {
                     let mut links = self.links();
