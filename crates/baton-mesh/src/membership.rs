@@ -308,28 +308,25 @@ impl MeshDriver {
     /// The data plane lost `stage` while running `epoch`: decided at once (no waiting for the
     /// probes), unless the plan has moved on already.
     pub fn report_lost(&self, stage: &str, epoch: u64) {
-        let now = self.now_us();
-        let actions = {
-            let mut core = self.core();
-            if core.plan().is_none_or(|p| p.epoch != epoch) {
-                return;
-            }
-            core.stage_failed(stage, now);
-            core.tick(now)
-        };
-        self.apply(actions);
+        self.report(epoch, |core, now| core.stage_failed(stage, now));
     }
 
     /// The stage `stage` of `epoch` answered a step or its `Init` with an engine error: lost
     /// once that keeps happening (`MeshCore::stage_errored`).
     pub fn report_error(&self, stage: &str, epoch: u64) {
+        self.report(epoch, |core, now| core.stage_errored(stage, now));
+    }
+
+    /// What the data plane saw of a stage of `epoch` (ignored once the plan moved on), decided
+    /// at once.
+    fn report(&self, epoch: u64, saw: impl FnOnce(&mut MeshCore, u64)) {
         let now = self.now_us();
         let actions = {
             let mut core = self.core();
             if core.plan().is_none_or(|p| p.epoch != epoch) {
                 return;
             }
-            core.stage_errored(stage, now);
+            saw(&mut core, now);
             core.tick(now)
         };
         self.apply(actions);
