@@ -29,6 +29,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 const PROMPTS: [&str; 4] = ["Hello", "The mesh", "Once upon a time", "Partitions"];
+const MAX_TOKENS: usize = 300;
 
 /// Runs `ip ARGS`; the error says what failed.
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -155,6 +156,8 @@ struct Cluster {
     _procs: Procs,
     cfg: std::path::PathBuf,
     model: std::path::PathBuf,
+    /// One engine's tokens for each of `PROMPTS`, `MAX_TOKENS` of them.
+    want: Vec<Vec<u64>>,
     net: Net,
 }
 
@@ -186,7 +189,8 @@ impl Cluster {
                 .unwrap();
             procs.0.push(child);
         }
-        let c = Cluster { _procs: procs, cfg, model, net };
+        let want = PROMPTS.iter().map(|p| reference(&model, p, MAX_TOKENS)).collect();
+        let c = Cluster { _procs: procs, cfg, model, want, net };
         c.wait_for("node-a to serve", 90, || support::health_ok(&c.at(0).addr));
         c
     }
@@ -229,6 +233,29 @@ impl Cluster {
         }
     }
 
+    /// Eight greedy streams entering at the nodes `entries` in turn; node `cut` is cut off once
+    /// they are under way (the head, node-a, has streamed ten tokens each). Each is checked.
+    fn streams_across_a_cut(&self, entries: &[usize], cut: usize, what: &str) {
+        let nodes: Vec<support::Server> = entries.iter().map(|&i| self.at(i)).collect();
+        let head = self.at(0);
+        let (nodes, h) = (&nodes, &head);
+        let results = std::thread::scope(|scope| {
+            let streams: Vec<_> = (0..8).map(|i| scope.spawn(move || stream(&nodes[i % nodes.len()], PROMPTS[i % 4], MAX_TOKENS))).collect();
+            self.wait_for("the streams to get going", 60, || metric(h, "baton:inter_token_latency_seconds_count") >= 8.0 * 10.0);
+            self.net.cut(cut);
+            streams.into_iter().map(|s| s.join().unwrap()).collect::<Vec<_>>()
+        });
+        self.check(&results, &self.want, what);
+    }
+
+    /// After a heal: every node serves again, each giving one engine's tokens.
+    fn every_node_answers(&self, want: &[u64]) {
+        for i in 0..NODES.len() {
+            self.wait_for("every node to answer", 30, || support::health_ok(&self.at(i).addr));
+            self.ask(i, want, "after the heal");
+        }
+    }
+
     /// One greedy stream entering at node `i`, checked against `want`.
     fn ask(&self, i: usize, want: &[u64], what: &str) {
         let r = stream(&self.at(i), PROMPTS[0], want.len());
@@ -247,20 +274,11 @@ fn a_cut_stage_serves_its_own_side_and_is_taken_back_when_the_link_heals() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(net) = network(101) else { return };
     let c = Cluster::start("partition-stage", net);
-    let max_tokens = 300;
-    let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&c.model, p, max_tokens)).collect();
-    let short = &want[0][..24];
+    let short = &c.want[0][..24];
     let head = c.at(0);
 
     // Streams entering at node-a; node-c (layers 8..12) is cut off once they are under way.
-    let h = &head;
-    let results = std::thread::scope(|scope| {
-        let streams: Vec<_> = (0..8).map(|i| scope.spawn(move || stream(h, PROMPTS[i % 4], max_tokens))).collect();
-        c.wait_for("the streams to get going", 60, || metric(h, "baton:inter_token_latency_seconds_count") >= 8.0 * 10.0);
-        c.net.cut(2);
-        streams.into_iter().map(|s| s.join().unwrap()).collect::<Vec<_>>()
-    });
-    c.check(&results, &want, "streams across the cut");
+    c.streams_across_a_cut(&[0], 2, "streams across the cut");
     c.wait_for("node-a to re-place node-c's layers", 30, || view(&c, 0, "node-c").0 == "down");
     assert!(metric(&head, "baton:requests_recomputed_total") >= 1.0, "no stream was migrated: the cut came too late");
 
@@ -282,10 +300,7 @@ fn a_cut_stage_serves_its_own_side_and_is_taken_back_when_the_link_heals() {
     c.wait_for("node-a to take node-c back", 90, || view(&c, 0, "node-c").0 == "serving");
     c.wait_for("the split to end", 30, || c.split().is_empty());
     assert!(view(&c, 0, "node-c").1 > epoch_split, "node-c was taken back under the old plan");
-    for i in 0..3 {
-        c.wait_for("every node to answer", 30, || support::health_ok(&c.at(i).addr));
-        c.ask(i, short, "after the heal");
-    }
+    c.every_node_answers(short);
     assert_eq!(metric(&head, "baton:request_failure_total"), 0.0);
 }
 
@@ -294,20 +309,10 @@ fn a_cut_head_is_succeeded_on_the_other_side_and_one_head_remains_when_the_link_
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(net) = network(102) else { return };
     let c = Cluster::start("partition-head", net);
-    let max_tokens = 300;
-    let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&c.model, p, max_tokens)).collect();
-    let short = &want[0][..24];
-    let head = c.at(0);
+    let short = &c.want[0][..24];
 
     // Streams entering at node-b and node-c; node-a, the head, is cut off once they are under way.
-    let (b, cc, h) = (&c.at(1), &c.at(2), &head);
-    let results = std::thread::scope(|scope| {
-        let streams: Vec<_> = (0..8).map(|i| scope.spawn(move || stream(if i % 2 == 0 { b } else { cc }, PROMPTS[i % 4], max_tokens))).collect();
-        c.wait_for("the streams to get going", 60, || metric(h, "baton:inter_token_latency_seconds_count") >= 8.0 * 10.0);
-        c.net.cut(0);
-        streams.into_iter().map(|s| s.join().unwrap()).collect::<Vec<_>>()
-    });
-    c.check(&results, &want, "streams entering at the stages across the head's cut");
+    c.streams_across_a_cut(&[1, 2], 0, "streams entering at the stages across the head's cut");
     assert!(log_text(&c.cfg, "node-b").contains("heads the pipeline now"), "node-b did not take over\n{}", c.logs());
 
     // Two sides, each with a head: node-b (with node-c), and node-a alone.
@@ -328,8 +333,5 @@ fn a_cut_head_is_succeeded_on_the_other_side_and_one_head_remains_when_the_link_
         let v = mesh(&c.at(2));
         NODES.iter().all(|n| node_state(&v, n) == "serving")
     });
-    for i in 0..3 {
-        c.wait_for("every node to answer", 30, || support::health_ok(&c.at(i).addr));
-        c.ask(i, short, "after the heal");
-    }
+    c.every_node_answers(short);
 }

@@ -268,17 +268,10 @@ impl Gossip {
     }
 
     fn publish(self: &Arc<Self>, info: NodeInfo) {
-        match postcard::to_allocvec(&info) {
-            Ok(bytes) => {
-                // foca hands it to `Infos::receive_item`, which stores it and has it sent on.
-                let mut swim = self.swim.lock().unwrap_or_else(|p| p.into_inner());
-                match swim.add_broadcast(&bytes) {
-                    Ok(true) => {}
-                    Ok(false) => tracing::warn!("this node's info was not newer than the one published"),
-                    Err(e) => tracing::warn!(error = %e, "cannot publish this node's info"),
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode this node's info"),
+        match add_info(&mut self.swim.lock().unwrap_or_else(|p| p.into_inner()), &info) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("this node's info was not newer than the one published"),
+            Err(e) => tracing::warn!(error = %e, "cannot publish this node's info"),
         }
         self.changes.send_modify(|n| *n += 1);
     }
@@ -380,6 +373,13 @@ impl Gossip {
     }
 }
 
+/// Broadcasts `info` from `swim` (foca hands it to `Infos::receive_item`, which stores it and
+/// has it sent on); `false` when it is not newer than the one published.
+fn add_info(swim: &mut Swim, info: &NodeInfo) -> Result<bool, InfoError> {
+    let bytes = postcard::to_allocvec(info).map_err(|e| InfoError(e.to_string()))?;
+    swim.add_broadcast(&bytes).map_err(|e| InfoError(e.to_string()))
+}
+
 /// What a gossip packet from `peer` (the connection's certificate name) does to `swim`, or why
 /// it is dropped: its SWIM header must name `peer` as the sender, and SWIM must read it (a
 /// node's info inside is checked by `Infos`). No I/O: what SWIM wants sent comes out in `rt`.
@@ -425,8 +425,7 @@ impl PacketReader {
 
     /// Publishes `info` (as a node publishes its own) for the packets it makes from now on.
     pub fn publish(&mut self, info: &NodeInfo) -> Result<(), InfoError> {
-        let bytes = postcard::to_allocvec(info).map_err(|e| InfoError(e.to_string()))?;
-        self.0.add_broadcast(&bytes).map(|_| ()).map_err(|e| InfoError(e.to_string()))
+        add_info(&mut self.0, info).map(|_| ())
     }
 
     /// The packets this agent sends to announce itself to `to` (receiver, bytes).

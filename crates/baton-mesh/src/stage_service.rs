@@ -326,13 +326,10 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
                 if !matches!(req, StageRequest::Query { .. }) {
                     svc.heard_from(&link.peer);
                 }
-                let heading = svc.heading();
+                // Pings and leave requests are answered at once by `handle`, never queued behind a
+                // step; it refuses stage work while this node heads a pipeline.
                 let reply = match req {
-                    // Liveness probes and leave requests are answered here, never queued behind a step.
-                    StageRequest::Ping { nonce } | StageRequest::Query { nonce } => svc.pong(nonce),
-                    _ if heading.is_some() => StageReply::Refused(format!("{} is a pipeline head, not a stage", heading.unwrap_or_default())),
-                    StageRequest::Attach { tensor_address, window_bytes } => svc.attach(&link.peer, tensor_address, window_bytes).await,
-                    StageRequest::Drain | StageRequest::Release => svc.leave(&req),
+                    StageRequest::Attach { tensor_address, window_bytes } if svc.heading().is_none() => svc.attach(&link.peer, tensor_address, window_bytes).await,
                     req => svc.handle(req).await,
                 };
                 match encode(&reply) {
