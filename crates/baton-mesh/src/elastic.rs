@@ -21,12 +21,22 @@
 //!   of the same nodes by speed is taken when it makes the slowest stage faster by the same
 //!   threshold, has done so for `rebalance_after_us` and the last change is
 //!   `rebalance_every_us` old (noise in the measurements makes no churn).
+//! - A stage the head waits on longer than its own compute and its link take (starved between
+//!   steps: `slowdown.rs` measures the head's calls to it) is weighed slower by that factor,
+//!   once it is `SlowConfig::factor` times the other stages' and stalls `min_stall_us` a call;
+//!   the factor is held and decays slowly, so the split by speed moves layers off it and does
+//!   not hand them straight back.
 //! - When the live nodes cannot hold every layer, there is no plan (`unserved` says which
 //!   layers lack a home) until capacity returns.
 //! - The head (this node) is never lost in its own view; a dead head is the next issue's work.
 
 use std::collections::VecDeque;
 use std::ops::Range;
+
+mod slowdown;
+
+pub use slowdown::SlowConfig;
+use slowdown::CallMeter;
 
 /// A node the planner may place layers on.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,6 +139,8 @@ pub struct CoreConfig {
     /// answering all along) is lost, as a silent one is.
     pub errors_to_fail: u32,
     pub error_window_us: u64,
+    /// When the head's calls to a stage make it a slow one.
+    pub slow: SlowConfig,
 }
 
 impl Default for CoreConfig {
@@ -143,6 +155,7 @@ impl Default for CoreConfig {
             tick_us: 50_000,
             errors_to_fail: 3,
             error_window_us: 30_000_000,
+            slow: SlowConfig::default(),
         }
     }
 }
@@ -173,6 +186,11 @@ struct Node {
     us_per_layer_token: Option<f64>,
     /// When its engine failed a step lately (within the error window).
     errors: Vec<u64>,
+    /// The head's calls to it under the current plan.
+    calls: CallMeter,
+    /// Its held slowdown factor (1: not slow), as of `slowdown_at`.
+    slowdown: f64,
+    slowdown_at: u64,
 }
 
 /// The membership view and the plan of one pipeline, headed by `head`.
@@ -227,6 +245,9 @@ impl MeshCore {
                     draining: false,
                     us_per_layer_token: None,
                     errors: Vec::new(),
+                    calls: CallMeter::default(),
+                    slowdown: 1.0,
+                    slowdown_at: 0,
                 }
             })
             .collect();
@@ -298,6 +319,9 @@ impl MeshCore {
             draining: false,
             us_per_layer_token: None,
             errors: Vec::new(),
+            calls: CallMeter::default(),
+            slowdown: 1.0,
+            slowdown_at: 0,
         });
     }
 
@@ -308,6 +332,46 @@ impl MeshCore {
     pub fn measured(&mut self, name: &str, us_per_layer_token: f64) {
         if let Some(n) = self.node_mut(name).filter(|_| us_per_layer_token.is_finite() && us_per_layer_token > 0.0) {
             n.us_per_layer_token = Some(us_per_layer_token);
+        }
+    }
+
+    /// The head's call to stage `name` took `wall_us`, of which the stage computed
+    /// `compute_us` (see `slowdown.rs`).
+    pub fn stage_timed(&mut self, name: &str, wall_us: f64, compute_us: f64) {
+        if name == self.head {
+            return;
+        }
+        if let Some(n) = self.node_mut(name) {
+            n.calls.record(wall_us, compute_us);
+        }
+    }
+
+    /// The factor `name`'s speed is divided by because the head waits on it (1: not slow).
+    pub fn slowdown(&self, name: &str) -> f64 {
+        self.nodes.iter().find(|n| n.member.name == name).map_or(1.0, |n| n.slowdown)
+    }
+
+    /// Brings every node's held slowdown to `now` and raises it where the head's calls to a
+    /// stage of the plan make that stage `factor` times slower than the least slow other one.
+    fn weigh_calls(&mut self, now: u64) {
+        let slow = self.config.slow;
+        let head = self.head.clone();
+        let planned: Vec<String> = self.plan.as_ref().map(|p| p.stages.iter().map(|(n, _)| n.clone()).filter(|n| *n != head).collect()).unwrap_or_default();
+        let measured: Vec<(String, f64, f64)> = self
+            .nodes
+            .iter()
+            .filter(|n| planned.contains(&n.member.name))
+            .filter_map(|n| Some((n.member.name.clone(), n.calls.slowdown()?, n.calls.stall_per_call_us()?)))
+            .collect();
+        for n in &mut self.nodes {
+            n.slowdown = slowdown::decayed(n.slowdown, n.slowdown_at, now, slow.half_life_us);
+            n.slowdown_at = now;
+            let Some((_, f, stall)) = measured.iter().find(|(name, _, _)| *name == n.member.name) else { continue };
+            let reference = measured.iter().filter(|(name, _, _)| *name != n.member.name).map(|(_, f, _)| *f).fold(f64::INFINITY, f64::min);
+            let relative = f / if reference.is_finite() { reference.max(1.0) } else { 1.0 };
+            if relative >= slow.factor && *stall >= slow.min_stall_us && relative > n.slowdown {
+                n.slowdown = relative;
+            }
         }
     }
 
@@ -324,7 +388,7 @@ impl MeshCore {
         let live = |n: &&Node| n.member.name == self.head || matches!(n.state, NodeState::Up { .. });
         let by_speed = self.nodes.iter().filter(live).all(|n| n.us_per_layer_token.is_some());
         match node.us_per_layer_token {
-            Some(us) if by_speed => Some(1.0 / us),
+            Some(us) if by_speed => Some(1.0 / (us * node.slowdown)),
             _ => Some(node.member.capacity.max(f64::MIN_POSITIVE)),
         }
     }
@@ -454,6 +518,7 @@ impl MeshCore {
     /// Decides: returns what changed since the last tick.
     pub fn tick(&mut self, now: u64) -> Vec<Action> {
         self.account_for_own_lateness(now);
+        self.weigh_calls(now);
         let head = self.head.clone();
         let dead_after = self.config.dead_after_us.saturating_mul(1 + self.local_health as u64);
         // 1. Losses among the plan's nodes.
@@ -539,8 +604,8 @@ impl MeshCore {
                 }
             }
         }
-        // 3. The same nodes split by their measured speeds, when that is better by the
-        // threshold for long enough.
+        // 3. The same nodes split by their measured speeds (and how long the head waits on
+        // each), when that is better by the threshold for long enough.
         if let Some(stages) = self.speed_split(now) {
             actions.push(self.adopt(stages, ChangeReason::Rebalanced, Vec::new(), None, now));
         }
@@ -672,8 +737,10 @@ impl MeshCore {
         self.unserved = None;
         self.unserved_lost.clear();
         for n in &mut self.nodes {
-            // Each node's process as of this plan; a later generation is a restart.
+            // Each node's process as of this plan; a later generation is a restart. The
+            // head's calls under the old plan say nothing of the new one's stages.
             n.planned_generation = n.generation;
+            n.calls = CallMeter::default();
         }
         let change = PlanChange { epoch, reason, nodes, at_us: now, detection_us, moved, stages };
         self.history.push_back(change.clone());

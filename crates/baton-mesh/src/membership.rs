@@ -76,6 +76,8 @@ pub struct NodeStatus {
     pub layers: Option<[usize; 2]>,
     /// Its measured speed (µs per layer per token), as the planner weighs it.
     pub us_per_layer_token: Option<f64>,
+    /// What the head's waiting on it beyond its compute divides that speed by (1: not slow).
+    pub slowdown: f64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -317,6 +319,15 @@ impl MeshDriver {
         self.report(epoch, |core, now| core.stage_errored(stage, now));
     }
 
+    /// The head's step call to stage `stage` of `epoch` took `wall`, of which the stage
+    /// computed `compute`: what the planner weighs a stage starved between steps by.
+    pub fn report_timing(&self, stage: &str, epoch: u64, wall: Duration, compute: Duration) {
+        let mut core = self.core();
+        if core.plan().is_some_and(|p| p.epoch == epoch) {
+            core.stage_timed(stage, wall.as_secs_f64() * 1e6, compute.as_secs_f64() * 1e6);
+        }
+    }
+
     /// What the data plane saw of a stage of `epoch` (ignored once the plan moved on), decided
     /// at once.
     fn report(&self, epoch: u64, saw: impl FnOnce(&mut MeshCore, u64)) {
@@ -388,7 +399,13 @@ impl MeshDriver {
                     self.decided.lock().unwrap_or_else(|p| p.into_inner()).insert(c.epoch, Instant::now());
                     let detection = c.detection_us.map(|d| format!(" (silent for {} ms)", d / 1000)).unwrap_or_default();
                     tracing::info!(epoch = c.epoch, reason = c.reason.as_str(), nodes = ?c.nodes, "plan change: {}", c.moved);
-                    let who = if c.nodes.is_empty() { "by measured speed".to_string() } else { c.nodes.join(", ") };
+                    let who = if c.nodes.is_empty() {
+                        let core = self.core();
+                        let slow: Vec<String> = c.stages.iter().filter(|(n, _)| core.slowdown(n) > 1.0).map(|(n, _)| format!("{n} waited on {:.1}x its compute", core.slowdown(n))).collect();
+                        if slow.is_empty() { "by measured speed".to_string() } else { format!("by measured speed; {}", slow.join(", ")) }
+                    } else {
+                        c.nodes.join(", ")
+                    };
                     eprintln!("baton: plan epoch {} ({}: {who}{detection}): {}", c.epoch, c.reason.as_str(), c.moved);
                 }
                 Action::Unservable { missing, lost } => {
@@ -463,6 +480,7 @@ impl MeshDriver {
                         NodeState::Down => "down",
                     },
                     us_per_layer_token: core.us_per_layer_token(&name),
+                    slowdown: core.slowdown(&name),
                     name,
                     generation,
                     layers: layers.map(|r| [r.start, r.end]),

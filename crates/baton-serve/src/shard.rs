@@ -574,7 +574,11 @@ fn start_chain(plan: &PipelinePlan, runtime: &tokio::runtime::Handle, active: Ac
                 };
                 let called = Instant::now();
                 let reply = link.call(req).await;
-                item.remote_wall += called.elapsed();
+                let wall = called.elapsed();
+                item.remote_wall += wall;
+                if let Ok(StageReply::Hidden { compute_us, .. } | StageReply::Sampled { compute_us, .. }) = &reply {
+                    mesh.report_timing(&stage, epoch, wall, Duration::from_micros(*compute_us));
+                }
                 let outcome = match reply {
                     Ok(StageReply::Hidden { hidden, compute_us }) if !last => match &forward_to {
                         Some(next) => {

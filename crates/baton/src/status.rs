@@ -160,7 +160,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|n| Some(format!("{} {:.2}", n["name"].as_str()?, n["us_per_layer_token"].as_f64()?)))
+            .filter_map(|n| {
+                let slow = n["slowdown"].as_f64().filter(|f| *f > 1.0).map(|f| format!(" (slow: waited on {f:.1}x its compute)")).unwrap_or_default();
+                Some(format!("{} {:.2}{slow}", n["name"].as_str()?, n["us_per_layer_token"].as_f64()?))
+            })
             .collect();
         if !speeds.is_empty() {
             println!("  measured µs per layer per token: {}", speeds.join(", "));

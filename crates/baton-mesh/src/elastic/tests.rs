@@ -654,6 +654,94 @@ fn noisy_measurements_make_no_churn() {
     }
 }
 
+/// Runs the trio's steps for (`from`, `to`], a second at a time: 100 step calls a second to b
+/// and to c, each `call(node, call number)` (wall, compute) µs, then that second's ticks and
+/// probes. Returns the plan changes.
+fn run_calls(core: &mut MeshCore, from: u64, to: u64, calls: &mut u64, mut call: impl FnMut(&str, u64) -> (f64, f64)) -> Vec<(u64, Action)> {
+    let mut out = Vec::new();
+    let mut t = from;
+    while t < to {
+        for _ in 0..100 {
+            for n in ["b", "c"] {
+                let (wall, compute) = call(n, *calls);
+                core.stage_timed(n, wall, compute);
+            }
+            *calls += 1;
+        }
+        out.extend(drive(core, t, t + 1_000_000, |_| vec![("b", 1), ("c", 1)]));
+        t += 1_000_000;
+    }
+    out
+}
+
+/// The same self-reported speed everywhere, but every 25th call to c waits 475 ms longer (a CPU
+/// quota spent between steps): c is weighed slower, its layers move off it once the split has
+/// been better for long enough, it keeps few while it stays starved, and gets (nearly) its
+/// share back minutes after it recovers.
+#[test]
+fn a_stage_starved_between_steps_loses_layers_and_gets_them_back_once_it_recovers() {
+    let config = CoreConfig::default();
+    for seed in 0..5 {
+        let mut rng = Rng::new(seed);
+        let mut core = trio(30, config);
+        for n in ["a", "b", "c"] {
+            core.measured(n, 1.0);
+        }
+        let mut calls = 0;
+        let link = |rng: &mut Rng| 300.0 + 200.0 * rng.unit();
+        let (t, moved) = one_change(run_calls(&mut core, 0, 60_000_000, &mut calls, |n, i| {
+            let stall = if n == "c" && i % 25 == 24 { 475_000.0 } else { 0.0 };
+            (1_000.0 + link(&mut rng) + stall, 1_000.0)
+        }));
+        assert_eq!(moved.reason, ChangeReason::Rebalanced, "seed {seed}");
+        assert_eq!(t, config.rebalance_every_us, "seed {seed}: the plan is that old before any rebalance");
+        let c = moved.stages.iter().find(|(n, _)| n == "c").map(|(_, r)| r.len()).unwrap();
+        assert!(c <= 3, "seed {seed}: {moved:?}");
+        assert!(core.slowdown("c") >= config.slow.factor && core.slowdown("b") == 1.0, "seed {seed}: {} {}", core.slowdown("c"), core.slowdown("b"));
+
+        // Still starved (its stalls as long, with fewer layers): nothing moves back.
+        let acts = run_calls(&mut core, 60_000_000, 660_000_000, &mut calls, |n, i| {
+            let stall = if n == "c" && i % 25 == 24 { 475_000.0 } else { 0.0 };
+            (1_000.0 + link(&mut rng) + stall, 1_000.0)
+        });
+        assert!(acts.is_empty(), "seed {seed}: {acts:?}");
+
+        // Recovered: the held factor decays (half-life two minutes) and c is handed its share.
+        let acts = run_calls(&mut core, 660_000_000, 2_000_000_000, &mut calls, |_, _| (1_000.0 + link(&mut rng), 1_000.0));
+        let (back_at, back) = one_change(acts);
+        assert_eq!(back.reason, ChangeReason::Rebalanced);
+        // Its share, within the hysteresis: once the split is 0.75 of the slowest stage's cost.
+        let c = back.stages.iter().find(|(n, _)| n == "c").map(|(_, r)| r.len()).unwrap();
+        assert!(c >= 8, "seed {seed}: {back:?}");
+        assert!(back_at - 660_000_000 <= 6 * config.slow.half_life_us, "seed {seed}: back after {} s", (back_at - 660_000_000) / 1_000_000);
+        assert_eq!(core.slowdown("c"), 1.0);
+    }
+}
+
+/// Jitter on healthy links moves no layers: calls whose overhead varies by up to 3 ms (under
+/// the stall a call must average), and a head whose own load delays every call alike by 0-20 ms
+/// (each stage as slow as the other).
+#[test]
+fn link_jitter_and_a_busy_head_move_no_layers() {
+    let config = CoreConfig::default();
+    for seed in 0..10 {
+        for head_load in [false, true] {
+            let mut rng = Rng::new(seed);
+            let mut core = trio(30, config);
+            for n in ["a", "b", "c"] {
+                core.measured(n, 1.0);
+            }
+            let mut calls = 0;
+            let acts = run_calls(&mut core, 0, 600_000_000, &mut calls, |_, _| {
+                let jitter = if head_load { 20_000.0 * rng.unit() } else { 3_000.0 * rng.unit() + if rng.chance(1) { 20_000.0 } else { 0.0 } };
+                (1_300.0 + jitter, 1_000.0)
+            });
+            assert!(acts.is_empty(), "seed {seed}, head load {head_load}: {acts:?}");
+            assert_eq!((core.slowdown("b"), core.slowdown("c")), (1.0, 1.0));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Seeded simulations in virtual time.
 
