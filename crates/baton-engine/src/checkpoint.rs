@@ -51,20 +51,36 @@ struct Entry {
     end: usize,
 }
 
-/// A tensor's bytes as stored, borrowed from the mapping that keeps them alive.
+/// A tensor's bytes as stored, borrowed from the mapping that keeps them alive (none for the
+/// shapes of a config-only checkpoint).
 #[derive(Clone)]
 pub struct TensorBytes {
     shards: Arc<Vec<Shard>>,
     shard: usize,
     start: usize,
     end: usize,
+    pub name: String,
     pub dtype: DType,
     pub shape: Vec<usize>,
 }
 
 impl TensorBytes {
+    /// The stored bytes (empty for a config-only checkpoint's tensor).
     pub fn bytes(&self) -> &[u8] {
-        &self.shards[self.shard].map[self.start..self.end]
+        match self.shards.get(self.shard) {
+            Some(s) => &s.map[self.start..self.end],
+            None => &[],
+        }
+    }
+
+    /// The tensor's size as stored (whether or not its bytes are here).
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+
+    /// Whether its bytes are here (not a config-only checkpoint's shape).
+    pub fn has_data(&self) -> bool {
+        !self.shards.is_empty()
     }
 
     pub fn numel(&self) -> usize {
@@ -88,13 +104,36 @@ impl TensorBytes {
     }
 }
 
-/// All tensors of a checkpoint directory, by name.
+/// All tensors of a checkpoint directory, by name; or, config-only, every tensor a stage asks
+/// for in the shape it asks, with no bytes (for a device that models time, not values).
 pub struct Checkpoint {
     shards: Arc<Vec<Shard>>,
     entries: HashMap<String, Entry>,
+    config_only: Option<DType>,
 }
 
 impl Checkpoint {
+    /// A checkpoint of shapes alone, of `dtype`: what `--device mock:GPU` loads, so a model
+    /// directory needs only config.json and the tokenizer.
+    pub fn config_only(dtype: DType) -> Self {
+        Checkpoint { shards: Arc::new(Vec::new()), entries: HashMap::new(), config_only: Some(dtype) }
+    }
+
+    /// The checkpoint `backend` runs from `dir`: the weights, or only their shapes for a
+    /// backend that reads none (a mock device; `dir` may hold no weights then).
+    pub fn for_backend<B: crate::Backend>(dir: &Path, backend: &B) -> Result<Self> {
+        if backend.reads_weights() {
+            Checkpoint::open(dir)
+        } else {
+            Ok(Checkpoint::config_only(DType::BF16))
+        }
+    }
+
+    /// Whether this holds only shapes.
+    pub fn is_config_only(&self) -> bool {
+        self.config_only.is_some()
+    }
+
     /// Opens `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
@@ -165,6 +204,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             shards: Arc::new(shards),
             entries,
+            config_only: None,
         })
     }
 
@@ -180,6 +220,9 @@ impl Checkpoint {
 
     /// A tensor whose shape must be exactly `shape`.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<TensorBytes> {
+        if let Some(dtype) = self.config_only {
+            return Ok(TensorBytes { shards: self.shards.clone(), shard: 0, start: 0, end: 0, name: name.to_string(), dtype, shape: shape.to_vec() });
+        }
         let entry = self.entries.get(name).ok_or_else(|| EngineError::MissingTensor {
             path: self.file_of(name),
             name: name.to_string(),
@@ -197,6 +240,7 @@ impl Checkpoint {
             shard: entry.shard,
             start: entry.start,
             end: entry.end,
+            name: name.to_string(),
             dtype: entry.dtype,
             shape: entry.shape.clone(),
         })

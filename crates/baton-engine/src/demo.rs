@@ -24,6 +24,8 @@ pub struct Preset {
     pub tie_word_embeddings: bool,
     pub rope_theta: f32,
     pub max_position_embeddings: usize,
+    /// Too large for random weights here: written config-only, for a mock device.
+    pub config_only: bool,
 }
 
 /// Small and fast: for tests.
@@ -38,6 +40,7 @@ pub const TINY: Preset = Preset {
     tie_word_embeddings: false,
     rope_theta: 10_000.0,
     max_position_embeddings: 4096,
+    config_only: false,
 };
 
 /// SmolLM2-135M's shape, in bf16: for benchmarks and the default demo.
@@ -52,6 +55,7 @@ pub const BENCH: Preset = Preset {
     tie_word_embeddings: true,
     rope_theta: 100_000.0,
     max_position_embeddings: 8192,
+    config_only: false,
 };
 
 /// Llama-3.2-1B's shape, in bf16: for GPU timings.
@@ -66,9 +70,55 @@ pub const LLAMA_1B: Preset = Preset {
     tie_word_embeddings: true,
     rope_theta: 500_000.0,
     max_position_embeddings: 8192,
+    config_only: false,
 };
 
-pub const PRESETS: [&Preset; 3] = [&TINY, &BENCH, &LLAMA_1B];
+/// Meta's Llama-3-8B shape (config-only: for `--device mock:GPU`).
+pub const LLAMA3_8B: Preset = Preset {
+    name: "llama3-8b",
+    hidden_size: 4096,
+    num_layers: 32,
+    num_heads: 32,
+    num_kv_heads: 8,
+    intermediate_size: 14336,
+    vocab_size: 128256,
+    tie_word_embeddings: false,
+    rope_theta: 500_000.0,
+    max_position_embeddings: 8192,
+    config_only: true,
+};
+
+/// Meta's Llama-3-70B shape (config-only).
+pub const LLAMA3_70B: Preset = Preset {
+    name: "llama3-70b",
+    hidden_size: 8192,
+    num_layers: 80,
+    num_heads: 64,
+    num_kv_heads: 8,
+    intermediate_size: 28672,
+    vocab_size: 128256,
+    tie_word_embeddings: false,
+    rope_theta: 500_000.0,
+    max_position_embeddings: 8192,
+    config_only: true,
+};
+
+/// Meta's Llama-3.1-405B shape (config-only; its 128k context without the rope scaling).
+pub const LLAMA3_405B: Preset = Preset {
+    name: "llama3-405b",
+    hidden_size: 16384,
+    num_layers: 126,
+    num_heads: 128,
+    num_kv_heads: 8,
+    intermediate_size: 53248,
+    vocab_size: 128256,
+    tie_word_embeddings: false,
+    rope_theta: 500_000.0,
+    max_position_embeddings: 131072,
+    config_only: true,
+};
+
+pub const PRESETS: [&Preset; 6] = [&TINY, &BENCH, &LLAMA_1B, &LLAMA3_8B, &LLAMA3_70B, &LLAMA3_405B];
 
 pub fn preset(name: &str) -> Option<&'static Preset> {
     PRESETS.iter().copied().find(|p| p.name == name)
@@ -91,35 +141,9 @@ inference, latency, throughput, memory, bandwidth, network and cluster.";
 
 /// Writes a seeded random model of `preset` into `dir` (created if needed).
 pub fn write_model(preset: &Preset, dir: &Path, seed: u64) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    write_config_only(preset, dir, seed)?;
     let p = preset;
     let head_dim = p.hidden_size / p.num_heads;
-    let config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": p.hidden_size,
-        "intermediate_size": p.intermediate_size,
-        "num_hidden_layers": p.num_layers,
-        "num_attention_heads": p.num_heads,
-        "num_key_value_heads": p.num_kv_heads,
-        "head_dim": head_dim,
-        "vocab_size": p.vocab_size,
-        "max_position_embeddings": p.max_position_embeddings,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": p.rope_theta,
-        "rope_scaling": null,
-        "tie_word_embeddings": p.tie_word_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": false,
-        "mlp_bias": false,
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-        "torch_dtype": "bfloat16",
-        "baton_preset": p.name,
-        "baton_seed": seed,
-    });
-    write_json(&dir.join("config.json"), &config)?;
-
     let mut rng = Rng::new(seed);
     let (h, i, v) = (p.hidden_size, p.intermediate_size, p.vocab_size);
     let (qd, kvd) = (p.num_heads * head_dim, p.num_kv_heads * head_dim);
@@ -168,6 +192,41 @@ pub fn write_model(preset: &Preset, dir: &Path, seed: u64) -> Result<()> {
         path: st_path.clone(),
         message: e.to_string(),
     })?;
+
+    Ok(())
+}
+
+/// Writes `preset`'s config.json, tokenizer and generation config into `dir` (created if
+/// needed), without weights: what a mock device runs (`baton gen-model --config-only`).
+pub fn write_config_only(preset: &Preset, dir: &Path, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    let p = preset;
+    let head_dim = p.hidden_size / p.num_heads;
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": p.hidden_size,
+        "intermediate_size": p.intermediate_size,
+        "num_hidden_layers": p.num_layers,
+        "num_attention_heads": p.num_heads,
+        "num_key_value_heads": p.num_kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": p.vocab_size,
+        "max_position_embeddings": p.max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": p.rope_theta,
+        "rope_scaling": null,
+        "tie_word_embeddings": p.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "mlp_bias": false,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+        "baton_preset": p.name,
+        "baton_seed": seed,
+    });
+    write_json(&dir.join("config.json"), &config)?;
 
     write_json(&dir.join("tokenizer.json"), &tokenizer_json(p.vocab_size, seed))?;
     write_json(

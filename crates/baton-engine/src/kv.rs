@@ -11,6 +11,12 @@ pub struct KvGeometry {
     pub num_blocks: usize,
 }
 
+/// The share of a card's memory weights and KV may take.
+pub const DEVICE_MEMORY_UTILIZATION: f64 = 0.9;
+/// The most KV blocks a card's geometry has (a small model on a large card would otherwise
+/// get hundreds of millions of token slots).
+pub const MAX_DEVICE_BLOCKS: usize = 1 << 20;
+
 impl KvGeometry {
     /// As many blocks as fit in `budget_bytes` for `layers` layers of f32 K and V.
     pub fn for_budget(budget_bytes: usize, layers: usize, kv_dim: usize, block_size: usize) -> Self {
@@ -19,6 +25,18 @@ impl KvGeometry {
             block_size,
             num_blocks: budget_bytes / per_block,
         }
+    }
+
+    /// What a card's memory (`memory_bytes`) holds for layers `layers` of `config` once their
+    /// weights (bf16) are in: 90% of it (vLLM's default `gpu_memory_utilization`) less the
+    /// weights, as bf16 K and V; at most `MAX_DEVICE_BLOCKS` blocks. 0 blocks when the weights
+    /// alone fill it.
+    pub fn on_device(memory_bytes: u64, config: &crate::ModelConfig, layers: std::ops::Range<usize>, block_size: usize) -> Self {
+        let weights = config.stage_param_count(layers.start, layers.end) as u64 * 2;
+        let usable = (memory_bytes as f64 * DEVICE_MEMORY_UTILIZATION) as u64;
+        let per_block = (layers.len() * 2 * block_size * config.kv_dim() * 2).max(1) as u64;
+        let num_blocks = (usable.saturating_sub(weights) / per_block).min(MAX_DEVICE_BLOCKS as u64) as usize;
+        KvGeometry { block_size, num_blocks }
     }
 
     pub fn bytes(&self, layers: usize, kv_dim: usize) -> usize {

@@ -19,6 +19,7 @@ pub mod tokenizer;
 pub mod worker;
 
 pub use backend::cpu::CpuBackend;
+pub use backend::mock::MockBackend;
 pub use backend::{Backend, BatchLayout, SeqChunk};
 pub use checkpoint::{Checkpoint, DType};
 pub use config::{Architecture, ModelConfig};

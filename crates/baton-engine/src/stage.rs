@@ -80,9 +80,15 @@ struct Loader<'a, B: Backend> {
 impl<B: Backend> Loader<'_, B> {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<B::Weight> {
         let t = self.ckpt.tensor(name, shape)?;
+        if !t.has_data() && self.backend.reads_weights() {
+            return Err(EngineError::BackendUnavailable(format!(
+                "{} needs the weights (tensor `{name}`), and this model has only its config: run it on a mock device (--device mock:h100)",
+                self.backend.name()
+            )));
+        }
         let w = self.backend.weight(&t)?;
         touch(t.bytes());
-        self.done += t.bytes().len();
+        self.done += t.nbytes();
         (self.progress)(self.done, self.total);
         Ok(w)
     }

@@ -46,7 +46,7 @@ impl<B: Backend> StageWorker<B> {
     /// of `geometry`.
     pub fn load(backend: B, model_dir: &Path, layers: Range<usize>, geometry: KvGeometry) -> Result<Self> {
         let config = ModelConfig::from_dir(model_dir)?;
-        let ckpt = Checkpoint::open(model_dir)?;
+        let ckpt = Checkpoint::for_backend(model_dir, &backend)?;
         let stage = Stage::load(backend, &config, &ckpt, layers.clone(), geometry, &mut |_, _| {})?;
         Ok(StageWorker { stage, model_dir: model_dir.to_path_buf(), layers, geometry, samplers: SamplerSet::default() })
     }
@@ -75,7 +75,7 @@ impl<B: Backend> StageWorker<B> {
     /// Grows to `layers` (see [`grows_to`](Self::grows_to)), loading only the layers it lacks;
     /// the ones it had keep their weights and KV.
     pub fn extend(&mut self, layers: Range<usize>) -> Result<()> {
-        let ckpt = Checkpoint::open(&self.model_dir)?;
+        let ckpt = Checkpoint::for_backend(&self.model_dir, self.stage.backend())?;
         self.stage.extend(&ckpt, layers.clone())?;
         self.layers = layers;
         Ok(())

@@ -35,7 +35,8 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Where the engine runs.
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s`.
+    #[arg(long, default_value = "cpu")]
     device: load::Device,
     /// Decode batch sizes, comma-separated.
     #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
@@ -79,7 +80,12 @@ fn engine_on<B: Backend>(backend: B, args: &EngineArgs, dir: &std::path::Path, k
     let mut rng = Rng::new(1);
     let mut prompt = |len: usize| -> Vec<u32> { (0..len).map(|_| (rng.next_u64() % vocab) as u32).collect() };
 
-    let bandwidth = read_bandwidth(args.threads);
+    // The floor is the device's: this machine's measured read bandwidth, or a modeled card's
+    // data-sheet peak.
+    let bandwidth = match args.device {
+        load::Device::Mock(spec) => spec.memory_bandwidth,
+        _ => read_bandwidth(args.threads),
+    };
     let step_bytes = m.runner.stage.step_weight_bytes();
     let floor_steps_per_s = bandwidth / step_bytes as f64;
     eprintln!(

@@ -7,10 +7,14 @@ use baton_engine::demo;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Which shape: `tiny` (fast tests), `bench` (SmolLM2-135M's shape, bf16) or `llama-1b`
-    /// (Llama-3.2-1B's shape, bf16, for GPU timings).
+    /// Which shape: `tiny` (fast tests), `bench` (SmolLM2-135M's shape, bf16), `llama-1b`
+    /// (Llama-3.2-1B's shape, bf16, for GPU timings), or, config-only, `llama3-8b`,
+    /// `llama3-70b`, `llama3-405b` (for `--device mock:GPU`).
     #[arg(long)]
     preset: String,
+    /// Write config.json and the tokenizer only, no weights: what `--device mock:GPU` runs.
+    #[arg(long)]
+    config_only: bool,
     /// Directory to write (created if needed).
     #[arg(long)]
     out: PathBuf,
@@ -36,6 +40,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         preset.num_layers = n;
     }
     let preset = &preset;
+    if args.config_only {
+        demo::write_config_only(preset, &args.out, args.seed).with_context(|| format!("writing {}", args.out.display()))?;
+        eprintln!("wrote the `{}` model's config and tokenizer (no weights: for --device mock:GPU) to {}", preset.name, args.out.display());
+        return Ok(());
+    }
+    if preset.config_only {
+        anyhow::bail!("--preset {}: its weights would not fit here; add --config-only (no weights) and run it with --device mock:h100", preset.name);
+    }
     demo::write_model(preset, &args.out, args.seed).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("wrote the `{}` demo model to {}", preset.name, args.out.display());
     Ok(())

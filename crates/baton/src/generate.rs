@@ -34,7 +34,8 @@ pub struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Where the engine runs.
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s`.
+    #[arg(long, default_value = "cpu")]
     device: load::Device,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]

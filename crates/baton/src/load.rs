@@ -13,12 +13,43 @@ pub struct Loaded<B: Backend> {
     pub config: ModelConfig,
 }
 
-/// Where the engine runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// Where the engine runs: `cpu`, `cuda` (the first NVIDIA GPU) or `mock:GPU` (a modeled
+/// card: `mock:h100`, `mock:a100`, `mock:l40s`).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Device {
     Cpu,
     /// The first NVIDIA GPU (needs the `cuda` feature, on by default, and a driver).
     Cuda,
+    /// A modeled GPU: its roofline's time, no arithmetic, no weights (config-only models run).
+    Mock(&'static baton_engine::backend::mock::GpuSpec),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            _ => match s.strip_prefix("mock:").map(baton_engine::backend::mock::gpu) {
+                Some(Some(spec)) => Ok(Device::Mock(spec)),
+                _ => {
+                    let mocks: Vec<String> = baton_engine::backend::mock::GPUS.iter().map(|g| format!("mock:{}", g.name)).collect();
+                    Err(format!("{s:?} is not a device (cpu, cuda, {})", mocks.join(", ")))
+                }
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda => f.write_str("cuda"),
+            Device::Mock(spec) => write!(f, "mock:{}", spec.name),
+        }
+    }
 }
 
 /// Runs `$body` with `$b` bound to the selected backend (a macro: the body is generic).
@@ -32,6 +63,10 @@ macro_rules! with_backend {
             }
             $crate::load::Device::Cuda => {
                 let $b = $crate::load::cuda_backend()?;
+                $body
+            }
+            $crate::load::Device::Mock(spec) => {
+                let $b = baton_engine::MockBackend::new(*spec);
                 $body
             }
         }
@@ -54,6 +89,7 @@ pub fn shard_device(device: Device, threads: usize) -> anyhow::Result<baton_shar
     match device {
         Device::Cpu => Ok(baton_shard::Device::cpu(threads)),
         Device::Cuda => cuda_shard_device(),
+        Device::Mock(spec) => Ok(baton_shard::Device::new(format!("mock:{} (modeled)", spec.name), move || Ok(baton_engine::MockBackend::new(*spec)))),
     }
 }
 
@@ -69,6 +105,33 @@ fn cuda_shard_device() -> anyhow::Result<baton_shard::Device> {
     anyhow::bail!("--device cuda: no CUDA backend in this build")
 }
 
+/// The KV budget (bytes, as the head's block table counts them: f32 K and V for every layer)
+/// of a whole model served on `device`: `kv_cache_mb` on the host; on a modeled card, what its
+/// memory leaves after the weights.
+pub fn kv_cache_bytes(device: Device, model_dir: &Path, kv_cache_mb: usize, block_size: usize) -> anyhow::Result<usize> {
+    let Device::Mock(spec) = device else { return Ok(kv_cache_mb << 20) };
+    let config = ModelConfig::from_dir(model_dir)?;
+    let g = KvGeometry::on_device(spec.memory_bytes, &config, 0..config.num_layers, block_size);
+    if g.num_blocks == 0 {
+        anyhow::bail!("mock:{}: the weights of {} alone fill its {} GiB", spec.name, model_dir.display(), spec.memory_bytes >> 30);
+    }
+    eprintln!("baton: mock:{}: KV for {} tokens (what {} GiB leave after the weights)", spec.name, g.num_blocks * g.block_size, spec.memory_bytes >> 30);
+    Ok(g.bytes(config.num_layers, config.kv_dim()))
+}
+
+/// The device a cluster node runs on: `--device`, else the first of its `devices` in
+/// cluster.toml, else the CPU.
+pub fn node_device(flag: Option<Device>, node: &baton_mesh::config::NodeConfig, cluster_file: &Path) -> anyhow::Result<Device> {
+    if let Some(d) = flag {
+        return Ok(d);
+    }
+    match &node.devices[..] {
+        [] => Ok(Device::Cpu),
+        [one] => one.parse().map_err(|e| anyhow::anyhow!("{}: node {:?}: `devices`: {e}", cluster_file.display(), node.name)),
+        more => anyhow::bail!("{}: node {:?}: `devices`: a node runs one GPU shard, so one device ({} given)", cluster_file.display(), node.name, more.len()),
+    }
+}
+
 /// The model's tokenizer (and its config), required to work with text.
 pub fn tokenizer(dir: &Path) -> anyhow::Result<TextTokenizer> {
     let config = ModelConfig::from_dir(dir)?;
@@ -81,7 +144,7 @@ pub fn tokenizer(dir: &Path) -> anyhow::Result<TextTokenizer> {
 /// Loads `dir` whole onto `backend`, with a KV cache of `kv_tokens` token slots.
 pub fn load<B: Backend>(backend: B, dir: &Path, kv_tokens: usize, prefill_chunk: usize) -> anyhow::Result<Loaded<B>> {
     let config = ModelConfig::from_dir(dir)?;
-    let ckpt = Checkpoint::open(dir)?;
+    let ckpt = Checkpoint::for_backend(dir, &backend)?;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {bytes}/{total_bytes}")
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -89,9 +152,17 @@ pub fn load<B: Backend>(backend: B, dir: &Path, kv_tokens: usize, prefill_chunk:
     );
     bar.set_message(dir.display().to_string());
     let block_size = 16;
-    let geometry = KvGeometry {
-        block_size,
-        num_blocks: kv_tokens.div_ceil(block_size),
+    let geometry = match backend.memory_bytes() {
+        // A card: what its memory leaves after the weights (so admission and preemption
+        // behave as on the card), whatever was asked for.
+        Some(memory) => {
+            let g = KvGeometry::on_device(memory, &config, 0..config.num_layers, block_size);
+            if g.num_blocks == 0 {
+                anyhow::bail!("{}: the weights of {} alone fill {} GiB", backend.name(), dir.display(), memory >> 30);
+            }
+            g
+        }
+        None => KvGeometry { block_size, num_blocks: kv_tokens.div_ceil(block_size) },
     };
     let stage = Stage::load(backend, &config, &ckpt, 0..config.num_layers, geometry, &mut |done, total| {
         bar.set_length(total as u64);
@@ -116,11 +187,15 @@ pub fn ensure_demo_model(preset: &str, seed: u64) -> anyhow::Result<PathBuf> {
     let dir = demo_model_dir(preset, seed);
     if !dir.join("config.json").exists() {
         let p = demo::preset(preset).with_context(|| format!("unknown preset {preset:?}"))?;
-        eprintln!("generating the `{preset}` demo model in {}", dir.display());
+        eprintln!("generating the `{preset}` demo model in {}{}", dir.display(), if p.config_only { " (config only: for --device mock:GPU)" } else { "" });
         // Several processes may start at once (a cluster on one machine): each writes its own
         // copy and the first rename wins.
         let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
-        demo::write_model(p, &tmp, seed)?;
+        if p.config_only {
+            demo::write_config_only(p, &tmp, seed)?;
+        } else {
+            demo::write_model(p, &tmp, seed)?;
+        }
         if let Err(e) = std::fs::rename(&tmp, &dir) {
             let _ = std::fs::remove_dir_all(&tmp);
             if !dir.join("config.json").exists() {

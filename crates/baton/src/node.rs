@@ -23,8 +23,10 @@ pub struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Where this node's stage runs.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: load::Device,
+    /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s` (default: the
+    /// node's `devices` in cluster.toml, else cpu).
+    #[arg(long)]
+    device: Option<load::Device>,
     /// KV cache size in MiB (pipeline head: for the whole model's block table).
     #[arg(long, default_value_t = 1024)]
     kv_cache_mb: usize,
@@ -75,12 +77,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return runtime.block_on(baton_node::node::drain_remote(&c, &me));
     }
     let model_dir = load::ClusterModel::of(&c, &args.cluster)?.dir()?;
+    let device = load::shard_device(load::node_device(args.device, &me, &args.cluster)?, args.threads.unwrap_or_else(load::default_threads))?;
     let opts = NodeOptions {
         cluster: c,
         cluster_path: args.cluster.clone(),
         me,
         model_dir,
-        device: load::shard_device(args.device, args.threads.unwrap_or_else(load::default_threads))?,
+        device,
         kv_cache_mb: args.kv_cache_mb,
         micro_batches: args.micro_batches,
         tensor_plane: args.tensor_plane.unwrap_or_else(PlaneChoice::default_for_build),

@@ -22,7 +22,8 @@ pub struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Where the engine runs.
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s`.
+    #[arg(long, default_value = "cpu")]
     device: load::Device,
     /// KV cache size in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -76,6 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let device = runtime.block_on(device.spawn(model_dir.clone())).context("starting the GPU shard")?;
+    let kv_cache_bytes = load::kv_cache_bytes(args.device, &model_dir, args.kv_cache_mb, baton_serve::BLOCK_SIZE)?;
     let opts = ServeOptions {
         pipeline: None,
         quic_listen,
@@ -91,7 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         listen,
         device,
         keep_device: false,
-        kv_cache_bytes: args.kv_cache_mb << 20,
+        kv_cache_bytes,
         max_num_seqs: args.max_num_seqs,
         max_batched_tokens: args.max_batched_tokens,
         max_waiting: args.max_waiting,

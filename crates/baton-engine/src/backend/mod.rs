@@ -6,6 +6,7 @@
 //! inside the kernels, accumulating in f32.
 
 pub mod cpu;
+pub mod mock;
 
 use crate::checkpoint::TensorBytes;
 use crate::error::{EngineError, Result};
@@ -118,6 +119,17 @@ pub trait Backend: Send + Sync + 'static {
     /// the clock on its layers, so the measured speed the planner weighs is the device's.
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Whether it needs the weights' bytes (a mock device models only their size).
+    fn reads_weights(&self) -> bool {
+        true
+    }
+
+    /// The device memory weights and KV share, where the device has a fixed amount (a GPU);
+    /// `None` on the host.
+    fn memory_bytes(&self) -> Option<u64> {
+        None
     }
 
     fn weight(&self, tensor: &TensorBytes) -> Result<Self::Weight>;
