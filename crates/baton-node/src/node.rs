@@ -166,7 +166,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             Some(l) => format!("layers {}..{} of {} to start with", l.start, l.end, mc.num_layers),
             None => format!("joining through the seeds; layers as the head places them (of {})", mc.num_layers),
         };
-        eprintln!("baton: node {} of cluster `{}`: control plane on {} (QUIC, mutual TLS), {initial}; tensor plane: {}", me.name, c.name, me.control, plane.describe());
+        eprintln!("baton: node {} of cluster `{}`: control plane on {} (QUIC, mutual TLS), {initial} on {}; tensor plane: {}", me.name, c.name, me.control, device.describe(), plane.describe());
         let info = NodeInfo {
             name: me.name.clone(),
             generation: stage_service::generation(),
