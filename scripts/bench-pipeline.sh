@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The mesh benchmark on this machine: a three-stage pipeline of `baton node` processes on
 # loopback (the `bench` preset split 10/10/10 layers), once per tensor plane (UCX shared memory,
-# UCX TCP, QUIC), against `baton serve` on the same model; `baton bench` at concurrency 1 and 8.
+# UCX TCP, QUIC with steps down the chain of stages, QUIC relayed through the head), against
+# `baton serve` on the same model; `baton bench` at concurrency 1 and 8.
 # Prints one JSON line per run, tagged with the setup, and per pipeline the head's
 # pipeline_transfer_time_seconds (what the tensor plane cost per step).
-#   scripts/bench-pipeline.sh [OUTPUT_LEN] [PLANES]     PLANES default: "ucx:shm ucx:tcp quic"
+#   scripts/bench-pipeline.sh [OUTPUT_LEN] [PLANES]     PLANES default: "ucx:shm ucx:tcp quic quic-relay"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 output_len=${1:-64}
-planes=${2:-"ucx:shm ucx:tcp quic"}
+planes=${2:-"ucx:shm ucx:tcp quic quic-relay"}
 baton=$PWD/target/release/baton
 cargo build --release -q -p baton
 work=$(mktemp -d /tmp/baton-bench-pipeline.XXXXXX)
@@ -52,8 +53,10 @@ run_bench() {
 }
 for plane in $planes; do
     kind=${plane%%:*}; tls=${plane#*:}; [ "$tls" = "$plane" ] && tls=""
+    links=chain
+    if [ "$plane" = quic-relay ]; then kind=quic; links=relay; fi
     for n in node-c node-b node-a; do
-        UCX_TLS=$tls "$baton" node --cluster "$work/cluster.toml" --name $n --threads 2 --tensor-plane "$kind" 2>"$work/$n-$kind$tls.log" &
+        UCX_TLS=$tls "$baton" node --cluster "$work/cluster.toml" --name $n --threads 2 --tensor-plane "$kind" --stage-links $links 2>"$work/$n-$plane.log" &
         pids+=($!)
     done
     wait_ready 127.0.0.1:17080

@@ -25,11 +25,16 @@ fn wait_for(what: &str, secs: u64, cfg: &std::path::Path, mut done: impl FnMut()
 
 /// Certificates, then node-c, node-b and node-a (UCX over TCP); returns once the head is ready.
 fn start_mesh(cfg: &std::path::Path, http: u16, model: &std::path::Path) -> (Nodes, support::Server) {
+    start_mesh_with(cfg, http, model, &[])
+}
+
+/// The same, with extra arguments for every node (`--tensor-plane quic`: the chain).
+fn start_mesh_with(cfg: &std::path::Path, http: u16, model: &std::path::Path, extra: &[&str]) -> (Nodes, support::Server) {
     let bin = env!("CARGO_BIN_EXE_baton");
     assert!(Command::new(bin).args(["cluster", "init", cfg.to_str().unwrap()]).stdout(Stdio::null()).status().unwrap().success());
     let mut nodes = Nodes(Vec::new());
     for name in ["node-c", "node-b", "node-a"] {
-        nodes.0.push(spawn_node(cfg, name, &[], Some("tcp")));
+        nodes.0.push(spawn_node(cfg, name, extra, Some("tcp")));
     }
     let head = support::Server { child: Command::new("true").spawn().unwrap(), addr: format!("127.0.0.1:{http}"), quic: None, model: model.to_path_buf() };
     wait_for("the pipeline head to be ready", 60, cfg, || support::health_ok(&head.addr));
@@ -121,6 +126,43 @@ fn a_stage_killed_mid_stream_loses_no_request_and_rejoins_when_restarted() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("node_lost (node-b") && text.contains("node_joined (node-b") && text.contains("plan epoch"), "{text}");
     assert!(text.contains("measured µs per layer per token: node-a"), "{text}");
+}
+
+/// Steps go down the chain (QUIC: the head sends each to node-b, which sends it on to node-c).
+/// node-c, the last stage, is killed mid-stream: node-b's call to it breaks, node-b says so, and
+/// the head re-places node-c's layers at once; no request fails and every token is one
+/// engine's.
+#[test]
+fn the_last_stage_killed_down_the_chain_loses_no_request() {
+    let model = deep_tiny_model("elastic-chain-model");
+    let (cfg, ports) = write_cluster("elastic-chain", &model);
+    let max_tokens = 300;
+    let want: Vec<Vec<u64>> = PROMPTS.iter().map(|p| reference(&model, p, max_tokens)).collect();
+    let (mut nodes, head) = start_mesh_with(&cfg, ports.http, &model, &["--tensor-plane", "quic"]);
+    let streamed = |h: &support::Server| metric(h, "baton:inter_token_latency_seconds_count");
+    let head_ref = &head;
+    let results = std::thread::scope(|scope| {
+        let streams: Vec<_> = (0..16).map(|i| scope.spawn(move || stream(head_ref, PROMPTS[i % 8], max_tokens))).collect();
+        wait_for("the streams to get going", 60, &cfg, || streamed(head_ref) >= 16.0 * 10.0);
+        let _ = nodes.0[0].kill(); // node-c: SIGKILL
+        let _ = nodes.0[0].wait();
+        streams.into_iter().map(|s| s.join().unwrap()).collect::<Vec<_>>()
+    });
+    for (i, (status, tokens, text)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {text}");
+        assert_eq!(*tokens, want[i % 8], "request {i}: tokens differ from one node's\n{}", log_tail(&cfg, "node-a"));
+    }
+    wait_for("the head to re-place node-c's layers", 10, &cfg, || mesh(&head)["epoch"].as_u64() >= Some(2));
+    let after = mesh(&head);
+    assert_eq!(node_state(&after, "node-c"), "down", "{after}");
+    assert_eq!(after["changes"][0]["reason"], "node_lost", "{after}");
+    assert_eq!(after["changes"][0]["nodes"], json!(["node-c"]), "{after}");
+    assert!(metric(&head, "baton:requests_recomputed_total") >= 1.0, "no request was migrated: the kill came too late");
+    assert_eq!(metric(&head, "baton:request_failure_total"), 0.0);
+    // The two left serve on their own (a chain of one remote stage is a plain call).
+    let (status, tokens, text) = stream(&head, PROMPTS[0], 16);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(tokens, want[0][..16]);
 }
 
 /// With node memory that holds only part of the model, losing a stage leaves layers no live

@@ -273,18 +273,21 @@ fn three_stage_pipeline_matches_one_node(plane: Plane) {
     assert!(prom.contains("baton:pipeline_transfer_time_seconds_count"), "{prom}");
 
     // `baton status` shows the three stages and each stage's tensor plane; on UCX every step
-    // came over it, and the long prompts' hidden states came by RMA.
+    // came over it, and the long prompts' hidden states came by RMA (relayed by the head); over
+    // QUIC every step came down the chain (node-b sent each on to node-c).
     for node in ["node-b", "node-c"] {
         let row = status_row(&cfg, node);
         let state = &row["state"];
         assert_eq!(state["loaded"], true, "{row}");
         let steps = state["ucx_steps"].as_u64().unwrap_or(0);
         let window = state["rma_window_steps"].as_u64().unwrap_or(0);
+        let chained = state["chained_steps"].as_u64().unwrap_or(0);
         if plane.ucx_tls.is_some() {
             assert!(state["tensor_plane"].as_str().is_some_and(|t| t.starts_with("UCX")), "{row}");
-            assert!(steps > 32 && window > 0, "{node}: {steps} steps over UCX, {window} by RMA: {row}");
+            assert!(steps > 32 && window > 0 && chained == 0, "{node}: {steps} steps over UCX, {window} by RMA, {chained} chained: {row}");
         } else {
             assert_eq!((steps, window), (0, 0), "{row}");
+            assert!(chained > 32, "{node}: {chained} steps down the chain: {row}");
         }
     }
 }

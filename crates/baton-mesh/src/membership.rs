@@ -177,7 +177,7 @@ impl MeshDriver {
         self.stopped.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn control_addr(&self, name: &str) -> Option<SocketAddr> {
+    pub fn control_addr(&self, name: &str) -> Option<SocketAddr> {
         self.control.lock().unwrap_or_else(|p| p.into_inner()).get(name).copied()
     }
 

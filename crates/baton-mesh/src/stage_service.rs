@@ -2,9 +2,11 @@
 //! plane), loads the layer range the head's plan gives it (`Init`: range, epoch, KV cache
 //! shape), answers liveness probes at once (`Ping`, never queued behind work), then runs each
 //! step it is sent, over UCX or QUIC (the last stage also samples), and answers with hidden
-//! states or sampled tokens. The stage belongs to this node's GPU-shard actor (baton-shard's,
-//! the same one a pipeline head drives), which runs the requests in arrival order and refuses
-//! the work of any epoch but the one it was loaded for; this file only translates the wire.
+//! states or sampled tokens. A step sent down the chain (`Chain`) goes on from here to the
+//! next stage over a QUIC link this stage opens, and its tokens come back the same way. The
+//! stage belongs to this node's GPU-shard actor (baton-shard's, the same one a pipeline head
+//! drives), which runs the requests in arrival order and refuses the work of any epoch but the
+//! one it was loaded for; this file only translates the wire.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,8 +16,8 @@ use baton_shard::{Input, NewSequence, ShardHandle, StepRequest};
 use baton_proto::{decode, encode, read_frame_limited, write_frame, CLOSE_MALFORMED, MAX_TENSOR_FRAME};
 
 use crate::control::{ControlError, ControlNode, PeerLink};
-use crate::stage_wire::{layout_from_wire, sampled_to_wire, sampling_from_wire, StageReply, StageRequest, WireInput, WireNewSequence};
-use crate::tensor_plane::TensorPlane;
+use crate::stage_wire::{layout_from_wire, sampled_to_wire, sampling_from_wire, StageReply, StageRequest, WireHop, WireInput, WireNewSequence, BROKEN_ERROR, BROKEN_LOST, BROKEN_REFUSED};
+use crate::tensor_plane::{StageLink, TensorPlane};
 
 /// One node's stage, loaded on the head's `Init` with the layer range and epoch of the head's
 /// plan (any range: every node has the whole checkpoint), re-loaded when a new plan moves it.
@@ -34,6 +36,12 @@ pub struct StageService {
     /// Set (to this node's name) while the node heads a pipeline itself: pings are answered
     /// naming it as its own head, and stage work is refused.
     heading: std::sync::Mutex<Option<String>>,
+    /// The control plane (set when serving starts), through which the next stage of a chain
+    /// is reached, and the links to those stages.
+    node: std::sync::OnceLock<Arc<ControlNode>>,
+    next: std::sync::Mutex<std::collections::HashMap<String, StageLink>>,
+    /// Steps that came down a chain.
+    chained: std::sync::atomic::AtomicU64,
 }
 
 /// How long a stage stays with a silent head (its probes come every 100 ms) before another
@@ -60,6 +68,9 @@ impl StageService {
             head: std::sync::Mutex::new(None),
             drops,
             heading: std::sync::Mutex::new(None),
+            node: std::sync::OnceLock::new(),
+            next: std::sync::Mutex::new(std::collections::HashMap::new()),
+            chained: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -185,6 +196,7 @@ impl StageService {
                 tensor_plane: String::new(),
                 ucx_steps: 0,
                 window_steps: 0,
+                chained_steps: 0,
                 head: me,
             };
         }
@@ -202,6 +214,7 @@ impl StageService {
             tensor_plane: self.plane.describe().to_string(),
             ucx_steps,
             window_steps,
+            chained_steps: self.chained.load(std::sync::atomic::Ordering::Relaxed),
             head: self.head().filter(|(_, silent)| *silent < HEAD_LEASE).map(|(h, _)| h).unwrap_or_default(),
         }
     }
@@ -262,6 +275,7 @@ impl StageService {
                     Err(e) => self.refused(e),
                 }
             }
+            StageRequest::Chain { head, route, epoch, chunks, input, new_sequences, released, ids } => self.chain(head, route, epoch, chunks, input, new_sequences, released, ids).await,
             StageRequest::Step { epoch, chunks, input, new_sequences, released, ids } => {
                 let input = match input {
                     WireInput::Tokens(t) => Input::Tokens(t),
@@ -285,6 +299,71 @@ impl StageService {
     }
 }
 
+impl StageService {
+    /// A step of the chain: run here, then on down `route`; the tokens (or what broke) come
+    /// back up. Only the head's steps are taken (its lease); the last stage samples.
+    #[allow(clippy::too_many_arguments)]
+    async fn chain(&self, head: String, route: Vec<WireHop>, epoch: u64, chunks: Vec<crate::stage_wire::WireChunk>, input: WireInput, new_sequences: Vec<WireNewSequence>, released: Vec<u64>, ids: Vec<u64>) -> StageReply {
+        if self.head().is_none_or(|(h, _)| h != head) {
+            return StageReply::Refused(format!("a chained step of {head}, which is not this stage's head"));
+        }
+        self.chained.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some((next, rest)) = route.split_first() else {
+            // The last stage: sample, and start the tokens' way back.
+            return match Box::pin(self.handle(StageRequest::Step { epoch, chunks, input, new_sequences, released, ids })).await {
+                StageReply::Sampled { tokens, compute_us } => StageReply::Chained { tokens, hops: vec![(compute_us, 0)] },
+                StageReply::Hidden { .. } => StageReply::Error("a chain ended at a stage that does not end the model".into()),
+                other => other,
+            };
+        };
+        let step = StageRequest::Step { epoch, chunks: chunks.clone(), input, new_sequences: Vec::new(), released: Vec::new(), ids: ids.clone() };
+        let (hidden, compute_us) = match Box::pin(self.handle(step)).await {
+            StageReply::Hidden { hidden, compute_us } => (hidden, compute_us),
+            StageReply::Sampled { .. } => return StageReply::Error("this stage ends the model, but the chain goes on".into()),
+            other => return other,
+        };
+        let broken = |kind: u8, detail: String| StageReply::Broken { stage: next.name.clone(), kind, detail };
+        let link = match self.next_link(next).await {
+            Ok(l) => l,
+            Err(e) => return broken(BROKEN_LOST, e),
+        };
+        let req = StageRequest::Chain { head, route: rest.to_vec(), epoch, chunks, input: WireInput::Hidden(hidden), new_sequences, released, ids };
+        let called = Instant::now();
+        let reply = link.call(req).await;
+        let downstream_us = called.elapsed().as_micros() as u64;
+        match reply {
+            Ok(StageReply::Chained { tokens, mut hops }) => {
+                hops.insert(0, (compute_us, downstream_us));
+                StageReply::Chained { tokens, hops }
+            }
+            Ok(b @ StageReply::Broken { .. }) => b,
+            Ok(StageReply::Error(e)) => broken(BROKEN_ERROR, e),
+            Ok(StageReply::Refused(e)) => broken(BROKEN_REFUSED, e),
+            Ok(other) => broken(BROKEN_ERROR, format!("answered a chained step with {other:?}")),
+            Err(e) => {
+                self.next.lock().unwrap_or_else(|p| p.into_inner()).remove(&next.name);
+                broken(BROKEN_LOST, e.to_string())
+            }
+        }
+    }
+
+    /// The link to the next stage of a chain: the open one, or a new one (within a second).
+    async fn next_link(&self, hop: &WireHop) -> Result<StageLink, String> {
+        if let Some(l) = self.next.lock().unwrap_or_else(|p| p.into_inner()).get(&hop.name).filter(|l| !l.is_closed()) {
+            return Ok(l.clone());
+        }
+        let node = self.node.get().ok_or("this stage is not serving yet")?;
+        let addr: std::net::SocketAddr = hop.control.parse().map_err(|_| format!("{:?} is not a control address", hop.control))?;
+        let peer = tokio::time::timeout(Duration::from_secs(1), node.connect(addr, &hop.name))
+            .await
+            .map_err(|_| format!("{} did not answer within a second", hop.name))?
+            .map_err(|e| e.to_string())?;
+        let link = StageLink::quic(peer);
+        self.next.lock().unwrap_or_else(|p| p.into_inner()).insert(hop.name.clone(), link.clone());
+        Ok(link)
+    }
+}
+
 fn new_sequence(s: WireNewSequence) -> NewSequence {
     NewSequence { id: s.id, params: sampling_from_wire(&s.params), prompt: s.prompt, eos: s.eos, generated: s.generated }
 }
@@ -293,6 +372,7 @@ fn new_sequence(s: WireNewSequence) -> NewSequence {
 /// plane and, when it is on, UCX, and the gossip on the same connections; for the node's whole
 /// life, whatever its role (while it heads a pipeline, pings name it and stage work is refused).
 pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Option<Arc<crate::gossip::Gossip>>) {
+    let _ = svc.node.set(node.clone());
     #[cfg(feature = "ucx")]
     if let Some(requests) = svc.plane.ucx().and_then(|u| u.take_requests()) {
         let stage = svc.clone();
@@ -326,19 +406,24 @@ pub async fn serve(node: Arc<ControlNode>, svc: Arc<StageService>, gossip: Optio
                 if !matches!(req, StageRequest::Query { .. }) {
                     svc.heard_from(&link.peer);
                 }
-                // Pings and leave requests are answered at once by `handle`, never queued behind a
-                // step; it refuses stage work while this node heads a pipeline.
-                let reply = match req {
-                    StageRequest::Attach { tensor_address, window_bytes } if svc.heading().is_none() => svc.attach(&link.peer, tensor_address, window_bytes).await,
-                    req => svc.handle(req).await,
-                };
-                match encode(&reply) {
-                    Ok(bytes) => {
-                        let _ = write_frame(&mut send, &bytes).await;
-                        let _ = send.finish();
+                // Each stream in its own task: a chained step waits for the stages after this
+                // one, and the next step (another micro-batch) must not wait behind it. Pings and
+                // leave requests are answered at once by `handle`, never queued behind a step; it
+                // refuses stage work while this node heads a pipeline.
+                let (svc, peer) = (svc.clone(), link.peer.clone());
+                tokio::spawn(async move {
+                    let reply = match req {
+                        StageRequest::Attach { tensor_address, window_bytes } if svc.heading().is_none() => svc.attach(&peer, tensor_address, window_bytes).await,
+                        req => svc.handle(req).await,
+                    };
+                    match encode(&reply) {
+                        Ok(bytes) => {
+                            let _ = write_frame(&mut send, &bytes).await;
+                            let _ = send.finish();
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot encode a stage reply"),
                     }
-                    Err(e) => tracing::error!(error = %e, "cannot encode a stage reply"),
-                }
+                });
             }
         });
     }

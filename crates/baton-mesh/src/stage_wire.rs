@@ -96,7 +96,34 @@ pub enum StageRequest {
     /// a `Ping` is, but it is not the head's word, so it renews no head's lease (an operator
     /// watching the cluster must not keep a dead head's stages waiting for it).
     Query { nonce: u64 },
+    /// A step sent down the pipeline's chain (stage-to-stage links): the stage runs it and,
+    /// while `route` names further stages, sends it on to the first of them with its hidden
+    /// states and the rest of the route; the last stage samples. Answered by `Chained` with the
+    /// sampled tokens (passed back up the chain), or `Broken` naming the stage that failed.
+    /// `head`: the pipeline head whose step it is (the stage's lease holder, or refused).
+    Chain {
+        head: String,
+        route: Vec<WireHop>,
+        epoch: u64,
+        chunks: Vec<WireChunk>,
+        input: WireInput,
+        new_sequences: Vec<WireNewSequence>,
+        released: Vec<u64>,
+        ids: Vec<u64>,
+    },
 }
+
+/// A stage further down a chain: its name and control-plane address.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WireHop {
+    pub name: String,
+    pub control: String,
+}
+
+/// What broke a chain, in `StageReply::Broken`.
+pub const BROKEN_LOST: u8 = 0;
+pub const BROKEN_ERROR: u8 = 1;
+pub const BROKEN_REFUSED: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WireSampled {
@@ -115,7 +142,8 @@ pub enum StageReply {
     /// `ucx_steps`: steps that arrived over UCX; `window_steps`: of those, steps whose hidden
     /// states came by RMA into the stage's window.
     /// `draining`: the node asked to leave.
-    Pong { nonce: u64, generation: u64, first_layer: u32, end_layer: u32, epoch: u64, loaded: bool, draining: bool, tensor_plane: String, ucx_steps: u64, window_steps: u64, head: String },
+    /// `chained_steps`: steps that came down a chain (`Chain`, from the head or the stage before).
+    Pong { nonce: u64, generation: u64, first_layer: u32, end_layer: u32, epoch: u64, loaded: bool, draining: bool, tensor_plane: String, ucx_steps: u64, window_steps: u64, chained_steps: u64, head: String },
     Ack,
     /// The stage's UCX worker address and RMA window, when both ends have UCX.
     Attached { tensor_address: Option<Vec<u8>>, window: Option<WireWindow> },
@@ -133,6 +161,12 @@ pub enum StageReply {
     /// Work this stage does not take (another plan epoch, a stage not yet loaded, another
     /// head's, a node that heads a pipeline itself): no fault of its engine.
     Refused(String),
+    /// The last stage's tokens for a `Chain` step, and each stage's timing in chain order:
+    /// (its compute, the wall time of its call to the next stage; 0 on the last), µs.
+    Chained { tokens: Vec<WireSampled>, hops: Vec<(u64, u64)> },
+    /// A `Chain` step failed at `stage`: its link broke (`BROKEN_LOST`), its engine failed
+    /// (`BROKEN_ERROR`) or it refused the work (`BROKEN_REFUSED`).
+    Broken { stage: String, kind: u8, detail: String },
 }
 
 pub fn layout_to_wire(l: &BatchLayout) -> Vec<WireChunk> {

@@ -124,6 +124,16 @@ impl StageLink {
         })
     }
 
+    /// A link over the control plane's QUIC streams only (a stage's link to the next stage of
+    /// a chain).
+    pub fn quic(control: PeerLink) -> StageLink {
+        StageLink {
+            control,
+            #[cfg(feature = "ucx")]
+            ucx: None,
+        }
+    }
+
     pub fn peer(&self) -> &str {
         &self.control.peer
     }

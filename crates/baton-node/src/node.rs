@@ -42,6 +42,8 @@ pub struct NodeOptions {
     pub kv_cache_mb: usize,
     /// Pipeline head: steps in flight at once (`None`: one per stage).
     pub micro_batches: Option<usize>,
+    /// Pipeline head: steps down a chain of stage-to-stage links, or relayed through the head.
+    pub stage_links: baton_serve::shard::StageLinks,
     pub tensor_plane: PlaneChoice,
     pub request_timeout: Duration,
     /// Handle SIGHUP (reload revocations) and SIGUSR1 (drain): off for in-process nodes, which
@@ -132,7 +134,7 @@ pub async fn drain_remote(c: &ClusterConfig, me: &NodeConfig) -> anyhow::Result<
 /// Runs the node until `shutdown` resolves (or, for a drained node, until the head releases
 /// it).
 pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let NodeOptions { cluster: c, cluster_path, me, model_dir: dir, device, kv_cache_mb, micro_batches, tensor_plane, request_timeout, signals } = opts;
+    let NodeOptions { cluster: c, cluster_path, me, model_dir: dir, device, kv_cache_mb, micro_batches, stage_links, tensor_plane, request_timeout, signals } = opts;
     let mc = ModelConfig::from_dir(&dir)?;
     c.check_layers(&cluster_path, mc.num_layers)?;
     let plan = placement::plan(&c, mc.num_layers).with_context(|| format!("{}: placement", cluster_path.display()))?;
@@ -305,7 +307,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             let mut head_tasks = vec![AbortOnDrop(tokio::spawn(publish_pipeline(gossip.clone(), mesh.clone(), plan.epoch)))];
             // Even a one-node pipeline follows the membership: nodes that join its replica take
             // layers from it.
-            let pipeline = Some(Arc::new(PipelinePlan { micro_batches, mesh: mesh.clone() }));
+            let pipeline = Some(Arc::new(PipelinePlan { micro_batches, mesh: mesh.clone(), stage_links }));
             let public = me.http.with_context(|| format!("{}: the head node {} needs an `http` address", cluster_path.display(), me.name))?;
             // A node that became the head keeps its entry front on its public addresses; the
             // head's own API listens on new ports of the same hosts, which the gossip tells the

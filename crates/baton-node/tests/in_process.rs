@@ -108,8 +108,8 @@ impl Backend for Breakable {
     }
 }
 
-/// Three nodes in this process (node-a the head with HTTP, node-b with HTTP, node-c), node-b on
-/// `device_b`; returns once the head serves.
+/// Three nodes in this process (node-a the head with HTTP, node-b with HTTP, node-c), `special`
+/// on its own device; returns once the head serves.
 struct Three {
     dir: std::path::PathBuf,
     model: std::path::PathBuf,
@@ -121,7 +121,7 @@ struct Three {
     nodes: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-async fn start_three(name: &str, device_b: baton_shard::Device) -> Three {
+async fn start_three(name: &str, special: (&str, baton_shard::Device)) -> Three {
     let dir = std::env::temp_dir().join(format!("baton-in-process-{}-{name}", std::process::id()));
     let model = dir.join("model");
     let mut preset = demo::TINY.clone();
@@ -164,9 +164,10 @@ memory_gb = 1
             cluster_path: path.clone(),
             me: cluster.node(name).unwrap().clone(),
             model_dir: model.clone(),
-            device: if name == "node-b" { device_b.clone() } else { baton_shard::Device::cpu(1) },
+            device: if name == special.0 { special.1.clone() } else { baton_shard::Device::cpu(1) },
             kv_cache_mb: 16,
             micro_batches: None,
+            stage_links: Default::default(),
             tensor_plane: PlaneChoice::Quic,
             request_timeout: Duration::from_secs(60),
             signals: false,
@@ -210,7 +211,7 @@ async fn complete(client: &reqwest::Client, addr: &str, prompt: &[u32], max_toke
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_in_one_process_serve_like_one_engine() {
-    let three = start_three("serve", baton_shard::Device::cpu(1)).await;
+    let three = start_three("serve", ("node-b", baton_shard::Device::cpu(1))).await;
     let (head, model, cb, http_b) = (three.head, three.model.clone(), three.control_b, three.http_b);
     let client = reqwest::Client::new();
     let prompt = vec![5u32, 17, 42, 9, 300];
@@ -239,22 +240,24 @@ async fn a_stage_whose_engine_keeps_failing_is_replaced_and_no_request_fails() {
     let broken = Arc::new(AtomicBool::new(false));
     let flag = broken.clone();
     let device = baton_shard::Device::new("breakable cpu", move || Ok(Breakable { cpu: CpuBackend::new(1)?, broken: flag.clone() }));
-    let three = start_three("failing", device).await;
+    // node-c: the last stage, behind node-b on the chain, so its errors reach the head through
+    // node-b (`StageReply::Broken`).
+    let three = start_three("failing", ("node-c", device)).await;
     let (head, model) = (three.head.to_string(), three.model.clone());
     let client = reqwest::Client::new();
     let prompt = vec![5u32, 17, 42, 9, 300];
     let want = reference(&model, &prompt, 24);
     assert_eq!(complete(&client, &head, &prompt, 24).await, want);
 
-    // node-b's engine fails every step from now on, its process answering every probe: the
-    // requests still complete with one engine's tokens, and node-b is lost, not retried forever.
+    // node-c's engine fails every step from now on, its process answering every probe: the
+    // requests still complete with one engine's tokens, and node-c is lost, not retried forever.
     broken.store(true, Ordering::SeqCst);
     for _ in 0..3 {
         assert_eq!(complete(&client, &head, &prompt, 24).await, want);
     }
     let mesh: serde_json::Value = client.get(format!("http://{head}/v1/mesh")).send().await.unwrap().json().await.unwrap();
-    let lost = mesh["changes"].as_array().unwrap().iter().find(|c| c["reason"] == "node_lost").unwrap_or_else(|| panic!("node-b was never lost: {mesh}")).clone();
-    assert_eq!(lost["nodes"], serde_json::json!(["node-b"]), "{mesh}");
+    let lost = mesh["changes"].as_array().unwrap().iter().find(|c| c["reason"] == "node_lost").unwrap_or_else(|| panic!("node-c was never lost: {mesh}")).clone();
+    assert_eq!(lost["nodes"], serde_json::json!(["node-c"]), "{mesh}");
     let metrics = client.get(format!("http://{head}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("baton:request_failure_total 0"), "{metrics}");
     three.stop().await;

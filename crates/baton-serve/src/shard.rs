@@ -15,7 +15,8 @@ use baton_engine::{FinishReason, KvGeometry, ModelConfig, Sampled, StepResult};
 use baton_shard::{panic_message, Input, ShardError, ShardHandle, StepRequest};
 use baton_scheduler::{SeqId, Step};
 use baton_mesh::membership::{ActivePlan, MeshDriver, MeshError};
-use baton_mesh::stage_wire::{layout_to_wire, sampled_from_wire, sampling_to_wire, StageReply, StageRequest, WireInput, WireNewSequence};
+use baton_mesh::stage_wire::{layout_to_wire, sampled_from_wire, sampling_to_wire, StageReply, StageRequest, WireHop, WireInput, WireNewSequence, BROKEN_ERROR, BROKEN_LOST};
+use baton_mesh::tensor_plane::StageLink;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 pub use baton_shard::NewSequence;
@@ -37,6 +38,20 @@ pub struct PipelinePlan {
     /// Fewer makes bigger batches, better when the stages share the same cores.
     pub micro_batches: Option<usize>,
     pub mesh: Arc<MeshDriver>,
+    pub stage_links: StageLinks,
+}
+
+/// How a pipeline head's steps reach its remote stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StageLinks {
+    /// Down the chain: each stage sends the step on to the next over its own QUIC link, and
+    /// only the sampled tokens come back (when the head's links are QUIC and there are two
+    /// remote stages or more; UCX links relay).
+    #[default]
+    Chain,
+    /// Through the head: each stage's hidden states come back to the head, which sends them
+    /// to the next stage.
+    Relay,
 }
 
 impl std::fmt::Debug for PipelinePlan {
@@ -550,6 +565,15 @@ impl Drop for Chain {
 }
 
 fn start_chain(plan: &PipelinePlan, runtime: &tokio::runtime::Handle, active: ActivePlan, me: ActorRef<ShardMsg>) -> Chain {
+    if plan.stage_links == StageLinks::Chain && active.remotes.len() > 1 && active.remotes.iter().all(|(l, _)| l.transport() == "quic") {
+        let route: Option<Vec<WireHop>> = active.remotes[1..]
+            .iter()
+            .map(|(l, _)| Some(WireHop { name: l.peer().to_string(), control: plan.mesh.control_addr(l.peer())?.to_string() }))
+            .collect();
+        if let Some(route) = route {
+            return start_direct_chain(plan, runtime, active, route, me);
+        }
+    }
     let n = active.remotes.len();
     let epoch = active.epoch;
     let mut next: Option<tokio::sync::mpsc::UnboundedSender<ChainItem>> = None;
@@ -627,6 +651,112 @@ fn start_chain(plan: &PipelinePlan, runtime: &tokio::runtime::Handle, active: Ac
     }
     let (fallback, _) = tokio::sync::mpsc::unbounded_channel();
     Chain { first: next.unwrap_or(fallback), workers }
+}
+
+/// The remote stages as a chain of stage-to-stage links: the head sends each step to the first
+/// stage with the route of the others, several steps in flight at once, and hands the results
+/// to the driver in the order the steps were sent.
+fn start_direct_chain(plan: &PipelinePlan, runtime: &tokio::runtime::Handle, active: ActivePlan, route: Vec<WireHop>, me: ActorRef<ShardMsg>) -> Chain {
+    type Outcome = Result<StepOutput, ShardFailure>;
+    let epoch = active.epoch;
+    let stages: Arc<Vec<String>> = Arc::new(active.remotes.iter().map(|(l, _)| l.peer().to_string()).collect());
+    let first = active.remotes[0].0.clone();
+    let mesh = plan.mesh.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ChainItem>();
+    let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Receiver<Outcome>>();
+    let dispatcher = runtime.spawn(async move {
+        // Dropped with the task (the shard replaced): the steps in flight go with it.
+        let mut calls = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                item = rx.recv() => {
+                    let Some(item) = item else { break };
+                    let (done, wait) = tokio::sync::oneshot::channel();
+                    if order_tx.send(wait).is_err() {
+                        break;
+                    }
+                    let (first, mesh, route, stages) = (first.clone(), mesh.clone(), route.clone(), stages.clone());
+                    calls.spawn(async move {
+                        let _ = done.send(chain_step(&first, &mesh, epoch, route, &stages, item).await);
+                    });
+                }
+                Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            }
+        }
+        while calls.join_next().await.is_some() {}
+    });
+    let collector = runtime.spawn(async move {
+        while let Some(wait) = order_rx.recv().await {
+            let outcome = wait.await.unwrap_or_else(|_| Err(ShardFailure::Stage { stage: "the chain".into(), detail: "a chained step was dropped".into() }));
+            let failed = outcome.is_err();
+            if me.cast(ShardMsg::Finished(outcome)).is_err() || failed {
+                return;
+            }
+        }
+    });
+    Chain { first: tx, workers: vec![dispatcher.abort_handle(), collector.abort_handle()] }
+}
+
+/// One step down the chain: sent to the first remote stage with the route of the others. What
+/// comes back is the last stage's tokens and each stage's timing (fed to the planner's
+/// slowdown estimate), or the stage where the chain broke (reported to the mesh).
+async fn chain_step(first: &StageLink, mesh: &MeshDriver, epoch: u64, route: Vec<WireHop>, stages: &[String], item: ChainItem) -> Result<StepOutput, ShardFailure> {
+    let req = StageRequest::Chain {
+        head: mesh.name().to_string(),
+        route,
+        epoch,
+        chunks: item.chunks,
+        input: WireInput::Hidden(item.hidden),
+        new_sequences: item.new_sequences,
+        released: item.released,
+        ids: item.ids,
+    };
+    let called = Instant::now();
+    let reply = first.call(req).await;
+    let wall = called.elapsed();
+    let failed = |stage: &str, detail: String| ShardFailure::Stage { stage: stage.to_string(), detail };
+    let s1 = &stages[0];
+    match reply {
+        Ok(StageReply::Chained { tokens, hops }) if hops.len() == stages.len() => {
+            // Stage i's call, as its caller saw it, less its own call to the next.
+            let (mut upstream, mut compute) = (wall.as_micros() as u64, 0);
+            for (stage, &(c, downstream)) in stages.iter().zip(&hops) {
+                mesh.report_timing(stage, epoch, Duration::from_micros(upstream.saturating_sub(downstream)), Duration::from_micros(c));
+                (upstream, compute) = (downstream, compute + c);
+            }
+            Ok(StepOutput {
+                number: item.number,
+                transfer_time: Some(wall.saturating_sub(Duration::from_micros(compute))),
+                sampled: tokens
+                    .into_iter()
+                    .map(|w| {
+                        let (id, sampled, finish) = sampled_from_wire(w);
+                        SampledOut { id, sampled, finish }
+                    })
+                    .collect(),
+                forward_time: item.started.elapsed(),
+            })
+        }
+        Ok(StageReply::Chained { hops, .. }) => Err(failed(s1, format!("the chain answered for {} stages, not {}", hops.len(), stages.len()))),
+        Ok(StageReply::Broken { stage, kind, detail }) => {
+            match kind {
+                BROKEN_LOST => mesh.report_lost(&stage, epoch),
+                BROKEN_ERROR => mesh.report_error(&stage, epoch),
+                _ => {}
+            }
+            Err(failed(&stage, detail))
+        }
+        Ok(StageReply::Error(e)) => {
+            mesh.report_error(s1, epoch);
+            Err(failed(s1, e))
+        }
+        Ok(StageReply::Refused(e)) => Err(failed(s1, e)),
+        Ok(other) => Err(failed(s1, format!("answered out of turn: {other:?}"))),
+        Err(e) => {
+            mesh.report_lost(s1, epoch);
+            Err(failed(s1, e.to_string()))
+        }
+    }
 }
 
 /// The head's share of a pipeline step: its layers here, then the step goes down the chain.

@@ -34,6 +34,11 @@ pub struct Args {
     /// stages one after another with bigger batches (better when they share the same cores).
     #[arg(long)]
     micro_batches: Option<usize>,
+    /// Pipeline head: `chain` sends each step from stage to stage (the last returns only the
+    /// sampled tokens) when the tensor plane is QUIC; `relay` brings every stage's hidden
+    /// states back through the head. UCX links always relay.
+    #[arg(long, value_parser = parse_stage_links, default_value = "chain")]
+    stage_links: baton_serve::shard::StageLinks,
     /// What carries activations between stages: `ucx` (the default when built in; transports
     /// from UCX_TLS) or `quic` (the control plane's streams). Head and stages must agree.
     #[arg(long, value_parser = parse_plane)]
@@ -58,6 +63,14 @@ pub struct Args {
     /// then lets it stop), and exit.
     #[arg(long)]
     drain: bool,
+}
+
+fn parse_stage_links(s: &str) -> Result<baton_serve::shard::StageLinks, String> {
+    match s {
+        "chain" => Ok(baton_serve::shard::StageLinks::Chain),
+        "relay" => Ok(baton_serve::shard::StageLinks::Relay),
+        other => Err(format!("{other:?} is not a way to link stages (chain, relay)")),
+    }
 }
 
 fn parse_plane(s: &str) -> Result<PlaneChoice, String> {
@@ -86,6 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         device,
         kv_cache_mb: args.kv_cache_mb,
         micro_batches: args.micro_batches,
+        stage_links: args.stage_links,
         tensor_plane: args.tensor_plane.unwrap_or_else(PlaneChoice::default_for_build),
         request_timeout: Duration::from_secs(args.request_timeout),
         signals: true,

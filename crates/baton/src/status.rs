@@ -48,9 +48,9 @@ fn ping(rt: &tokio::runtime::Runtime, identity: &pki::NodeIdentity, control: Soc
         let rtt = start.elapsed().as_secs_f64() * 1e3;
         me.close();
         match reply {
-            StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, generation, epoch, first_layer, end_layer, head, .. } => Some(serde_json::json!({
+            StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, chained_steps, generation, epoch, first_layer, end_layer, head, .. } => Some(serde_json::json!({
                 "up": true, "loaded": loaded, "head": head, "ping_ms": rtt, "tensor_plane": tensor_plane,
-                "ucx_steps": ucx_steps, "rma_window_steps": window_steps, "generation": generation,
+                "ucx_steps": ucx_steps, "rma_window_steps": window_steps, "chained_steps": chained_steps, "generation": generation,
                 "epoch": epoch, "serving": if loaded { serde_json::json!([first_layer, end_layer]) } else { Value::Null }
             })),
             _ => None,
