@@ -8,7 +8,7 @@ use std::path::Path;
 use baton_engine::SamplingParams;
 use baton_mesh::control::ControlMessage;
 use baton_mesh::gossip::{HeadedPipeline, NodeId, NodeInfo, NodeState, PacketReader, ServedLayers};
-use baton_mesh::stage_wire::{sampling_to_wire, StageReply, StageRequest, WireChunk, WireInput, WireNewSequence, WireSampled};
+use baton_mesh::stage_wire::{sampling_to_wire, StageReply, StageRequest, WireChunk, WireHop, WireInput, WireNewSequence, WireSampled};
 use baton_proto::{encode, ChatMessage, ErrorKind, Finish, Frame, NodeAddr, Prompt, Request};
 
 fn write(dir: &Path, target: &str, seeds: Vec<Vec<u8>>) -> std::io::Result<()> {
@@ -59,6 +59,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         StageRequest::Query { nonce: 2 },
         StageRequest::Init { block_size: 16, num_blocks: 64, first_layer: 0, end_layer: 4, epoch: 2, head: "node-a".into() },
         StageRequest::ExportKv { epoch: 2, first_layer: 0, end_layer: 4, blocks: vec![0, 1] },
+        StageRequest::Chain {
+            head: "node-a".into(),
+            route: vec![WireHop { name: "node-c".into(), control: "127.0.0.1:7003".into() }],
+            epoch: 2,
+            chunks: vec![WireChunk { start_pos: 0, len: 1, block_table: vec![0], wants_logits: true }],
+            input: WireInput::Hidden(vec![0.25; 8]),
+            new_sequences: vec![],
+            released: vec![3],
+            ids: vec![1],
+        },
         step,
     ];
     let replies = [
@@ -66,6 +76,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         StageReply::Hidden { hidden: vec![0.5; 8], compute_us: 10 },
         StageReply::Sampled { tokens: vec![WireSampled { id: 1, token: 7, logprob: -0.1, top_logprobs: vec![], finish: 0 }], compute_us: 10 },
         StageReply::Error("no".into()),
+        StageReply::Chained { tokens: vec![WireSampled { id: 1, token: 7, logprob: -0.1, top_logprobs: vec![], finish: 0 }], hops: vec![(10, 40), (12, 0)] },
+        StageReply::Broken { stage: "node-c".into(), kind: 0, detail: "connection lost".into() },
     ];
     let mut stage = Vec::new();
     for r in &requests {
