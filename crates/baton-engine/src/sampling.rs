@@ -189,33 +189,43 @@ impl SequenceSampler {
     /// Chooses the next token from one row of logits and records it.
     pub fn sample(&mut self, raw: &[f32]) -> Sampled {
         let p = &self.params;
-        let mut logits = raw.to_vec();
-        if self.generated < p.min_tokens {
-            for &t in p.stop_token_ids.iter().chain(if p.ignore_eos { &[][..] } else { &self.eos[..] }) {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l = f32::NEG_INFINITY;
+        let masks_stops = self.generated < p.min_tokens;
+        let penalizes = p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        // The row is copied only when something changes it (a 128k-entry row is 512 KB).
+        let adjusted;
+        let logits: &[f32] = if masks_stops || penalizes {
+            let mut row = raw.to_vec();
+            if masks_stops {
+                for &t in p.stop_token_ids.iter().chain(if p.ignore_eos { &[][..] } else { &self.eos[..] }) {
+                    if let Some(l) = row.get_mut(t as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
                 }
             }
-        }
-        if p.repetition_penalty != 1.0 {
-            for &t in self.seen.keys() {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            if p.repetition_penalty != 1.0 {
+                for &t in self.seen.keys() {
+                    if let Some(l) = row.get_mut(t as usize) {
+                        *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    }
                 }
             }
-        }
-        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-            for (&t, &n) in &self.counts {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l -= p.frequency_penalty * n as f32 + p.presence_penalty;
+            if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+                for (&t, &n) in &self.counts {
+                    if let Some(l) = row.get_mut(t as usize) {
+                        *l -= p.frequency_penalty * n as f32 + p.presence_penalty;
+                    }
                 }
             }
-        }
+            adjusted = row;
+            &adjusted
+        } else {
+            raw
+        };
         let top_n = p.logprobs.unwrap_or(0);
         let token = if p.temperature == 0.0 {
-            argmax(&logits)
+            argmax(logits)
         } else {
-            self.draw(&logits)
+            self.draw(logits)
         };
         let (logprob, top_logprobs) = log_probs(raw, token, top_n);
         self.record(token);
@@ -248,6 +258,90 @@ impl SequenceSampler {
     fn draw(&mut self, logits: &[f32]) -> u32 {
         // Exactly one draw per sampled token, whatever the path, so `resume` can replay it.
         let unit = self.rng.next_f64();
+        if self.params.top_k > 0 && self.params.top_k < logits.len() {
+            self.draw_top_k(logits, unit)
+        } else {
+            self.draw_whole_vocabulary(logits, unit)
+        }
+    }
+
+    /// Temperature, min-p and top-p over the whole row without sorting it: the nucleus is
+    /// looked for among the tokens within a logit gap of the best, the gap widening until
+    /// they hold `top_p` of the mass; they are then exactly the head of the full sorted order.
+    fn draw_whole_vocabulary(&self, logits: &[f32], unit: f64) -> u32 {
+        let p = &self.params;
+        let temperature = p.temperature;
+        let best = finite_max(logits);
+        if best == f32::NEG_INFINITY {
+            return argmax(logits);
+        }
+        let top = best / temperature;
+        // Weight of a token relative to the best one (1.0), 0 where min-p or masking drops it.
+        let weight = |l: f32| -> f32 {
+            let w = exp_nonpositive(l / temperature - top);
+            keep_or_zero(l.abs() < f32::INFINITY && w >= p.min_p, w)
+        };
+        let total = sum_lanes(logits, weight);
+        if p.top_p >= 1.0 {
+            let mut u = unit * total;
+            let mut last = None;
+            for (i, &l) in logits.iter().enumerate() {
+                let w = weight(l) as f64;
+                if w > 0.0 {
+                    if u < w {
+                        return i as u32;
+                    }
+                    u -= w;
+                    last = Some(i as u32);
+                }
+            }
+            // Rounding left `u` past the end: take the last token with mass.
+            return last.unwrap_or_else(|| argmax(logits));
+        }
+        let target = p.top_p as f64 * total;
+        let mut gap = 8.0f32;
+        let nucleus = loop {
+            let floor = top - gap;
+            let mut head: Vec<(u32, f32, f64)> = logits
+                .iter()
+                .enumerate()
+                .filter(|(_, &l)| l / temperature >= floor)
+                .map(|(i, &l)| (i as u32, l / temperature, weight(l) as f64))
+                .collect();
+            let mass: f64 = head.iter().map(|c| c.2).sum();
+            // Past a gap of 104 every weight left out is exp(-104) = 0 in f32.
+            if mass >= target || gap > 104.0 {
+                head.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                let mut cum = 0.0;
+                let keep = head
+                    .iter()
+                    .take_while(|c| {
+                        let inside = cum < target;
+                        cum += c.2;
+                        inside
+                    })
+                    .count();
+                head.truncate(keep.max(1));
+                break head;
+            }
+            gap *= 2.0;
+        };
+        let kept: f64 = nucleus.iter().map(|c| c.2).sum();
+        let mut u = unit * kept;
+        for c in &nucleus {
+            if c.2 > 0.0 {
+                if u < c.2 {
+                    return c.0;
+                }
+                u -= c.2;
+            }
+        }
+        nucleus.iter().rev().find(|c| c.2 > 0.0).map_or(nucleus[0].0, |c| c.0)
+    }
+
+    /// Top-k first: the k best are chosen (all of them with `top_k` 0), then weighted as the
+    /// other filters say, over a sorted candidate list.
+    fn draw_top_k(&self, logits: &[f32], unit: f64) -> u32 {
         let p = &self.params;
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
@@ -306,21 +400,92 @@ impl SequenceSampler {
     }
 }
 
-/// Index of the largest logit (the lowest index among equals).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+/// Accumulators kept side by side in the row loops below, so they compile to vector code.
+const LANES: usize = 16;
+
+/// The largest finite value of `xs`, NEG_INFINITY if there is none.
+fn finite_max(xs: &[f32]) -> f32 {
+    let finite = |x: f32| if x.abs() < f32::INFINITY { x } else { f32::NEG_INFINITY };
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            let x = finite(x);
+            *a = if x > *a { x } else { *a };
         }
     }
-    best as u32
+    let mut best = f32::NEG_INFINITY;
+    for x in acc.into_iter().chain(chunks.remainder().iter().map(|&x| finite(x))) {
+        best = if x > best { x } else { best };
+    }
+    best
 }
 
-/// The chosen token's log-probability and the `top_n` most likely tokens', from raw logits.
+/// Σ f(x) over `xs`: `LANES` f32 partial sums over blocks of 4096, the blocks added in f64.
+fn sum_lanes(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut total = 0f64;
+    let mut blocks = xs.chunks_exact(4096);
+    for block in &mut blocks {
+        let mut acc = [0f32; LANES];
+        for c in block.chunks_exact(LANES) {
+            for i in 0..LANES {
+                acc[i] += f(c[i]);
+            }
+        }
+        total += acc.iter().map(|&a| a as f64).sum::<f64>();
+    }
+    total + blocks.remainder().iter().map(|&x| f(x) as f64).sum::<f64>()
+}
+
+/// `value` where `keep`, else 0, without a branch.
+#[inline(always)]
+fn keep_or_zero(keep: bool, value: f32) -> f32 {
+    f32::from_bits(value.to_bits() & (keep as u32).wrapping_neg())
+}
+
+/// e^x for x <= 0 (0 below -87), within 5e-6 relative (the rounding of x log2 e at the far end of
+/// the range; about 2e-7 near 0): 2^(x log2 e) split into a power of two
+/// and a degree-6 polynomial on [-1/2, 1/2], in plain arithmetic the compiler vectorizes.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    // 1.5 * 2^23: adding it rounds to an integer, which then sits in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E;
+    let t = if t < -126.0 { -126.0 } else { t };
+    let shifted = t + ROUND;
+    let f = t - (shifted - ROUND);
+    let poly = 1.0 + f * (0.693_147_2 + f * (0.240_226_5 + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355 + f * 0.000_154_035_3)))));
+    // (n + 127) << 23 is 2^n; the wrapping integer arithmetic keeps the loop vectorizable.
+    let n = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(n.wrapping_add(127) << 23);
+    keep_or_zero(x >= -87.0, poly * scale)
+}
+
+/// Index of the largest logit (the lowest index among equals; NaN is never the largest).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = logits.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    let mut best = f32::NEG_INFINITY;
+    for &x in acc.iter().chain(chunks.remainder()) {
+        best = if x > best { x } else { best };
+    }
+    // The first block holding the best, found a vector compare at a time, then the index in it.
+    let block = logits.chunks(LANES * 4).position(|c| c.iter().fold(false, |hit, &x| hit | (x == best))).unwrap_or(0);
+    let start = block * LANES * 4;
+    logits.get(start..).and_then(|rest| rest.iter().position(|&l| l == best)).map_or(0, |i| start + i) as u32
+}
+
+/// The chosen token's log-probability and the `top_n` most likely tokens', from raw logits
+/// (non-finite logits carry no mass).
 pub fn log_probs(logits: &[f32], token: u32, top_n: usize) -> (f32, Vec<(u32, f32)>) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max as f64 + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
+    let max = finite_max(logits);
+    let sum = sum_lanes(logits, |l| keep_or_zero(l.abs() < f32::INFINITY, exp_nonpositive(l - max)));
+    let lse = max as f64 + sum.ln();
     let lp = |l: f32| (l as f64 - lse) as f32;
     let chosen = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| lp(l));
     let mut top = Vec::new();
@@ -395,6 +560,63 @@ mod tests {
     fn draws(p: SamplingParams, n: usize) -> Vec<u32> {
         let mut s = SequenceSampler::new(p, &[], &[]);
         (0..n).map(|_| s.sample(&logits()).token).collect()
+    }
+
+    fn wide_row(seed: u64, n: usize) -> Vec<f32> {
+        let mut rng = Rng::new(seed);
+        (0..n).map(|_| rng.next_normal() * 4.0).collect()
+    }
+
+    #[test]
+    fn the_vectorized_exp_is_within_5e6_of_exp() {
+        let mut worst = 0f64;
+        for i in 0..=100_000 {
+            let x = -87.0 * i as f32 / 100_000.0;
+            let want = (x as f64).exp();
+            worst = worst.max(((exp_nonpositive(x) as f64) - want).abs() / want);
+        }
+        assert!(worst < 5e-6, "worst relative error {worst}");
+        assert_eq!(exp_nonpositive(-88.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    #[test]
+    fn argmax_and_log_probs_match_the_plain_definitions() {
+        for seed in 0..20 {
+            let mut row = wide_row(seed, 5_000 + seed as usize * 37);
+            row[(seed as usize * 101) % 4_000] = f32::NEG_INFINITY;
+            let plain = row.iter().enumerate().fold(0, |b, (i, &l)| if l > row[b] { i } else { b });
+            assert_eq!(argmax(&row) as usize, plain);
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+            let (lp, top) = log_probs(&row, plain as u32, 3);
+            assert!((lp as f64 - (row[plain] as f64 - lse)).abs() < 1e-5, "{lp} vs {}", row[plain] as f64 - lse);
+            assert_eq!(top[0].0 as usize, plain);
+        }
+        let mut ties = vec![0.0f32; 100];
+        ties[40] = 2.0;
+        ties[70] = 2.0;
+        ties[3] = f32::NAN;
+        assert_eq!(argmax(&ties), 40, "lowest index among equals, NaN ignored");
+    }
+
+    #[test]
+    fn the_unsorted_nucleus_draws_what_sorting_the_whole_row_draws() {
+        let settings = [(0.7, 0.9, 0.0), (1.0, 0.5, 0.0), (1.3, 0.99, 0.0), (0.8, 1.0, 0.0), (1.0, 0.95, 0.05), (0.2, 0.3, 0.0)];
+        for (k, &(temperature, top_p, min_p)) in settings.iter().enumerate() {
+            let row = wide_row(100 + k as u64, 20_000);
+            let s = SequenceSampler::new(params(|p| {
+                p.temperature = temperature;
+                p.top_p = top_p;
+                p.min_p = min_p;
+            }), &[], &[]);
+            let mut units = Rng::new(k as u64);
+            for _ in 0..300 {
+                let unit = units.next_f64();
+                assert_eq!(s.draw_whole_vocabulary(&row, unit), s.draw_top_k(&row, unit), "T {temperature} top_p {top_p} min_p {min_p} unit {unit}");
+            }
+        }
     }
 
     #[test]
