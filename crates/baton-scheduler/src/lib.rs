@@ -8,6 +8,12 @@
 //! out for a running sequence, the most recently admitted one is preempted: its blocks are freed
 //! and it goes back to the front of the queue, to be recomputed from its prompt and the tokens it
 //! already produced (nothing it sent is lost or resent).
+//!
+//! A pipeline of N stages keeps several steps (micro-batches) in flight. With
+//! [`Scheduler::set_micro_batches`] each step takes at most its share of the sequences there are
+//! (running and waiting, up to the sequence cap, divided by the micro-batch count), so the steps
+//! in flight are of equal size and keep every stage equally busy; without it the first step
+//! would take every sequence and leave the others empty.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -114,6 +120,8 @@ pub struct Scheduler {
     /// they are neither scheduled again nor preempted until it completes.
     in_flight: HashSet<SeqId>,
     preemptions: u64,
+    /// Steps a pipeline keeps in flight; each takes at most 1/`micro_batches` of the sequences.
+    micro_batches: usize,
 }
 
 impl Scheduler {
@@ -126,7 +134,24 @@ impl Scheduler {
             running: Vec::new(),
             in_flight: HashSet::new(),
             preemptions: 0,
+            micro_batches: 1,
         }
+    }
+
+    /// How many steps the caller keeps in flight (a pipeline's micro-batches; 1, the default,
+    /// for one stage). Each step then takes at most ceil(sequences / `n`) sequences, sequences
+    /// being those running and waiting, up to `max_num_seqs`.
+    pub fn set_micro_batches(&mut self, n: usize) {
+        self.micro_batches = n.max(1);
+    }
+
+    /// The most sequences one step may take now.
+    fn step_share(&self) -> usize {
+        if self.micro_batches == 1 {
+            return usize::MAX;
+        }
+        let pool = (self.running.len() + self.waiting.len()).min(self.config.max_num_seqs);
+        pool.div_ceil(self.micro_batches).max(1)
     }
 
     pub fn config(&self) -> SchedulerConfig {
@@ -285,12 +310,14 @@ impl Scheduler {
     /// Chooses the next batch; `None` when nothing can run.
     pub fn schedule(&mut self, now_us: u64) -> Option<Step> {
         let mut budget = self.config.max_batched_tokens;
+        let share = self.step_share();
         let mut picked: Vec<(SeqId, usize)> = Vec::new();
         let mut preempted = Vec::new();
 
-        // Running sequences first, oldest first.
+        // Running sequences first, oldest first (those in flight are skipped, so consecutive
+        // micro-batches take consecutive shares).
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && budget > 0 && picked.len() < share {
             let id = self.running[i];
             let Some(seq) = self.seqs.get(&id) else {
                 self.running.remove(i);
@@ -327,7 +354,7 @@ impl Scheduler {
         }
 
         // Then admit waiting sequences in order, while everything fits.
-        while budget > 0 && self.running.len() < self.config.max_num_seqs && preempted.is_empty() {
+        while budget > 0 && picked.len() < share && self.running.len() < self.config.max_num_seqs && preempted.is_empty() {
             let Some(&id) = self.waiting.front() else { break };
             let Some(seq) = self.seqs.get_mut(&id) else {
                 self.waiting.pop_front();

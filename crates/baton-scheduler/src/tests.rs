@@ -169,6 +169,81 @@ fn in_flight_sequences_are_not_rescheduled_until_complete() {
     s.complete(&third, &[(1, 7)], &[]);
 }
 
+/// A pipeline of `m` stages: up to `m` steps in flight, completed oldest first. Returns every
+/// request's tokens and the sizes (sequences) of the steps taken.
+fn simulate_pipeline(mut sched: Scheduler, m: usize, requests: Vec<(SeqId, Vec<u32>, usize)>, seed: u64) -> (HashMap<SeqId, Vec<u32>>, Vec<usize>) {
+    sched.set_micro_batches(m);
+    let mut rng = Rng::new(seed);
+    let mut outputs: HashMap<SeqId, Vec<u32>> = HashMap::new();
+    let mut pending: VecDeque<_> = requests.iter().cloned().collect();
+    let mut flight: VecDeque<Step> = VecDeque::new();
+    let mut sizes = Vec::new();
+    let mut now = 0u64;
+    while !pending.is_empty() || sched.has_work() || !flight.is_empty() {
+        for _ in 0..(rng.next_u64() % 4) {
+            if let Some((id, prompt, max)) = pending.pop_front() {
+                sched.add(id, prompt, max, now).unwrap();
+            }
+        }
+        now += 1000;
+        assert!(now < 1_000_000_000, "no progress");
+        let pool = (sched.num_running() + sched.num_waiting()).min(sched.config().max_num_seqs);
+        if flight.len() < m {
+            if let Some(step) = sched.schedule(now) {
+                assert!(step.scheduled.len() <= pool.div_ceil(m).max(1), "a step of {} from a pool of {pool} in {m} micro-batches", step.scheduled.len());
+                for s in &step.scheduled {
+                    assert!(!flight.iter().any(|f| f.scheduled.iter().any(|x| x.id == s.id)), "sequence {} in two micro-batches at once", s.id);
+                }
+                sizes.push(step.scheduled.len());
+                flight.push_back(step);
+                continue;
+            }
+        }
+        let Some(step) = flight.pop_front() else { continue };
+        let sampled: Vec<(SeqId, u32)> = step.scheduled.iter().filter(|s| s.samples).map(|s| (s.id, (rng.next_u64() % 1000) as u32)).collect();
+        for &(id, t) in &sampled {
+            outputs.entry(id).or_default().push(t);
+        }
+        sched.complete(&step, &sampled, &[]);
+    }
+    assert_eq!(sched.free_blocks(), sched.total_blocks(), "blocks leaked");
+    (outputs, sizes)
+}
+
+#[test]
+fn micro_batches_split_the_sequences_evenly_and_never_share_one() {
+    // 24 equal requests arriving together, four stages: once all are decoding, every step
+    // carries a quarter of them.
+    let config = SchedulerConfig { max_num_seqs: 24, max_batched_tokens: 512, ..config() };
+    let reqs: Vec<_> = (0..24).map(|i| (i, vec![1; 8], 40)).collect();
+    let mut sched = Scheduler::new(config, KvGeometry { block_size: 16, num_blocks: 200 });
+    sched.set_micro_batches(4);
+    for (id, prompt, max) in &reqs {
+        sched.add(*id, prompt.clone(), *max, 0).unwrap();
+    }
+    let steps: Vec<Step> = (0..4).map(|_| sched.schedule(0).expect("a micro-batch")).collect();
+    assert!(sched.schedule(0).is_none(), "four micro-batches hold every sequence");
+    assert!(steps.iter().all(|s| s.scheduled.len() == 6), "{:?}", steps.iter().map(|s| s.scheduled.len()).collect::<Vec<_>>());
+    let (outputs, sizes) = simulate_pipeline(Scheduler::new(config, KvGeometry { block_size: 16, num_blocks: 200 }), 4, reqs.clone(), 3);
+    assert!(outputs.values().all(|o| o.len() == 40) && outputs.len() == 24);
+    // Arrivals trickle in (up to 3 a step) and the last sequences drain, so only the middle
+    // of the run is steady; most steps there carry exactly six.
+    let six = sizes.iter().filter(|&&n| n == 6).count();
+    assert!(six * 10 >= sizes.len() * 7, "steps of six: {six} of {}: {sizes:?}", sizes.len());
+}
+
+#[test]
+fn pipelined_runs_finish_every_request_with_exactly_its_tokens() {
+    for (seed, m) in [(1, 2), (2, 3), (3, 4), (4, 8), (5, 1)] {
+        let reqs = requests(60, seed);
+        let sched = Scheduler::new(config(), KvGeometry { block_size: 16, num_blocks: 40 });
+        let (outputs, _) = simulate_pipeline(sched, m, reqs.clone(), seed);
+        for (id, _, max) in &reqs {
+            assert_eq!(outputs.get(id).map_or(0, Vec::len), *max, "request {id} with {m} micro-batches");
+        }
+    }
+}
+
 /// A pipeline loses a stage every few steps: every running sequence is re-queued and its
 /// in-flight step dropped; every request still ends with exactly its tokens, prompt and
 /// produced tokens are recomputed from the start, and no block leaks.

@@ -555,6 +555,8 @@ impl Actor for SchedulerActor {
                 state.failures = 0;
                 let micro_batches = state.shard_args.pipeline.as_ref().and_then(|p| p.micro_batches);
                 state.max_in_flight = if loaded.stages > 1 { micro_batches.unwrap_or(loaded.stages).clamp(1, loaded.stages) } else { 1 };
+                // Each micro-batch takes its share of the sequences, so the steps in flight are equal.
+                state.core.set_micro_batches(state.max_in_flight);
                 state.set_unready(None);
                 state.ready.store(true, Ordering::SeqCst);
                 if let Some((epoch, decided)) = state.replanning {
