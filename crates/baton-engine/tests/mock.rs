@@ -168,6 +168,14 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(s.forward(&layout, StageInput::Hidden(&garbage)).is_err());
     assert!(MockBackend::named("mock:h100").unwrap().upload(&[1.0; 7]).is_err());
     assert!(MockBackend::named("mock:tpu").is_err());
+    // Another memory size for a card: whole GiB, named back the same way.
+    let big = mock::parse_card("h100:192GiB").unwrap();
+    assert_eq!((big.memory_bytes, big.memory_bandwidth), (192 << 30, mock::gpu("h100").unwrap().memory_bandwidth));
+    assert_eq!((big.device_name(), mock::parse_card("h100").unwrap().device_name()), ("mock:h100:192GiB".to_string(), "mock:h100".to_string()));
+    for bad in ["h100:0GiB", "h100:12GB", "h100:1.5GiB", "h100:", "tpu:80GiB"] {
+        let err = mock::parse_card(bad).unwrap_err();
+        assert!(err.contains("mock:"), "{bad}: {err}");
+    }
     // A token outside the vocabulary.
     let mut first = stage(&config, 0..2);
     assert!(first.forward(&layout, StageInput::Tokens(&[1, config.vocab_size as u32])).is_err());

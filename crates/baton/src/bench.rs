@@ -35,7 +35,8 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Where the engine runs.
-    /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s`.
+    /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s` (`mock:h100:192GiB`:
+    /// that card with another memory size).
     #[arg(long, default_value = "cpu")]
     device: load::Device,
     /// Decode batch sizes, comma-separated.

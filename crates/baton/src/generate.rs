@@ -34,7 +34,8 @@ pub struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Where the engine runs.
-    /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s`.
+    /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s` (`mock:h100:192GiB`:
+    /// that card with another memory size).
     #[arg(long, default_value = "cpu")]
     device: load::Device,
     /// Print one JSON object instead of streaming text.

@@ -14,14 +14,14 @@ pub struct Loaded<B: Backend> {
 }
 
 /// Where the engine runs: `cpu`, `cuda` (the first NVIDIA GPU) or `mock:GPU` (a modeled
-/// card: `mock:h100`, `mock:a100`, `mock:l40s`).
+/// card: `mock:h100`, `mock:a100`, `mock:l40s`, each optionally `:NGiB` of memory).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Device {
     Cpu,
     /// The first NVIDIA GPU (needs the `cuda` feature, on by default, and a driver).
     Cuda,
     /// A modeled GPU: its roofline's time, no arithmetic, no weights (config-only models run).
-    Mock(&'static baton_engine::backend::mock::GpuSpec),
+    Mock(baton_engine::backend::mock::GpuSpec),
 }
 
 impl std::str::FromStr for Device {
@@ -31,9 +31,9 @@ impl std::str::FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda),
-            _ => match s.strip_prefix("mock:").map(baton_engine::backend::mock::gpu) {
-                Some(Some(spec)) => Ok(Device::Mock(spec)),
-                _ => {
+            _ => match s.strip_prefix("mock:") {
+                Some(card) => baton_engine::backend::mock::parse_card(card).map(Device::Mock),
+                None => {
                     let mocks: Vec<String> = baton_engine::backend::mock::GPUS.iter().map(|g| format!("mock:{}", g.name)).collect();
                     Err(format!("{s:?} is not a device (cpu, cuda, {})", mocks.join(", ")))
                 }
@@ -47,7 +47,7 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda => f.write_str("cuda"),
-            Device::Mock(spec) => write!(f, "mock:{}", spec.name),
+            Device::Mock(spec) => f.write_str(&spec.device_name()),
         }
     }
 }
@@ -66,7 +66,7 @@ macro_rules! with_backend {
                 $body
             }
             $crate::load::Device::Mock(spec) => {
-                let $b = baton_engine::MockBackend::new(*spec);
+                let $b = baton_engine::MockBackend::new(spec);
                 $body
             }
         }
@@ -89,7 +89,7 @@ pub fn shard_device(device: Device, threads: usize) -> anyhow::Result<baton_shar
     match device {
         Device::Cpu => Ok(baton_shard::Device::cpu(threads)),
         Device::Cuda => cuda_shard_device(),
-        Device::Mock(spec) => Ok(baton_shard::Device::new(format!("mock:{} (modeled)", spec.name), move || Ok(baton_engine::MockBackend::new(*spec)))),
+        Device::Mock(spec) => Ok(baton_shard::Device::new(format!("{} (modeled)", spec.device_name()), move || Ok(baton_engine::MockBackend::new(spec)))),
     }
 }
 
@@ -113,9 +113,9 @@ pub fn kv_cache_bytes(device: Device, model_dir: &Path, kv_cache_mb: usize, bloc
     let config = ModelConfig::from_dir(model_dir)?;
     let g = KvGeometry::on_device(spec.memory_bytes, &config, 0..config.num_layers, block_size);
     if g.num_blocks == 0 {
-        anyhow::bail!("mock:{}: the weights of {} alone fill its {} GiB", spec.name, model_dir.display(), spec.memory_bytes >> 30);
+        anyhow::bail!("{}: the weights of {} alone fill its {} GiB", spec.device_name(), model_dir.display(), spec.memory_bytes >> 30);
     }
-    eprintln!("baton: mock:{}: KV for {} tokens (what {} GiB leave after the weights)", spec.name, g.num_blocks * g.block_size, spec.memory_bytes >> 30);
+    eprintln!("baton: {}: KV for {} tokens (what {} GiB leave after the weights)", spec.device_name(), g.num_blocks * g.block_size, spec.memory_bytes >> 30);
     Ok(g.bytes(config.num_layers, config.kv_dim()))
 }
 

@@ -23,8 +23,8 @@ pub struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Where this node's stage runs.
-    /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s` (default: the
-    /// node's `devices` in cluster.toml, else cpu).
+    /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s`, optionally with
+    /// `:NGiB` of memory (default: the node's `devices` in cluster.toml, else cpu).
     #[arg(long)]
     device: Option<load::Device>,
     /// KV cache size in MiB (pipeline head: for the whole model's block table).

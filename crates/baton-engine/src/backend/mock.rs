@@ -67,6 +67,32 @@ pub fn gpu(name: &str) -> Option<&'static GpuSpec> {
     GPUS.iter().find(|g| g.name == name)
 }
 
+/// A card as `--device` names it after `mock:`: `h100`, or `h100:192GiB` for that card with
+/// another memory size (a baseline that holds a model no one card holds).
+pub fn parse_card(card: &str) -> std::result::Result<GpuSpec, String> {
+    let (name, memory) = card.split_once(':').map_or((card, None), |(n, m)| (n, Some(m)));
+    let mut spec = *gpu(name).ok_or_else(|| {
+        let names: Vec<String> = GPUS.iter().map(|g| format!("mock:{}", g.name)).collect();
+        format!("unknown mock device \"mock:{card}\" (known: {}, each optionally with :NGiB of memory)", names.join(", "))
+    })?;
+    if let Some(m) = memory {
+        let gib: u64 = m.strip_suffix("GiB").and_then(|n| n.parse().ok()).filter(|&n| n > 0).ok_or_else(|| format!("mock:{card}: the memory size must be a whole number of GiB, like {name}:192GiB"))?;
+        spec.memory_bytes = gib.checked_mul(GIB).ok_or_else(|| format!("mock:{card}: the memory size is too large"))?;
+    }
+    Ok(spec)
+}
+
+impl GpuSpec {
+    /// How `--device` names this card: `mock:h100`, with `:NGiB` when its memory is not the
+    /// data sheet's.
+    pub fn device_name(&self) -> String {
+        match gpu(self.name) {
+            Some(g) if g.memory_bytes == self.memory_bytes => format!("mock:{}", self.name),
+            _ => format!("mock:{}:{}GiB", self.name, self.memory_bytes >> 30),
+        }
+    }
+}
+
 /// The time one kernel takes on `spec` (s).
 pub fn kernel_time(spec: &GpuSpec, bytes: f64, flops: f64) -> f64 {
     (bytes / (spec.memory_bandwidth * MEMORY_EFFICIENCY)).max(flops / (spec.bf16_flops * COMPUTE_EFFICIENCY)) + KERNEL_LAUNCH
@@ -94,11 +120,7 @@ impl MockBackend {
 
     /// `mock:h100` and the like; the error names the cards there are.
     pub fn named(device: &str) -> Result<Self> {
-        let name = device.strip_prefix("mock:").unwrap_or(device);
-        gpu(name).map(|s| MockBackend::new(*s)).ok_or_else(|| {
-            let names: Vec<String> = GPUS.iter().map(|g| format!("mock:{}", g.name)).collect();
-            EngineError::BackendUnavailable(format!("unknown mock device {device:?} (known: {})", names.join(", ")))
-        })
+        parse_card(device.strip_prefix("mock:").unwrap_or(device)).map(MockBackend::new).map_err(EngineError::BackendUnavailable)
     }
 
     pub fn spec(&self) -> &GpuSpec {
@@ -246,7 +268,7 @@ impl Backend for MockBackend {
     type Batch = MockBatch;
 
     fn name(&self) -> String {
-        format!("mock:{}", self.spec.name)
+        self.spec.device_name()
     }
 
     fn synchronize(&self) -> Result<()> {
