@@ -289,6 +289,9 @@ fn three_stage_pipeline_matches_one_node(plane: Plane) {
             assert_eq!((steps, window), (0, 0), "{row}");
             assert!(chained > 32, "{node}: {chained} steps down the chain: {row}");
         }
+        // The stage ran steps, so its device time is counted (the busy share's numerator).
+        let busy = row["busy_seconds"].as_f64().unwrap_or(0.0);
+        assert!(busy > 0.0, "{node}: busy_seconds {busy}: {row}");
     }
 }
 

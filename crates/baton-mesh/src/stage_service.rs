@@ -184,6 +184,7 @@ impl StageService {
     /// fresh (none once the head has been silent past [`HEAD_LEASE`]), or this node while it
     /// heads a pipeline itself.
     fn pong(&self, nonce: u64) -> StageReply {
+        let busy_us = self.shard.stats().busy.as_micros() as u64;
         if let Some(me) = self.heading() {
             return StageReply::Pong {
                 nonce,
@@ -197,6 +198,7 @@ impl StageService {
                 ucx_steps: 0,
                 window_steps: 0,
                 chained_steps: 0,
+                busy_us,
                 head: me,
             };
         }
@@ -215,6 +217,7 @@ impl StageService {
             ucx_steps,
             window_steps,
             chained_steps: self.chained.load(std::sync::atomic::Ordering::Relaxed),
+            busy_us,
             head: self.head().filter(|(_, silent)| *silent < HEAD_LEASE).map(|(h, _)| h).unwrap_or_default(),
         }
     }

@@ -48,8 +48,8 @@ fn ping(rt: &tokio::runtime::Runtime, identity: &pki::NodeIdentity, control: Soc
         let rtt = start.elapsed().as_secs_f64() * 1e3;
         me.close();
         match reply {
-            StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, chained_steps, generation, epoch, first_layer, end_layer, head, .. } => Some(serde_json::json!({
-                "up": true, "loaded": loaded, "head": head, "ping_ms": rtt, "tensor_plane": tensor_plane,
+            StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, chained_steps, busy_us, generation, epoch, first_layer, end_layer, head, .. } => Some(serde_json::json!({
+                "up": true, "loaded": loaded, "head": head, "ping_ms": rtt, "tensor_plane": tensor_plane, "busy_seconds": busy_us as f64 / 1e6,
                 "ucx_steps": ucx_steps, "rma_window_steps": window_steps, "chained_steps": chained_steps, "generation": generation,
                 "epoch": epoch, "serving": if loaded { serde_json::json!([first_layer, end_layer]) } else { Value::Null }
             })),
@@ -88,13 +88,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             // Whom the node serves (its own name while it heads a pipeline): two heads in one
             // pipeline mean the cluster is split.
-            let head_of = if si == 0 { ping(&rt, &identity, node.control, name).map(|p| p["head"].clone()) } else { state.get("head").cloned() };
+            let pong = if si == 0 { ping(&rt, &identity, node.control, name) } else { Some(state.clone()) };
+            let head_of = pong.as_ref().map(|p| p["head"].clone());
+            // The device's time in steps since it started: sampled twice, a stage's busy share.
+            let busy_seconds = pong.as_ref().map_or(Value::Null, |p| p["busy_seconds"].clone());
             if let Some(h) = head_of.as_ref().and_then(Value::as_str).filter(|h| !h.is_empty()) {
                 sides.entry(pi).or_default().entry(h.to_string()).or_default().push(name.clone());
             }
             let serving = state.get("serving").cloned().filter(|v| !v.is_null());
             rows.push(serde_json::json!({"pipeline": pi, "stage": si, "node": name, "control": node.control.to_string(),
-                                         "configured_layers": [range.start, range.end], "layers": serving,
+                                         "configured_layers": [range.start, range.end], "layers": serving, "busy_seconds": busy_seconds,
                                          "role": if si == 0 { "head" } else if state["head"] == name.as_str() { "head*" } else { "stage" }, "state": state}));
         }
     }
