@@ -76,7 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         StageReply::Hidden { hidden: vec![0.5; 8], compute_us: 10 },
         StageReply::Sampled { tokens: vec![WireSampled { id: 1, token: 7, logprob: -0.1, top_logprobs: vec![], finish: 0 }], compute_us: 10 },
         StageReply::Error("no".into()),
-        StageReply::Chained { tokens: vec![WireSampled { id: 1, token: 7, logprob: -0.1, top_logprobs: vec![], finish: 0 }], hops: vec![(10, 40), (12, 0)] },
+        StageReply::Chained { tokens: vec![WireSampled { id: 1, token: 7, logprob: -0.1, top_logprobs: vec![], finish: 0 }], hops: vec![(10, 40, 3), (12, 0, 0)] },
         StageReply::Broken { stage: "node-c".into(), kind: 0, detail: "connection lost".into() },
     ];
     let mut stage = Vec::new();

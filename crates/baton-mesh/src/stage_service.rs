@@ -311,10 +311,14 @@ impl StageService {
             return StageReply::Refused(format!("a chained step of {head}, which is not this stage's head"));
         }
         self.chained.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The device's time in steps when this one came: what it ran beyond this step's own
+        // compute before answering is time this step spent queued behind other micro-batches.
+        let busy_at_arrival = self.shard.stats().busy;
+        let behind = |compute_us: u64| (self.shard.stats().busy.saturating_sub(busy_at_arrival).as_micros() as u64).saturating_sub(compute_us);
         let Some((next, rest)) = route.split_first() else {
             // The last stage: sample, and start the tokens' way back.
             return match Box::pin(self.handle(StageRequest::Step { epoch, chunks, input, new_sequences, released, ids })).await {
-                StageReply::Sampled { tokens, compute_us } => StageReply::Chained { tokens, hops: vec![(compute_us, 0)] },
+                StageReply::Sampled { tokens, compute_us } => StageReply::Chained { tokens, hops: vec![(compute_us, 0, behind(compute_us))] },
                 StageReply::Hidden { .. } => StageReply::Error("a chain ended at a stage that does not end the model".into()),
                 other => other,
             };
@@ -325,6 +329,7 @@ impl StageService {
             StageReply::Sampled { .. } => return StageReply::Error("this stage ends the model, but the chain goes on".into()),
             other => return other,
         };
+        let behind_us = behind(compute_us);
         let broken = |kind: u8, detail: String| StageReply::Broken { stage: next.name.clone(), kind, detail };
         let link = match self.next_link(next).await {
             Ok(l) => l,
@@ -336,7 +341,7 @@ impl StageService {
         let downstream_us = called.elapsed().as_micros() as u64;
         match reply {
             Ok(StageReply::Chained { tokens, mut hops }) => {
-                hops.insert(0, (compute_us, downstream_us));
+                hops.insert(0, (compute_us, downstream_us, behind_us));
                 StageReply::Chained { tokens, hops }
             }
             Ok(b @ StageReply::Broken { .. }) => b,

@@ -164,8 +164,10 @@ pub enum StageReply {
     /// head's, a node that heads a pipeline itself): no fault of its engine.
     Refused(String),
     /// The last stage's tokens for a `Chain` step, and each stage's timing in chain order:
-    /// (its compute, the wall time of its call to the next stage; 0 on the last), µs.
-    Chained { tokens: Vec<WireSampled>, hops: Vec<(u64, u64)> },
+    /// (its compute, the wall time of its call to the next stage (0 on the last), the time the
+    /// step waited there while the device ran other steps), µs. That wait is the pipeline's
+    /// normal queueing behind other micro-batches, not a stall of the stage.
+    Chained { tokens: Vec<WireSampled>, hops: Vec<(u64, u64, u64)> },
     /// A `Chain` step failed at `stage`: its link broke (`BROKEN_LOST`), its engine failed
     /// (`BROKEN_ERROR`) or it refused the work (`BROKEN_REFUSED`).
     Broken { stage: String, kind: u8, detail: String },

@@ -718,10 +718,11 @@ async fn chain_step(first: &StageLink, mesh: &MeshDriver, epoch: u64, route: Vec
     let s1 = &stages[0];
     match reply {
         Ok(StageReply::Chained { tokens, hops }) if hops.len() == stages.len() => {
-            // Stage i's call, as its caller saw it, less its own call to the next.
+            // Stage i's call, as its caller saw it, less its own call to the next and the time
+            // the step queued there behind other micro-batches (the device busy meanwhile).
             let (mut upstream, mut compute) = (wall.as_micros() as u64, 0);
-            for (stage, &(c, downstream)) in stages.iter().zip(&hops) {
-                mesh.report_timing(stage, epoch, Duration::from_micros(upstream.saturating_sub(downstream)), Duration::from_micros(c));
+            for (stage, &(c, downstream, behind)) in stages.iter().zip(&hops) {
+                mesh.report_timing(stage, epoch, Duration::from_micros(upstream.saturating_sub(downstream).saturating_sub(behind)), Duration::from_micros(c));
                 (upstream, compute) = (downstream, compute + c);
             }
             Ok(StepOutput {
