@@ -55,6 +55,8 @@ struct RawPlacement {
     mode: String,
     #[serde(default)]
     replicas: Option<usize>,
+    #[serde(default)]
+    rebalance: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +107,9 @@ pub struct ClusterConfig {
     pub tls_dir: PathBuf,
     pub mode: PlacementMode,
     pub replicas: usize,
+    /// `placement.rebalance` (default true): the head moves layers between the nodes of its
+    /// plan by their measured speed. Off, layers move only when nodes join, leave or fail.
+    pub rebalance: bool,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -215,7 +220,8 @@ impl ClusterConfig {
         }
         let tls_dir = raw.tls.map_or_else(|| PathBuf::from("cluster-tls"), |t| PathBuf::from(t.dir));
         let tls_dir = if tls_dir.is_relative() { path.parent().unwrap_or(Path::new(".")).join(tls_dir) } else { tls_dir };
-        Ok(ClusterConfig { name: raw.cluster.name, model: raw.model.path, tls_dir, mode, replicas, nodes })
+        let rebalance = raw.placement.as_ref().and_then(|p| p.rebalance).unwrap_or(true);
+        Ok(ClusterConfig { name: raw.cluster.name, model: raw.model.path, tls_dir, mode, replicas, rebalance, nodes })
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeConfig> {
@@ -275,6 +281,10 @@ layers = "2..4"
         assert_eq!(c.nodes[1].layers, Some(2..4));
         assert!(c.check_layers(Path::new("cluster.toml"), 4).is_ok());
         assert!(c.check_layers(Path::new("cluster.toml"), 6).unwrap_err().to_string().contains("0..4"));
+        assert!(c.rebalance, "layers move by measured speed unless placement.rebalance = false");
+        assert!(!parse(&GOOD.replace("mode = \"explicit\"", "mode = \"explicit\"\nrebalance = false")).unwrap().rebalance);
+        let bad = parse(&GOOD.replace("mode = \"explicit\"", "mode = \"explicit\"\nrebalance = \"no\"")).unwrap_err();
+        assert!(bad.contains("rebalance"), "{bad}");
     }
 
     #[test]

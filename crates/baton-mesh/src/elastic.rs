@@ -132,6 +132,8 @@ pub struct CoreConfig {
     /// long without a break, and no sooner than `rebalance_every_us` after the last change.
     pub rebalance_after_us: u64,
     pub rebalance_every_us: u64,
+    /// Whether splits by measured speed are taken at all (cluster.toml `placement.rebalance`).
+    pub rebalance_by_speed: bool,
     /// The shell's tick period: a tick that comes much later than this says the detector
     /// itself was starved (a busy or paused head), not that its stages went silent.
     pub tick_us: u64,
@@ -152,6 +154,7 @@ impl Default for CoreConfig {
             history: 16,
             rebalance_after_us: 10_000_000,
             rebalance_every_us: 30_000_000,
+            rebalance_by_speed: true,
             tick_us: 50_000,
             errors_to_fail: 3,
             error_window_us: 30_000_000,
@@ -617,6 +620,9 @@ impl MeshCore {
     /// `rebalance_every_us` old; `None` otherwise (and the wait starts again whenever it is
     /// not better).
     fn speed_split(&mut self, now: u64) -> Option<Vec<(String, Range<usize>)>> {
+        if !self.config.rebalance_by_speed {
+            return None;
+        }
         let plan = self.plan.as_ref()?;
         let all_measured = plan.stages.iter().all(|(n, _)| self.nodes.iter().any(|m| m.member.name == *n && m.us_per_layer_token.is_some()));
         let better = all_measured

@@ -24,11 +24,13 @@ pub struct ProbeConfig {
     pub timeout: Duration,
     /// How often the core decides.
     pub tick: Duration,
+    /// Layers move by measured speed as well as on joins, leaves and failures.
+    pub rebalance_by_speed: bool,
 }
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        ProbeConfig { interval: Duration::from_millis(100), timeout: Duration::from_millis(500), tick: Duration::from_millis(50) }
+        ProbeConfig { interval: Duration::from_millis(100), timeout: Duration::from_millis(500), tick: Duration::from_millis(50), rebalance_by_speed: true }
     }
 }
 
@@ -139,7 +141,7 @@ impl MeshDriver {
             eprintln!("baton: stage {name}: activations over {}", link.transport());
             links.insert(name.clone(), link);
         }
-        let config = CoreConfig { dead_after_us: (probe.interval * 7).as_micros() as u64, tick_us: probe.tick.as_micros() as u64, ..CoreConfig::default() };
+        let config = CoreConfig { dead_after_us: (probe.interval * 7).as_micros() as u64, tick_us: probe.tick.as_micros() as u64, rebalance_by_speed: probe.rebalance_by_speed, ..CoreConfig::default() };
         let started = Instant::now();
         let core = MeshCore::new(me, roster.members.clone(), num_layers, initial, config, 0);
         let (notices, _) = watch::channel(0);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use baton_engine::ModelConfig;
+use baton_engine::{KvGeometry, ModelConfig};
 use baton_mesh::config::{ClusterConfig, NodeConfig};
 use baton_mesh::control::{ControlNode, Revoked};
 use baton_mesh::elastic::Member;
@@ -40,6 +40,8 @@ pub struct NodeOptions {
     pub device: baton_shard::Device,
     /// KV cache size in MiB (pipeline head: for the whole model's block table).
     pub kv_cache_mb: usize,
+    /// Pipeline head: sequences in the running batch at most (all micro-batches together).
+    pub max_num_seqs: usize,
     /// Pipeline head: steps in flight at once (`None`: one per stage).
     pub micro_batches: Option<usize>,
     /// Pipeline head: steps down a chain of stage-to-stage links, or relayed through the head.
@@ -49,6 +51,32 @@ pub struct NodeOptions {
     /// Handle SIGHUP (reload revocations) and SIGUSR1 (drain): off for in-process nodes, which
     /// share one process's signals.
     pub signals: bool,
+}
+
+/// The head's KV cache, in the bytes its block table counts (f32 K and V of every layer): the
+/// host budget (`--kv-cache-mb`) on the CPU; on cards, the fewest blocks any stage's card holds
+/// after its layers' weights (every stage allocates the head's block count), so admission,
+/// preemption and 429 behave as on those cards. A stage whose cluster.toml `devices` names no
+/// modeled card is taken to have the head's.
+fn kv_budget(c: &ClusterConfig, device: &baton_shard::Device, stages: &[(String, std::ops::Range<usize>)], mc: &ModelConfig, kv_cache_mb: usize) -> anyhow::Result<usize> {
+    let Some(own) = device.memory_bytes() else { return Ok(kv_cache_mb << 20) };
+    let card = |name: &str| {
+        c.node(name)
+            .and_then(|n| n.devices.first())
+            .and_then(|d| d.strip_prefix("mock:"))
+            .and_then(|card| baton_engine::backend::mock::parse_card(card).ok())
+            .map_or(own, |spec| spec.memory_bytes)
+    };
+    let tightest = stages
+        .iter()
+        .map(|(name, layers)| (name, layers, KvGeometry::on_device(card(name), mc, layers.clone(), baton_serve::BLOCK_SIZE)))
+        .min_by_key(|(_, _, g)| g.num_blocks);
+    let Some((name, layers, g)) = tightest else { return Ok(kv_cache_mb << 20) };
+    if g.num_blocks == 0 {
+        anyhow::bail!("node {name}: the weights of layers {}..{} alone fill its card's {} GiB (add nodes, or cards with more memory)", layers.start, layers.end, card(name) >> 30);
+    }
+    eprintln!("baton: KV cache of {} tokens: what node {name}'s card leaves after layers {}..{}", g.num_blocks * g.block_size, layers.start, layers.end);
+    Ok(g.bytes(mc.num_layers, mc.kv_dim()))
 }
 
 /// How a node that cluster.toml does not name describes itself.
@@ -134,7 +162,7 @@ pub async fn drain_remote(c: &ClusterConfig, me: &NodeConfig) -> anyhow::Result<
 /// Runs the node until `shutdown` resolves (or, for a drained node, until the head releases
 /// it).
 pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let NodeOptions { cluster: c, cluster_path, me, model_dir: dir, device, kv_cache_mb, micro_batches, stage_links, tensor_plane, request_timeout, signals } = opts;
+    let NodeOptions { cluster: c, cluster_path, me, model_dir: dir, device, kv_cache_mb, max_num_seqs, micro_batches, stage_links, tensor_plane, request_timeout, signals } = opts;
     let mc = ModelConfig::from_dir(&dir)?;
     c.check_layers(&cluster_path, mc.num_layers)?;
     let plan = placement::plan(&c, mc.num_layers).with_context(|| format!("{}: placement", cluster_path.display()))?;
@@ -299,7 +327,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             let window_bytes = max_batched_tokens * mc.hidden_size * 4;
             let roster = pipeline_roster(&c, &me, &gossip, layer_bytes);
             let patience = if promoted { Duration::from_secs(10) } else { Duration::from_secs(120) };
-            let mesh = MeshDriver::start(&me.name, node.clone(), plane.clone(), roster, mc.num_layers, plan.clone(), window_bytes, patience, ProbeConfig::default())
+            let mesh = MeshDriver::start(&me.name, node.clone(), plane.clone(), roster, mc.num_layers, plan.clone(), window_bytes, patience, ProbeConfig { rebalance_by_speed: c.rebalance, ..ProbeConfig::default() })
                 .await
                 .context("reaching the pipeline's stages")?;
             // The driver's own loops end with `mesh.stop()`; these, when dropped.
@@ -359,8 +387,8 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                 listen,
                 device: shard.clone(),
                 keep_device: true,
-                kv_cache_bytes: kv_cache_mb << 20,
-                max_num_seqs: 64,
+                kv_cache_bytes: kv_budget(&c, &device, &plan.stages, &mc, kv_cache_mb)?,
+                max_num_seqs,
                 max_batched_tokens,
                 max_waiting: 1024,
                 max_model_len: None,

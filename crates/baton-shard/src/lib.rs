@@ -159,6 +159,8 @@ type Spawn = dyn Fn(PathBuf) -> Pin<Box<dyn Future<Output = Result<ShardHandle, 
 pub struct Device {
     describe: String,
     spawn: Arc<Spawn>,
+    /// The card's memory where it bounds the KV cache (a modeled GPU); `None` on the host.
+    memory_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for Device {
@@ -177,7 +179,20 @@ impl Device {
                 let make = make.clone();
                 Box::pin(async move { GpuShard::<B>::spawn(model_dir, make).await })
             }),
+            memory_bytes: None,
         }
+    }
+
+    /// This device with `bytes` of memory that its weights and KV cache share (a card), so a
+    /// node sizes its KV cache by what the card leaves rather than by a host budget.
+    pub fn with_memory(mut self, bytes: u64) -> Self {
+        self.memory_bytes = Some(bytes);
+        self
+    }
+
+    /// The card's memory, where it bounds the KV cache.
+    pub fn memory_bytes(&self) -> Option<u64> {
+        self.memory_bytes
     }
 
     /// The CPU backend on `threads` threads.

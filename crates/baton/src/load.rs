@@ -89,7 +89,7 @@ pub fn shard_device(device: Device, threads: usize) -> anyhow::Result<baton_shar
     match device {
         Device::Cpu => Ok(baton_shard::Device::cpu(threads)),
         Device::Cuda => cuda_shard_device(),
-        Device::Mock(spec) => Ok(baton_shard::Device::new(format!("{} (modeled)", spec.device_name()), move || Ok(baton_engine::MockBackend::new(spec)))),
+        Device::Mock(spec) => Ok(baton_shard::Device::new(format!("{} (modeled)", spec.device_name()), move || Ok(baton_engine::MockBackend::new(spec))).with_memory(spec.memory_bytes)),
     }
 }
 

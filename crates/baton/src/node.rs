@@ -30,6 +30,9 @@ pub struct Args {
     /// KV cache size in MiB (pipeline head: for the whole model's block table).
     #[arg(long, default_value_t = 1024)]
     kv_cache_mb: usize,
+    /// Pipeline head: sequences in the running batch at most (all micro-batches together).
+    #[arg(long, default_value_t = 64)]
+    max_num_seqs: usize,
     /// Pipeline head: steps (micro-batches) in flight at once; default one per stage. 1 runs the
     /// stages one after another with bigger batches (better when they share the same cores).
     #[arg(long)]
@@ -82,6 +85,9 @@ fn parse_plane(s: &str) -> Result<PlaneChoice, String> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.max_num_seqs == 0 {
+        anyhow::bail!("--max-num-seqs must be positive");
+    }
     let c = ClusterConfig::from_file(&args.cluster)?;
     let join = JoinArgs { control: args.control, http: args.http, memory_gb: args.memory_gb, replica: args.replica };
     let me = baton_node::node::joining_node(&c, &args.cluster, &args.name, &join)?;
@@ -98,6 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model_dir,
         device,
         kv_cache_mb: args.kv_cache_mb,
+        max_num_seqs: args.max_num_seqs,
         micro_batches: args.micro_batches,
         stage_links: args.stage_links,
         tensor_plane: args.tensor_plane.unwrap_or_else(PlaneChoice::default_for_build),

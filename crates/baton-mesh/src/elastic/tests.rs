@@ -575,6 +575,21 @@ fn a_node_measured_slower_gets_fewer_layers_once_it_has_stayed_slower() {
 }
 
 #[test]
+fn with_rebalancing_off_a_slower_node_keeps_its_layers_but_a_loss_is_still_repaired() {
+    let config = CoreConfig { rebalance_by_speed: false, ..CoreConfig::default() };
+    let mut core = trio(30, config);
+    for (n, us) in [("a", 1.0), ("b", 1.0), ("c", 3.0)] {
+        core.measured(n, us);
+    }
+    // What moves layers with rebalancing on (the test above) moves nothing here.
+    let acts = drive(&mut core, 0, 200_000_000, |_| vec![("b", 1), ("c", 1)]);
+    assert!(acts.is_empty(), "{acts:?}");
+    // A lost stage is still re-placed.
+    let (_, change) = one_change(drive(&mut core, 200_000_000, 205_000_000, |_| vec![("b", 1)]));
+    assert_eq!(change.reason, ChangeReason::NodeLost);
+}
+
+#[test]
 fn a_speed_difference_under_the_threshold_or_not_held_changes_nothing() {
     let config = CoreConfig::default();
     let all = |_| vec![("b", 1), ("c", 1)];
