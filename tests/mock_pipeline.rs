@@ -69,6 +69,9 @@ fn an_eight_stage_mock_pipeline_matches_one_mock_node() {
     assert_eq!(stages.len(), 8, "{view}");
     assert!(stages.iter().all(|(_, a, b)| b - a == 2), "{view}");
     assert!(log_tail(&cfg, "node-3").contains("mock:h100"), "{}", log_tail(&cfg, "node-3"));
+    // The head's KV is what a stage's card leaves after its layers, not the host budget.
+    let head_log = log_tail(&cfg, "node-0");
+    assert!(head_log.contains("card leaves after layers"), "{head_log}");
 
     let max_tokens = 24;
     let prompts = ["Hello", "Eight stages", "Once upon a time"];
