@@ -27,7 +27,7 @@ pub struct HttpArgs {
     /// Requests to time (after the warm-up).
     #[arg(long, default_value_t = 64)]
     num_requests: usize,
-    /// Requests sent first and not timed.
+    /// Requests sent first and not timed, at the same concurrency.
     #[arg(long, default_value_t = 4)]
     warmup: usize,
     /// Requests in flight at once (closed loop). Ignored when --request-rate is given.
@@ -166,8 +166,21 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
         })
         .collect();
     let (warm, timed) = specs.split_at(args.warmup);
-    for s in warm {
-        one(&client, &url, &model, s).await.context("warm-up request failed")?;
+    // The warm-up runs at the measured concurrency (a large one would take hours one at a time).
+    let warm = Arc::new(warm.iter().map(|s| Spec { prompt: s.prompt.clone(), max_tokens: s.max_tokens }).collect::<Vec<_>>());
+    let next_warm = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut warming = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency.min(warm.len()) {
+        let (client, url, model, warm, next) = (client.clone(), url.clone(), model.clone(), warm.clone(), next_warm.clone());
+        warming.spawn(async move {
+            while let Some(s) = warm.get(next.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) {
+                one(&client, &url, &model, s).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = warming.join_next().await {
+        done?.context("warm-up request failed")?;
     }
 
     let rec = Arc::new(Mutex::new(Recorded {
