@@ -454,7 +454,7 @@ fn exp_nonpositive(x: f32) -> f32 {
     let t = if t < -126.0 { -126.0 } else { t };
     let shifted = t + ROUND;
     let f = t - (shifted - ROUND);
-    let poly = 1.0 + f * (0.693_147_2 + f * (0.240_226_5 + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355 + f * 0.000_154_035_3)))));
+    let poly = 1.0 + f * (std::f32::consts::LN_2 + f * (0.240_226_5 + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355 + f * 0.000_154_035_3)))));
     // (n + 127) << 23 is 2^n; the wrapping integer arithmetic keeps the loop vectorizable.
     let n = shifted.to_bits().wrapping_sub(ROUND.to_bits());
     let scale = f32::from_bits(n.wrapping_add(127) << 23);

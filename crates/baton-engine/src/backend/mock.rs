@@ -304,7 +304,7 @@ impl Backend for MockBackend {
             return Ok(MockBuffer::default());
         }
         let width = data.get(4).copied().filter(|w| *w >= 5.0 && w.fract() == 0.0).ok_or_else(bad)? as usize;
-        if data.len() % width != 0 {
+        if !data.len().is_multiple_of(width) {
             return Err(bad());
         }
         let tags = data.chunks_exact(width).map(|row| if row[4] as usize == width { get_tag(row) } else { None }).collect::<Option<Vec<u64>>>().ok_or_else(bad)?;
