@@ -85,6 +85,34 @@ fn draw_len(rng: &mut Rng, mean: usize, ratio: f64) -> usize {
 }
 
 /// One streamed request; returns (ttft, inter-token gaps, e2e, output tokens).
+/// `concurrency` tasks, each running `work` on the next index of `0..n` once its last one ends
+/// (a closed loop).
+async fn closed_loop<F, Fut>(concurrency: usize, n: usize, work: F) -> anyhow::Result<()>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.min(n) {
+        let (next, work) = (next.clone(), work.clone());
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= n {
+                    return anyhow::Ok(());
+                }
+                work(i).await?;
+            }
+        });
+    }
+    // The first error ends the loop (the other tasks are aborted with the set).
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
 async fn one(client: &reqwest::Client, url: &str, model: &str, spec: &Spec) -> anyhow::Result<(Duration, Vec<Duration>, Duration, u64)> {
     let body = json!({
         "model": model, "prompt": spec.prompt, "max_tokens": spec.max_tokens, "min_tokens": spec.max_tokens,
@@ -165,22 +193,18 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let (warm, timed) = specs.split_at(args.warmup);
+    let mut warm = specs;
+    let timed = warm.split_off(args.warmup);
     // The warm-up runs at the measured concurrency (a large one would take hours one at a time).
-    let warm = Arc::new(warm.iter().map(|s| Spec { prompt: s.prompt.clone(), max_tokens: s.max_tokens }).collect::<Vec<_>>());
-    let next_warm = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut warming = tokio::task::JoinSet::new();
-    for _ in 0..args.concurrency.min(warm.len()) {
-        let (client, url, model, warm, next) = (client.clone(), url.clone(), model.clone(), warm.clone(), next_warm.clone());
-        warming.spawn(async move {
-            while let Some(s) = warm.get(next.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) {
-                one(&client, &url, &model, s).await?;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(done) = warming.join_next().await {
-        done?.context("warm-up request failed")?;
+    let warm = Arc::new(warm);
+    {
+        let (client, url, model, warm) = (client.clone(), url.clone(), model.clone(), warm.clone());
+        closed_loop(args.concurrency, warm.len(), move |i| {
+            let (client, url, model, warm) = (client.clone(), url.clone(), model.clone(), warm.clone());
+            async move { one(&client, &url, &model, &warm[i]).await.map(drop) }
+        })
+        .await
+        .context("warm-up request failed")?;
     }
 
     let rec = Arc::new(Mutex::new(Recorded {
@@ -195,8 +219,7 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
     let bar = ProgressBar::new(timed.len() as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} requests {elapsed}").map_err(|e| anyhow::anyhow!("{e}"))?,
     );
-    let specs = Arc::new(timed.iter().map(|s| Spec { prompt: s.prompt.clone(), max_tokens: s.max_tokens }).collect::<Vec<_>>());
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let specs = Arc::new(timed);
     let start = Instant::now();
     let run_one = {
         let (client, url, model, rec, bar) = (client.clone(), url.clone(), model.clone(), rec.clone(), bar.clone());
@@ -236,18 +259,15 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
         }
         Some(_) => bail!("--request-rate must be positive"),
         None => {
-            for _ in 0..args.concurrency {
-                let (specs, next, run_one) = (specs.clone(), next.clone(), run_one.clone());
-                tasks.push(tokio::spawn(async move {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        if i >= specs.len() {
-                            break;
-                        }
-                        run_one(i, specs.clone()).await;
-                    }
-                }));
-            }
+            let specs = specs.clone();
+            closed_loop(args.concurrency, specs.len(), move |i| {
+                let run = run_one(i, specs.clone());
+                async move {
+                    run.await;
+                    Ok(())
+                }
+            })
+            .await?;
         }
     }
     for t in tasks {

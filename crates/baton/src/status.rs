@@ -88,10 +88,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             // Whom the node serves (its own name while it heads a pipeline): two heads in one
             // pipeline mean the cluster is split.
-            let pong = if si == 0 { ping(&rt, &identity, node.control, name) } else { Some(state.clone()) };
-            let head_of = pong.as_ref().map(|p| p["head"].clone());
+            let head_pong;
+            let pong = if si == 0 {
+                head_pong = ping(&rt, &identity, node.control, name);
+                head_pong.as_ref()
+            } else {
+                Some(&state)
+            };
+            let head_of = pong.map(|p| p["head"].clone());
             // The device's time in steps since it started: sampled twice, a stage's busy share.
-            let busy_seconds = pong.as_ref().map_or(Value::Null, |p| p["busy_seconds"].clone());
+            let busy_seconds = pong.map_or(Value::Null, |p| p["busy_seconds"].clone());
             if let Some(h) = head_of.as_ref().and_then(Value::as_str).filter(|h| !h.is_empty()) {
                 sides.entry(pi).or_default().entry(h.to_string()).or_default().push(name.clone());
             }
