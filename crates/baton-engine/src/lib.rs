@@ -25,7 +25,7 @@ pub use checkpoint::{Checkpoint, DType};
 pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use generate::{Generation, LocalRunner};
-pub use kv::{BlockAllocator, BlockTable, KvGeometry};
+pub use kv::{BlockAllocator, BlockHash, BlockTable, KvGeometry, PrefixHasher};
 pub use sampling::{FinishReason, SampledToken, Sampled, SamplerSet, SamplingParams, SequenceSampler};
 pub use stage::{Stage, StageInput, StageOutput};
 pub use tokenizer::{Detokenizer, TextTokenizer};

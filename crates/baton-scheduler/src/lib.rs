@@ -14,10 +14,16 @@
 //! (running and waiting, up to the sequence cap, divided by the micro-batch count), so the steps
 //! in flight are of equal size and keep every stage equally busy; without it the first step
 //! would take every sequence and leave the others empty.
+//!
+//! With prefix caching ([`Scheduler::enable_prefix_caching`]) a sequence admitted from the
+//! queue first takes the cached blocks holding the longest prefix of its tokens (full blocks
+//! only, and never its last token, which must be computed to sample) and computes only the
+//! rest; each full block is offered to the cache once the step that computed it completes.
+//! The head chooses block ids for every stage, so a cached block's KV is valid on all of them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use baton_engine::{BatchLayout, BlockAllocator, BlockTable, KvGeometry, SeqChunk};
+use baton_engine::{BatchLayout, BlockAllocator, BlockHash, BlockTable, KvGeometry, PrefixHasher, SeqChunk};
 
 pub type SeqId = u64;
 
@@ -64,6 +70,8 @@ struct Sequence {
     /// Tokens whose K/V are in the cache.
     computed: usize,
     table: BlockTable,
+    /// The hash chain of `tokens`' full blocks, as far as it was needed (prefix caching).
+    hashes: Vec<BlockHash>,
     arrived_us: u64,
     first_scheduled_us: Option<u64>,
 }
@@ -94,6 +102,9 @@ pub struct Step {
     pub preempted: Vec<SeqId>,
     /// Sequences scheduled for the first time, with how long they waited (µs).
     pub started: Vec<(SeqId, u64)>,
+    /// Sequences admitted from the queue this step with the tokens the prefix cache supplied
+    /// (0 on a miss; only when prefix caching is on).
+    pub cached: Vec<(SeqId, usize)>,
 }
 
 impl Step {
@@ -122,6 +133,11 @@ pub struct Scheduler {
     preemptions: u64,
     /// Steps a pipeline keeps in flight; each takes at most 1/`micro_batches` of the sequences.
     micro_batches: usize,
+    /// Set when prefix caching is on.
+    hasher: Option<PrefixHasher>,
+    /// Tokens looked up in the prefix cache, and those it supplied.
+    prefix_queries: u64,
+    prefix_hits: u64,
 }
 
 impl Scheduler {
@@ -135,7 +151,39 @@ impl Scheduler {
             in_flight: HashSet::new(),
             preemptions: 0,
             micro_batches: 1,
+            hasher: None,
+            prefix_queries: 0,
+            prefix_hits: 0,
         }
+    }
+
+    /// Turns automatic prefix caching on, with `hasher` naming blocks. Call before any request
+    /// is added (the block allocator starts afresh).
+    pub fn enable_prefix_caching(&mut self, hasher: PrefixHasher) {
+        debug_assert!(self.seqs.is_empty(), "prefix caching turned on with requests queued");
+        self.allocator = BlockAllocator::with_prefix_caching(self.geometry());
+        self.hasher = Some(hasher);
+    }
+
+    pub fn prefix_caching(&self) -> bool {
+        self.hasher.is_some()
+    }
+
+    /// Prompt tokens looked up in the prefix cache, and those it supplied (vLLM's
+    /// `prefix_cache_queries` and `prefix_cache_hits`).
+    pub fn prefix_cache_counts(&self) -> (u64, u64) {
+        (self.prefix_queries, self.prefix_hits)
+    }
+
+    /// Blocks whose KV the prefix cache can hand out again.
+    pub fn cached_blocks(&self) -> usize {
+        self.allocator.cached_blocks()
+    }
+
+    /// Forgets every cached block no sequence holds: the caller's KV for them is gone (a new
+    /// device) or was not carried over (a planned change moves the blocks in use only).
+    pub fn forget_cached(&mut self) {
+        self.allocator.forget_unreferenced();
     }
 
     /// How many steps the caller keeps in flight (a pipeline's micro-batches; 1, the default,
@@ -247,6 +295,7 @@ impl Scheduler {
                 max_tokens,
                 computed: 0,
                 table: BlockTable::default(),
+                hashes: Vec::new(),
                 arrived_us: now_us,
                 first_scheduled_us: None,
             },
@@ -281,12 +330,16 @@ impl Scheduler {
             self.waiting.push_front(*id);
         }
         self.in_flight.clear();
+        self.allocator.forget_unreferenced();
         moved
     }
 
-    /// The KV blocks of every running sequence (what a planned plan change moves).
+    /// The KV blocks of every running sequence, each once (what a planned plan change moves).
     pub fn blocks_in_use(&self) -> Vec<u32> {
-        self.running.iter().filter_map(|id| self.seqs.get(id)).flat_map(|s| s.table.blocks().iter().copied()).collect()
+        let mut blocks: Vec<u32> = self.running.iter().filter_map(|id| self.seqs.get(id)).flat_map(|s| s.table.blocks().iter().copied()).collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        blocks
     }
 
     /// The tokens `id` produced so far.
@@ -313,6 +366,7 @@ impl Scheduler {
         let share = self.step_share();
         let mut picked: Vec<(SeqId, usize)> = Vec::new();
         let mut preempted = Vec::new();
+        let mut cached = Vec::new();
 
         // Running sequences first, oldest first (those in flight are skipped, so consecutive
         // micro-batches take consecutive shares).
@@ -360,9 +414,33 @@ impl Scheduler {
                 self.waiting.pop_front();
                 continue;
             };
-            let len = (seq.tokens.len() - seq.computed).min(budget);
-            if self.allocator.append(&mut seq.table, len).is_err() {
+            // A queued sequence holds no blocks (it is new, or was preempted or re-queued).
+            let block_size = self.allocator.block_size();
+            let hit = match &self.hasher {
+                Some(hasher) if seq.table.blocks().is_empty() => {
+                    hasher.extend(&mut seq.hashes, &seq.tokens, block_size);
+                    // Never the last token: it is computed again, to sample after it.
+                    let usable = ((seq.tokens.len() - 1) / block_size).min(seq.hashes.len());
+                    self.allocator.cached_prefix(&seq.hashes[..usable])
+                }
+                _ => Vec::new(),
+            };
+            let reused = hit.len() * block_size;
+            let len = (seq.tokens.len() - reused).min(budget);
+            if !self.allocator.can_share(&hit, len) {
                 break;
+            }
+            self.allocator.share(&mut seq.table, &hit);
+            seq.computed = reused;
+            if self.allocator.append(&mut seq.table, len).is_err() {
+                self.allocator.release(&mut seq.table);
+                seq.computed = 0;
+                break;
+            }
+            if self.hasher.is_some() {
+                self.prefix_queries += seq.tokens.len() as u64;
+                self.prefix_hits += reused as u64;
+                cached.push((id, reused));
             }
             self.waiting.pop_front();
             self.running.push(id);
@@ -378,6 +456,7 @@ impl Scheduler {
             layout: BatchLayout { chunks: Vec::with_capacity(picked.len()) },
             preempted,
             started: Vec::new(),
+            cached,
         };
         for (id, len) in picked {
             let Some(seq) = self.seqs.get_mut(&id) else { continue };
@@ -411,6 +490,13 @@ impl Scheduler {
             self.in_flight.remove(&s.id);
             if let Some(seq) = self.seqs.get_mut(&s.id) {
                 seq.computed = (seq.computed + s.tokens.len()).min(seq.tokens.len());
+                if let Some(hasher) = &self.hasher {
+                    // The full blocks computed so far may serve later sequences.
+                    let block_size = self.allocator.block_size();
+                    hasher.extend(&mut seq.hashes, &seq.tokens[..seq.computed], block_size);
+                    let full = (seq.computed / block_size).min(seq.hashes.len());
+                    self.allocator.commit(&mut seq.table, &seq.hashes[..full]);
+                }
             }
         }
         for &(id, token) in sampled {

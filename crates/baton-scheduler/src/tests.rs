@@ -316,3 +316,163 @@ fn a_resumed_request_recomputes_what_it_produced_and_goes_on_from_there() {
     assert!(matches!(sched.add_resumed(8, prompt.clone(), vec![1, 2], 2, 0), Err(AdmitError::NothingLeft { .. })));
     assert!(sched.add_resumed(9, prompt, vec![], 2, 0).is_ok());
 }
+
+const HASHER: PrefixHasher = PrefixHasher::new_const([0x5eed, 0xcafe]);
+
+/// What a fake model writes into the paged cache: each slot holds the token and position whose
+/// K/V it is. A chunk reading a slot that holds anything else has been given stale KV.
+struct FakeKv {
+    slots: Vec<Option<(u32, usize)>>,
+    block_size: usize,
+}
+
+impl FakeKv {
+    fn new(geometry: KvGeometry) -> Self {
+        FakeKv { slots: vec![None; geometry.num_blocks * geometry.block_size], block_size: geometry.block_size }
+    }
+
+    /// Runs one step: checks that each chunk's earlier positions hold its own tokens, writes
+    /// the chunk, and never writes into a block another running sequence holds.
+    fn run(&mut self, sched: &Scheduler, step: &Step) {
+        for (s, chunk) in step.scheduled.iter().zip(&step.layout.chunks) {
+            let seq = &sched.seqs[&s.id];
+            for p in 0..chunk.start_pos {
+                let slot = chunk.block_table[p / self.block_size] as usize * self.block_size + p % self.block_size;
+                assert_eq!(self.slots[slot], Some((seq.tokens[p], p)), "sequence {} reads stale KV at position {p}", s.id);
+            }
+            for (k, &t) in s.tokens.iter().enumerate() {
+                let p = chunk.start_pos + k;
+                let block = chunk.block_table[p / self.block_size];
+                for (other, o) in &sched.seqs {
+                    assert!(*other == s.id || !o.table.blocks().contains(&block), "sequence {} writes block {block}, which {other} holds", s.id);
+                }
+                self.slots[block as usize * self.block_size + p % self.block_size] = Some((t, p));
+            }
+        }
+    }
+}
+
+/// The token a fake model samples: a function of every token before it, so outputs do not
+/// depend on what was cached.
+fn fake_sample(tokens: &[u32]) -> u32 {
+    let mut c = Vec::new();
+    let padded: Vec<u32> = tokens.to_vec();
+    HASHER.extend(&mut c, &padded, padded.len().max(1));
+    (c[0] % 1000) as u32
+}
+
+/// Requests that start with one of `n_prefixes` shared beginnings of `prefix_len` tokens.
+fn shared_prefix_requests(n: u64, n_prefixes: u64, prefix_len: usize, seed: u64) -> Vec<(SeqId, Vec<u32>, usize)> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|id| {
+            let p = rng.next_u64() % n_prefixes;
+            let mut prompt: Vec<u32> = (0..prefix_len).map(|i| (p * 1000 + i as u64) as u32 % 5000).collect();
+            prompt.extend((0..1 + rng.next_u64() % 40).map(|k| 5000 + (id * 64 + k) as u32));
+            (id, prompt, 1 + (rng.next_u64() % 30) as usize)
+        })
+        .collect()
+}
+
+/// Runs a pipeline of `m` micro-batches over a fake KV store; returns each request's tokens,
+/// and the prompt tokens computed.
+fn simulate_cached(mut sched: Scheduler, m: usize, requests: &[(SeqId, Vec<u32>, usize)], seed: u64) -> (HashMap<SeqId, Vec<u32>>, u64) {
+    sched.set_micro_batches(m);
+    let mut kv = FakeKv::new(sched.geometry());
+    let mut rng = Rng::new(seed);
+    let mut outputs: HashMap<SeqId, Vec<u32>> = HashMap::new();
+    let mut pending: VecDeque<_> = requests.iter().cloned().collect();
+    let mut flight: VecDeque<Step> = VecDeque::new();
+    let mut computed = 0u64;
+    let mut rounds = 0u64;
+    while !pending.is_empty() || sched.has_work() || !flight.is_empty() {
+        rounds += 1;
+        assert!(rounds < 1_000_000, "no progress");
+        for _ in 0..(rng.next_u64() % 3) {
+            if let Some((id, prompt, max)) = pending.pop_front() {
+                sched.add(id, prompt, max, 0).unwrap();
+            }
+        }
+        if flight.len() < m {
+            if let Some(step) = sched.schedule(0) {
+                kv.run(&sched, &step);
+                computed += step.num_tokens() as u64;
+                flight.push_back(step);
+                continue;
+            }
+        }
+        let Some(step) = flight.pop_front() else { continue };
+        let sampled: Vec<(SeqId, u32)> = step
+            .scheduled
+            .iter()
+            .filter(|s| s.samples)
+            .map(|s| {
+                let seq = &sched.seqs[&s.id];
+                (s.id, fake_sample(&seq.tokens))
+            })
+            .collect();
+        for &(id, t) in &sampled {
+            outputs.entry(id).or_default().push(t);
+        }
+        sched.complete(&step, &sampled, &[]);
+    }
+    assert_eq!(sched.free_blocks(), sched.total_blocks(), "blocks leaked (cached blocks count as free)");
+    assert_eq!(sched.kv_usage(), 0.0);
+    (outputs, computed)
+}
+
+/// Shared prefixes through pipelines of 1 to 4 micro-batches, with a cache roomy and tight
+/// (preempting, evicting): with caching every sequence reads only KV of its own tokens, shared
+/// blocks are never written, the outputs equal those without caching, and fewer tokens are
+/// computed.
+#[test]
+fn prefix_caching_changes_no_output_and_computes_less() {
+    for (seed, m, blocks) in [(1, 1, 200), (2, 2, 200), (3, 4, 200), (4, 1, 30), (5, 3, 30)] {
+        let reqs = shared_prefix_requests(120, 3, 50, seed);
+        let geometry = KvGeometry { block_size: 8, num_blocks: blocks };
+        let (plain, plain_computed) = simulate_cached(Scheduler::new(config(), geometry), m, &reqs, seed);
+        let mut sched = Scheduler::new(config(), geometry);
+        sched.enable_prefix_caching(HASHER);
+        let (cached, cached_computed) = simulate_cached(sched, m, &reqs, seed);
+        assert_eq!(plain, cached, "seed {seed}, {m} micro-batches, {blocks} blocks");
+        for (id, _, max) in &reqs {
+            assert_eq!(cached[id].len(), *max, "request {id}");
+        }
+        assert!(cached_computed * 10 < plain_computed * 7, "seed {seed}: caching computed {cached_computed} of {plain_computed} tokens");
+    }
+}
+
+#[test]
+fn a_repeated_prompt_reuses_every_full_block_but_its_last_token() {
+    let mut s = Scheduler::new(config(), KvGeometry { block_size: 16, num_blocks: 64 });
+    s.enable_prefix_caching(HASHER);
+    let prompt: Vec<u32> = (0..48).collect();
+    s.add(1, prompt.clone(), 2, 0).unwrap();
+    let step = s.schedule(0).unwrap();
+    assert_eq!(step.cached, vec![(1, 0)]);
+    s.complete(&step, &[(1, 7)], &[]);
+    let step = s.schedule(0).unwrap();
+    s.complete(&step, &[(1, 8)], &[]);
+    assert!(!s.has_work());
+    assert_eq!(s.cached_blocks(), 3);
+    assert_eq!(s.kv_usage(), 0.0, "cached blocks count as free");
+    // The same 48 tokens: two blocks come from the cache; the third holds the last token,
+    // which is computed again to sample after it.
+    s.add(2, prompt.clone(), 2, 0).unwrap();
+    let step = s.schedule(0).unwrap();
+    assert_eq!(step.cached, vec![(2, 32)]);
+    assert_eq!(step.layout.chunks[0].start_pos, 32);
+    assert_eq!(step.scheduled[0].tokens, (32..48).collect::<Vec<u32>>());
+    s.complete(&step, &[(2, 7)], &[]);
+    // One token more than a block boundary: all three blocks come from the cache.
+    let mut longer = prompt.clone();
+    longer.push(7);
+    s.add(3, longer, 2, 0).unwrap();
+    let step = s.schedule(0).unwrap();
+    let hits: Vec<_> = step.cached.clone();
+    assert_eq!(hits, vec![(3, 48)], "{:?}", step.scheduled);
+    assert_eq!(s.prefix_cache_counts(), (48 + 48 + 49, 32 + 48));
+    // A failover forgets every block not in use.
+    s.requeue_all();
+    assert_eq!(s.cached_blocks(), 0);
+}
