@@ -42,6 +42,8 @@ pub struct NodeOptions {
     pub kv_cache_mb: usize,
     /// Pipeline head: sequences in the running batch at most (all micro-batches together).
     pub max_num_seqs: usize,
+    /// Pipeline head: reuse the KV of prompt prefixes seen before.
+    pub prefix_caching: bool,
     /// Pipeline head: steps in flight at once (`None`: one per stage).
     pub micro_batches: Option<usize>,
     /// Pipeline head: steps down a chain of stage-to-stage links, or relayed through the head.
@@ -162,7 +164,7 @@ pub async fn drain_remote(c: &ClusterConfig, me: &NodeConfig) -> anyhow::Result<
 /// Runs the node until `shutdown` resolves (or, for a drained node, until the head releases
 /// it).
 pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let NodeOptions { cluster: c, cluster_path, me, model_dir: dir, device, kv_cache_mb, max_num_seqs, micro_batches, stage_links, tensor_plane, request_timeout, signals } = opts;
+    let NodeOptions { cluster: c, cluster_path, me, model_dir: dir, device, kv_cache_mb, max_num_seqs, prefix_caching, micro_batches, stage_links, tensor_plane, request_timeout, signals } = opts;
     let mc = ModelConfig::from_dir(&dir)?;
     c.check_layers(&cluster_path, mc.num_layers)?;
     let plan = placement::plan(&c, mc.num_layers).with_context(|| format!("{}: placement", cluster_path.display()))?;
@@ -390,6 +392,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                 kv_cache_bytes: kv_budget(&c, &device, &plan.stages, &mc, kv_cache_mb)?,
                 max_num_seqs,
                 max_batched_tokens,
+                prefix_caching,
                 max_waiting: 1024,
                 max_model_len: None,
                 quic_listen,

@@ -167,6 +167,7 @@ memory_gb = 1
             device: if name == special.0 { special.1.clone() } else { baton_shard::Device::cpu(1) },
             kv_cache_mb: 16,
             max_num_seqs: 64,
+            prefix_caching: true,
             micro_batches: None,
             stage_links: Default::default(),
             tensor_plane: PlaneChoice::Quic,

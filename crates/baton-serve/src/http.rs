@@ -232,8 +232,14 @@ impl Output {
         }
     }
 
-    fn usage(prompt: usize, completion: usize) -> Value {
-        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    /// OpenAI's usage object; `prompt_tokens_details.cached_tokens` (what aiperf and the
+    /// OpenAI SDK read) when prefix caching is on.
+    fn usage(prompt: usize, completion: usize, cached: Option<usize>) -> Value {
+        let mut u = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+        if let Some(cached) = cached {
+            u["prompt_tokens_details"] = json!({"cached_tokens": cached});
+        }
+        u
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -292,10 +298,10 @@ async fn collect(mut out: Output, mut events: mpsc::UnboundedReceiver<Event>, mu
                 out.text.push_str(&t.text);
                 out.token_ids.push(t.token);
             }
-            Event::Done { finish, prompt_tokens, completion_tokens, tail } => {
+            Event::Done { finish, prompt_tokens, completion_tokens, cached_tokens, tail } => {
                 guard.done = true;
                 out.text.push_str(&tail);
-                let body = out.full(finish.as_str(), Output::usage(prompt_tokens, completion_tokens));
+                let body = out.full(finish.as_str(), Output::usage(prompt_tokens, completion_tokens, cached_tokens));
                 return Json(body).into_response();
             }
             Event::Error(e) => {
@@ -327,7 +333,7 @@ fn stream(mut out: Output, mut events: mpsc::UnboundedReceiver<Event>, guard: Ab
                     first = false;
                     send(c)
                 }
-                Event::Done { finish, prompt_tokens, completion_tokens, tail } => {
+                Event::Done { finish, prompt_tokens, completion_tokens, cached_tokens, tail } => {
                     guard.done = true;
                     let c = out.chunk(&tail, &[], &[], Some(finish.as_str()), first);
                     if tx.send(Ok(send(c))).await.is_err() {
@@ -335,7 +341,7 @@ fn stream(mut out: Output, mut events: mpsc::UnboundedReceiver<Event>, guard: Ab
                     }
                     if out.include_usage {
                         let u = json!({"id": out.id, "object": out.object(true), "created": out.created, "model": out.model,
-                                       "choices": [], "usage": Output::usage(prompt_tokens, completion_tokens)});
+                                       "choices": [], "usage": Output::usage(prompt_tokens, completion_tokens, cached_tokens)});
                         let _ = tx.send(Ok(send(u))).await;
                     }
                     let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;

@@ -44,6 +44,8 @@ pub struct ServeOptions {
     pub kv_cache_bytes: usize,
     pub max_num_seqs: usize,
     pub max_batched_tokens: usize,
+    /// Reuse the KV of prompt prefixes seen before (`--enable-prefix-caching`).
+    pub prefix_caching: bool,
     /// Requests allowed to wait before new ones get 429.
     pub max_waiting: usize,
     /// Context length; default: the model's.
@@ -130,6 +132,17 @@ impl std::fmt::Debug for HttpLayer {
     }
 }
 
+/// A key no client can guess, so no prompt can be crafted to collide with another's blocks.
+fn random_key() -> [u64; 2] {
+    use std::hash::{BuildHasher, Hasher};
+    let draw = |salt: u64| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(salt);
+        h.finish()
+    };
+    [draw(1), draw(2)]
+}
+
 /// Serves until `shutdown` resolves, then stops taking requests (503), lets running requests
 /// finish, and returns.
 pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
@@ -154,7 +167,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     let ready = Arc::new(AtomicBool::new(false));
     let unready = Arc::new(std::sync::Mutex::new(None));
     let draining = Arc::new(AtomicBool::new(false));
-    let core = Scheduler::new(
+    let mut core = Scheduler::new(
         SchedulerConfig {
             max_num_seqs: opts.max_num_seqs,
             max_batched_tokens: opts.max_batched_tokens,
@@ -163,6 +176,9 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         },
         geometry,
     );
+    if opts.prefix_caching {
+        core.enable_prefix_caching(baton_engine::PrefixHasher::new(random_key()));
+    }
     let device = opts.device.clone();
     // Unnamed (ractor's names are process-wide): several nodes, heads among them, may serve in
     // one process (baton-node's in-process tests run two clusters at once).

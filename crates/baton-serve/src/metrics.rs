@@ -77,6 +77,26 @@ struct Inner {
     plan_changes: BTreeMap<&'static str, u64>,
     migrated: u64,
     recomputed: u64,
+    /// Prefix caching's prompt tokens looked up and supplied, and the blocks cached now;
+    /// `None` while it is off.
+    prefix: Option<PrefixCache>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PrefixCache {
+    queries: u64,
+    hits: u64,
+    cached_blocks: usize,
+}
+
+impl PrefixCache {
+    fn hit_rate(&self) -> f64 {
+        if self.queries == 0 {
+            0.0
+        } else {
+            self.hits as f64 / self.queries as f64
+        }
+    }
 }
 
 /// Shared by the scheduler (writer) and the HTTP edge (reader).
@@ -104,6 +124,7 @@ impl Metrics {
                 plan_changes: BTreeMap::new(),
                 migrated: 0,
                 recomputed: 0,
+                prefix: None,
             }),
         }
     }
@@ -156,6 +177,12 @@ impl Metrics {
         self.with(|m| m.gauges = Gauges { running, waiting, kv_usage, preemptions });
     }
 
+    /// Prefix caching's counts: prompt tokens looked up, those the cache supplied, and the
+    /// blocks it holds now.
+    pub fn set_prefix_cache(&self, queries: u64, hits: u64, cached_blocks: usize) {
+        self.with(|m| m.prefix = Some(PrefixCache { queries, hits, cached_blocks }));
+    }
+
     /// Prometheus text exposition format.
     pub fn prometheus(&self) -> String {
         use std::fmt::Write;
@@ -177,6 +204,10 @@ impl Metrics {
             for reason in ["stop", "length", "abort"] {
                 let n = m.success.get(reason).copied().unwrap_or(0);
                 let _ = writeln!(out, "baton:request_success_total{{finished_reason=\"{reason}\"}} {n}");
+            }
+            if let Some(p) = m.prefix {
+                let _ = writeln!(out, "# HELP baton:prefix_cache_queries_total Prompt tokens looked up in the prefix cache\n# TYPE baton:prefix_cache_queries_total counter\nbaton:prefix_cache_queries_total {}", p.queries);
+                let _ = writeln!(out, "# HELP baton:prefix_cache_hits_total Prompt tokens the prefix cache supplied\n# TYPE baton:prefix_cache_hits_total counter\nbaton:prefix_cache_hits_total {}", p.hits);
             }
             let _ = writeln!(out, "# HELP baton:requests_migrated_total Running requests that went on under a new plan (a stage lost, joined or drained)\n# TYPE baton:requests_migrated_total counter\nbaton:requests_migrated_total {}", m.migrated);
             let _ = writeln!(out, "# HELP baton:requests_recomputed_total Of those, requests whose KV was recomputed (a stage lost) rather than moved\n# TYPE baton:requests_recomputed_total counter\nbaton:requests_recomputed_total {}", m.recomputed);
@@ -239,6 +270,12 @@ impl Metrics {
                 "requests_migrated": m.migrated,
                 "requests_recomputed": m.recomputed,
                 "plan_changes": m.plan_changes,
+                "prefix_cache": m.prefix.map(|p| json!({
+                    "queried_tokens": p.queries,
+                    "hit_tokens": p.hits,
+                    "hit_rate": p.hit_rate(),
+                    "cached_blocks": p.cached_blocks,
+                })),
                 "histograms": hists,
             })
         })
@@ -284,6 +321,11 @@ mod tests {
         assert!(text.contains("baton:num_requests_waiting 3"));
         assert!(text.contains("baton:request_success_total{finished_reason=\"stop\"} 1"));
         assert!(text.contains("baton:generation_tokens_total 5"));
+        assert!(!text.contains("prefix_cache"), "prefix caching is off: no counters");
+        m.set_prefix_cache(200, 150, 9);
+        let text = m.prometheus();
+        assert!(text.contains("baton:prefix_cache_queries_total 200\n") && text.contains("baton:prefix_cache_hits_total 150\n"), "{text}");
+        assert_eq!(m.stats()["prefix_cache"]["hit_rate"].as_f64(), Some(0.75));
         let s = m.stats();
         let p50 = s["histograms"]["time_to_first_token_seconds"]["p50"].as_f64().unwrap();
         assert!((p50 - 0.002).abs() < 1e-4, "{p50}");

@@ -204,7 +204,7 @@ async fn stream(state: Arc<AppState>, conn: quinn::Connection, mut out: quinn::S
                 (Frame::Started { prompt_token_ids, nodes }, false)
             }
             Event::Token(t) => (Frame::Token { id: t.token, text: t.text, logprob: t.logprob, top_logprobs: t.top_logprobs }, false),
-            Event::Done { finish, prompt_tokens, completion_tokens, tail } => {
+            Event::Done { finish, prompt_tokens, completion_tokens, tail, .. } => {
                 let finish = match finish {
                     Finish::Stop => WireFinish::Stop,
                     Finish::Length => WireFinish::Length,

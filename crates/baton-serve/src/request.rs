@@ -96,6 +96,8 @@ pub enum Event {
         finish: Finish,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens the prefix cache supplied (`None`: prefix caching is off).
+        cached_tokens: Option<usize>,
         /// Text held back by the detokenizer or cut at a stop string, already final.
         tail: String,
     },

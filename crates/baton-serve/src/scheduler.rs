@@ -81,6 +81,8 @@ struct Live {
     params: baton_engine::SamplingParams,
     generated: usize,
     arrived: Instant,
+    /// Prompt tokens the prefix cache supplied when the request was first admitted.
+    cached_tokens: Option<usize>,
     started: Option<Instant>,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
@@ -133,6 +135,10 @@ impl State {
     fn publish_load(&self) {
         self.metrics
             .set_load(self.core.num_running(), self.core.num_waiting(), self.core.kv_usage(), self.core.preemptions());
+        if self.core.prefix_caching() {
+            let (queries, hits) = self.core.prefix_cache_counts();
+            self.metrics.set_prefix_cache(queries, hits, self.core.cached_blocks());
+        }
     }
 
     /// Ends a request: final event, metrics, and the core forgets it.
@@ -147,6 +153,7 @@ impl State {
             finish,
             prompt_tokens: live.prompt.len(),
             completion_tokens: live.generated,
+            cached_tokens: self.core.prefix_caching().then_some(live.cached_tokens.unwrap_or(0)),
             tail,
         });
         self.metrics.finished(finish.as_str(), live.prompt.len(), live.generated);
@@ -230,6 +237,11 @@ impl State {
             self.publish_load();
             return false;
         };
+        for &(id, n) in &step.cached {
+            if let Some(live) = self.live.get_mut(&id) {
+                live.cached_tokens.get_or_insert(n);
+            }
+        }
         let mut new_sequences = Vec::new();
         for s in &step.scheduled {
             if let Some(live) = self.live.get_mut(&s.id) {
@@ -369,6 +381,9 @@ impl State {
     /// Starts a shard; if the actor cannot even be spawned, tries again after a backoff
     /// rather than failing the scheduler (and with it every client stream).
     async fn start_shard(&mut self, myself: &ActorRef<SchedulerMsg>) {
+        // A new driver has only the KV of the blocks in use (moved by a planned change, or
+        // none): cached blocks no sequence holds are gone.
+        self.core.forget_cached();
         match spawn_shard(myself, &self.shard_args, self.core.geometry(), &self.migration).await {
             Ok(shard) => self.shard = Some(shard),
             Err(e) => {
@@ -516,6 +531,7 @@ impl Actor for SchedulerActor {
                         params: request.params,
                         generated: resumed,
                         arrived: now,
+                        cached_tokens: None,
                         started: None,
                         // A resumed request's first token came from another head: no TTFT here.
                         first_token: (resumed > 0).then_some(now),

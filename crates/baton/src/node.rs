@@ -33,6 +33,12 @@ pub struct Args {
     /// Pipeline head: sequences in the running batch at most (all micro-batches together).
     #[arg(long, default_value_t = 64)]
     max_num_seqs: usize,
+    /// Pipeline head: reuse the KV cache of prompt prefixes seen before (on by default).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    enable_prefix_caching: bool,
+    /// Pipeline head: compute every prompt from its first token.
+    #[arg(long)]
+    no_enable_prefix_caching: bool,
     /// Pipeline head: steps (micro-batches) in flight at once; default one per stage. 1 runs the
     /// stages one after another with bigger batches (better when they share the same cores).
     #[arg(long)]
@@ -105,6 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         device,
         kv_cache_mb: args.kv_cache_mb,
         max_num_seqs: args.max_num_seqs,
+        prefix_caching: !args.no_enable_prefix_caching,
         micro_batches: args.micro_batches,
         stage_links: args.stage_links,
         tensor_plane: args.tensor_plane.unwrap_or_else(PlaneChoice::default_for_build),

@@ -35,6 +35,12 @@ pub struct Args {
     /// Tokens per engine step at most (prefill chunks and decodes together).
     #[arg(long, default_value_t = 512)]
     max_batched_tokens: usize,
+    /// Reuse the KV cache of prompt prefixes seen before (on by default; vLLM's flag).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    enable_prefix_caching: bool,
+    /// Compute every prompt from its first token.
+    #[arg(long)]
+    no_enable_prefix_caching: bool,
     /// Requests allowed to wait; beyond, new requests get 429.
     #[arg(long, default_value_t = 1024)]
     max_waiting: usize,
@@ -97,6 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         kv_cache_bytes,
         max_num_seqs: args.max_num_seqs,
         max_batched_tokens: args.max_batched_tokens,
+        prefix_caching: !args.no_enable_prefix_caching,
         max_waiting: args.max_waiting,
         max_model_len: args.max_model_len,
     };
