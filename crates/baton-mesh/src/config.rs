@@ -28,7 +28,15 @@ struct Raw {
     #[serde(default)]
     placement: Option<RawPlacement>,
     #[serde(default)]
+    routing: Option<RawRouting>,
+    #[serde(default)]
     nodes: Vec<RawNode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    policy: String,
 }
 
 #[derive(Deserialize)]
@@ -110,6 +118,9 @@ pub struct ClusterConfig {
     /// `placement.rebalance` (default true): the head moves layers between the nodes of its
     /// plan by their measured speed. Off, layers move only when nodes join, leave or fail.
     pub rebalance: bool,
+    /// `routing.policy`: how entry nodes choose a replica's head (`cache_aware`, the default,
+    /// or `least_loaded`).
+    pub routing: crate::routing::RoutingPolicy,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -221,7 +232,12 @@ impl ClusterConfig {
         let tls_dir = raw.tls.map_or_else(|| PathBuf::from("cluster-tls"), |t| PathBuf::from(t.dir));
         let tls_dir = if tls_dir.is_relative() { path.parent().unwrap_or(Path::new(".")).join(tls_dir) } else { tls_dir };
         let rebalance = raw.placement.as_ref().and_then(|p| p.rebalance).unwrap_or(true);
-        Ok(ClusterConfig { name: raw.cluster.name, model: raw.model.path, tls_dir, mode, replicas, rebalance, nodes })
+        let routing = match raw.routing.as_ref().map(|r| r.policy.as_str()) {
+            None | Some("cache_aware") => crate::routing::RoutingPolicy::CacheAware,
+            Some("least_loaded") => crate::routing::RoutingPolicy::LeastLoaded,
+            Some(other) => return Err(err("routing.policy".into(), format!("{other:?} is not a routing policy (cache_aware, least_loaded)"))),
+        };
+        Ok(ClusterConfig { name: raw.cluster.name, model: raw.model.path, tls_dir, mode, replicas, rebalance, routing, nodes })
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeConfig> {
@@ -285,6 +301,11 @@ layers = "2..4"
         assert!(!parse(&GOOD.replace("mode = \"explicit\"", "mode = \"explicit\"\nrebalance = false")).unwrap().rebalance);
         let bad = parse(&GOOD.replace("mode = \"explicit\"", "mode = \"explicit\"\nrebalance = \"no\"")).unwrap_err();
         assert!(bad.contains("rebalance"), "{bad}");
+        assert_eq!(c.routing, crate::routing::RoutingPolicy::CacheAware, "cache-aware routing unless told otherwise");
+        let load = parse(&format!("{GOOD}\n[routing]\npolicy = \"least_loaded\"\n")).unwrap();
+        assert_eq!(load.routing, crate::routing::RoutingPolicy::LeastLoaded);
+        let bad = parse(&format!("{GOOD}\n[routing]\npolicy = \"random\"\n")).unwrap_err();
+        assert!(bad.contains("routing.policy") && bad.contains("random"), "{bad}");
     }
 
     #[test]

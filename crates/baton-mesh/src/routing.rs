@@ -1,14 +1,95 @@
 //! Which pipeline head a request entering at a non-head node goes to, when the cluster runs
-//! several replicas: the least loaded head, by what each last reported (requests running and
-//! waiting) plus what this node has sent it since; ties go round-robin; a head that could not be
-//! reached is skipped for a while. Pure: reports and `now` in, a choice out.
+//! several replicas: by load, what each head last reported (requests running and waiting) plus
+//! what this node has sent it since; ties go round-robin; a head that could not be reached is
+//! skipped for a while. Pure: reports and `now` in, a choice out.
+//!
+//! Cache-aware ([`RoutingPolicy::CacheAware`], the default): each head's prefix cache is
+//! guessed from what this node sent it (as SGLang's router does, not from the heads' block
+//! events as Dynamo's does: an entry node needs no tokenizer and no event stream, and each
+//! entry node's guess is its own). A prompt is cut into 64-byte chunks (about one 16-token KV
+//! block of text, or 16 token ids) named by a hash chain; a head "holds" the leading chunks it
+//! was sent last. Among the heads whose load is within a slack of the least loaded one
+//! ([`BALANCE_ABS`], [`BALANCE_REL`]), the one holding the longest prefix wins; when none holds
+//! any, the least loaded. The slack bounds the imbalance: a popular prefix spills over to a
+//! second head, which then holds it too.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// A report older than this no longer says anything about the head's load.
 pub const REPORT_TTL: Duration = Duration::from_secs(2);
 /// How long an unreachable head is passed over.
 pub const BACKOFF: Duration = Duration::from_secs(1);
+
+/// Bytes of prompt per routing chunk.
+pub const CHUNK_BYTES: usize = 64;
+/// Chunks remembered per head until it reports its cache's size; the least recently sent are
+/// forgotten first.
+pub const REMEMBERED_CHUNKS: usize = 1 << 16;
+/// A head whose load exceeds the least loaded head's by at most this many requests...
+pub const BALANCE_ABS: u64 = 8;
+/// ...or by this fraction of it, may take a request for the prefix it holds.
+pub const BALANCE_REL: f64 = 0.25;
+
+/// How an entry node chooses among heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RoutingPolicy {
+    /// The head most likely to hold the prompt's prefix in its cache, balanced against load.
+    #[default]
+    CacheAware,
+    /// The least loaded head.
+    LeastLoaded,
+}
+
+/// A prompt's routing key: the hash chain of its full [`CHUNK_BYTES`] chunks (FNV-1a over
+/// each chunk and the hash before it).
+pub fn prefix_key(prompt: &[u8]) -> Vec<u64> {
+    let mut key = Vec::with_capacity(prompt.len() / CHUNK_BYTES);
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for chunk in prompt.chunks_exact(CHUNK_BYTES) {
+        for &b in chunk {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        key.push(h);
+    }
+    key
+}
+
+/// What one head was sent: chunk hashes, each with when it was last sent.
+#[derive(Debug, Clone, Default)]
+struct SentPrefixes {
+    last_sent: HashMap<u64, u64>,
+    by_age: BTreeMap<u64, u64>,
+    /// Chunks the head's cache holds at most (its KV blocks, one chunk to a block); what was
+    /// sent longer ago is taken to be evicted there (its cache is an LRU too).
+    capacity: Option<usize>,
+}
+
+impl SentPrefixes {
+    /// How many leading chunks of `key` this head was sent.
+    fn matched(&self, key: &[u64]) -> usize {
+        key.iter().take_while(|h| self.last_sent.contains_key(h)).count()
+    }
+
+    fn record(&mut self, key: &[u64], clock: &mut u64) {
+        for &h in key {
+            *clock += 1;
+            if let Some(old) = self.last_sent.insert(h, *clock) {
+                self.by_age.remove(&old);
+            }
+            self.by_age.insert(*clock, h);
+        }
+        while self.last_sent.len() > self.capacity.unwrap_or(REMEMBERED_CHUNKS).min(REMEMBERED_CHUNKS) {
+            let Some((_, h)) = self.by_age.pop_first() else { break };
+            self.last_sent.remove(&h);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.last_sent.clear();
+        self.by_age.clear();
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 struct Head {
@@ -18,14 +99,17 @@ struct Head {
     /// Forwarded since the last report (already counted in the head's next report).
     since_report: u64,
     down_until: Option<Instant>,
+    sent: SentPrefixes,
 }
 
 /// The load view of every head, from one entry node's side, keyed by the head's name (heads
-/// can come and go: `add`, `remove`).
+/// can come and go: `add`, `remove`), and (cache-aware) the prefixes each was sent.
 #[derive(Debug, Clone, Default)]
 pub struct HeadLoads {
     heads: Vec<(String, Head)>,
     next: usize,
+    policy: RoutingPolicy,
+    clock: u64,
 }
 
 impl HeadLoads {
@@ -35,6 +119,15 @@ impl HeadLoads {
             l.add(n);
         }
         l
+    }
+
+    pub fn with_policy(mut self, policy: RoutingPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    pub fn policy(&self) -> RoutingPolicy {
+        self.policy
     }
 
     /// A head this node may send requests to (known names are left as they are).
@@ -72,11 +165,20 @@ impl HeadLoads {
         }
     }
 
-    /// Head `name` could not be reached: pass it over for [`BACKOFF`].
+    /// Head `name` caches at most `blocks` KV blocks (what its prefix cache can hold).
+    pub fn cache_blocks(&mut self, name: &str, blocks: usize) {
+        if let Some(h) = self.get_mut(name) {
+            h.sent.capacity = Some(blocks.max(1));
+        }
+    }
+
+    /// Head `name` could not be reached: pass it over for [`BACKOFF`]. What it was sent is
+    /// forgotten (a head that comes back may have restarted with an empty cache).
     pub fn unreachable(&mut self, name: &str, now: Instant) {
         if let Some(h) = self.get_mut(name) {
             h.down_until = Some(now + BACKOFF);
             h.reported = None;
+            h.sent.clear();
         }
     }
 
@@ -89,27 +191,48 @@ impl HeadLoads {
         reported.max(h.in_flight)
     }
 
-    /// The head to send the next request to, skipping `exclude` (heads already tried for this
-    /// request); `None` when every head is down or excluded. Records the request as sent.
+    /// The head to send the next request to, by load alone; see [`HeadLoads::pick_for`].
     pub fn pick(&mut self, now: Instant, exclude: &[&str]) -> Option<String> {
+        self.pick_for(now, exclude, &[])
+    }
+
+    /// The head to send a request whose prompt has routing key `key` ([`prefix_key`]; empty
+    /// when unknown) to, skipping `exclude` (heads already tried for this request); `None`
+    /// when every head is down or excluded. Records the request, and its key, as sent there.
+    pub fn pick_for(&mut self, now: Instant, exclude: &[&str], key: &[u64]) -> Option<String> {
         let n = self.heads.len();
-        let mut best: Option<(u64, usize)> = None;
-        for k in 0..n {
-            let i = (self.next + k) % n;
-            let (name, h) = &self.heads[i];
-            if exclude.contains(&name.as_str()) || h.down_until.is_some_and(|t| now < t) {
-                continue;
+        // Up heads in round-robin order from `next`, with their loads.
+        let up: Vec<(usize, u64)> = (0..n)
+            .map(|k| (self.next + k) % n)
+            .filter(|&i| {
+                let (name, h) = &self.heads[i];
+                !exclude.contains(&name.as_str()) && !h.down_until.is_some_and(|t| now < t)
+            })
+            .map(|i| (i, Self::load(&self.heads[i].1, now)))
+            .collect();
+        let least = up.iter().copied().reduce(|best, c| if c.1 < best.1 { c } else { best })?;
+        let mut choice = least.0;
+        if self.policy == RoutingPolicy::CacheAware && !key.is_empty() {
+            let slack = BALANCE_ABS.max((least.1 as f64 * BALANCE_REL).ceil() as u64);
+            let mut best: Option<(usize, u64, usize)> = None; // (matched, load, head)
+            for &(i, load) in up.iter().filter(|c| c.1 <= least.1 + slack) {
+                let matched = self.heads[i].1.sent.matched(key);
+                if best.is_none_or(|(m, l, _)| matched > m || matched == m && load < l) {
+                    best = Some((matched, load, i));
+                }
             }
-            let load = Self::load(h, now);
-            if best.is_none_or(|(b, _)| load < b) {
-                best = Some((load, i));
+            if let Some((matched, _, i)) = best.filter(|b| b.0 > 0) {
+                debug_assert!(matched > 0);
+                choice = i;
             }
         }
-        let (_, i) = best?;
-        self.next = (i + 1) % n;
-        let (name, h) = &mut self.heads[i];
+        self.next = (choice + 1) % n;
+        let (name, h) = &mut self.heads[choice];
         h.in_flight += 1;
         h.since_report += 1;
+        if self.policy == RoutingPolicy::CacheAware {
+            h.sent.record(key, &mut self.clock);
+        }
         Some(name.clone())
     }
 
@@ -216,6 +339,175 @@ mod tests {
         l.remove("head-9");
         assert!(l.is_empty());
         assert_eq!(l.pick(now, &[]), None);
+    }
+
+    /// Token ids as a prompt's bytes (16 ids to a chunk, one KV block).
+    fn ids_key(ids: &[u32]) -> Vec<u64> {
+        let bytes: Vec<u8> = ids.iter().flat_map(|t| t.to_le_bytes()).collect();
+        prefix_key(&bytes)
+    }
+
+    #[test]
+    fn a_key_names_a_chunk_and_everything_before_it() {
+        let a = prefix_key(&[1u8; 200]);
+        assert_eq!(a.len(), 3, "full chunks only");
+        let mut other = vec![1u8; 200];
+        other[0] = 2;
+        let b = prefix_key(&other);
+        assert!(a.iter().zip(&b).all(|(x, y)| x != y), "a different first byte changes every chunk's name");
+        assert_eq!(prefix_key(&[1u8; 63]), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_prefix_goes_back_to_the_head_that_was_sent_it() {
+        let now = t0();
+        let mut l = heads(3);
+        let chat: Vec<u32> = (0..64).collect();
+        let other: Vec<u32> = (1000..1064).collect();
+        let first = l.pick_for(now, &[], &ids_key(&chat)).unwrap();
+        l.finished(&first);
+        let second = l.pick_for(now, &[], &ids_key(&other)).unwrap();
+        assert_ne!(first, second, "an unknown prefix goes to the least loaded head");
+        l.finished(&second);
+        // The conversation goes on: its longer prompt goes where its beginning went.
+        let mut longer = chat.clone();
+        longer.extend(500..540);
+        for _ in 0..3 {
+            let h = l.pick_for(now, &[], &ids_key(&longer)).unwrap();
+            assert_eq!(h, first);
+            l.finished(&h);
+        }
+        // Load-only routing ignores it.
+        let mut plain = heads(3).with_policy(RoutingPolicy::LeastLoaded);
+        let picks: Vec<String> = (0..3).map(|_| plain.pick_for(now, &[], &ids_key(&chat)).unwrap()).collect();
+        assert_eq!(picks, vec!["head-0", "head-1", "head-2"]);
+        // A head that could not be reached is assumed to have lost its cache.
+        l.unreachable(&first, now);
+        let later = now + BACKOFF;
+        let h = l.pick_for(later, &[], &ids_key(&other)).unwrap();
+        assert_eq!(h, second);
+    }
+
+    #[test]
+    fn a_popular_prefix_spills_over_when_its_head_is_busy() {
+        let now = t0();
+        let mut l = heads(2);
+        let key = ids_key(&(0..64).collect::<Vec<u32>>());
+        // Nothing finishes: loads grow; the head holding the prefix takes it while within the
+        // slack of the other, then the other takes a share and holds the prefix too.
+        let picks: Vec<usize> = (0..40).map(|_| index(l.pick_for(now, &[], &key)).unwrap()).collect();
+        let within = BALANCE_ABS as usize + 1;
+        assert!(picks[..within].iter().all(|&i| i == 0), "within the slack the head holding the prefix takes it: {picks:?}");
+        assert_eq!(picks[within], 1, "past the slack the other head takes it: {picks:?}");
+        // Both hold it now: they take turns by load.
+        let rest = &picks[within..];
+        let to_1 = rest.iter().filter(|&&i| i == 1).count();
+        assert!(to_1 * 2 >= rest.len() + BALANCE_ABS as usize - 2, "{picks:?}");
+        let to_0 = picks.iter().filter(|&&i| i == 0).count() as u64;
+        assert!(to_0.abs_diff(40 - to_0) <= BALANCE_ABS + 1, "{picks:?}");
+    }
+
+    /// The benchmark's workload in virtual time: 8 system prompts of 1,024 tokens, each request
+    /// one of them plus 64 unique tokens, 16 requests in flight, heads whose prefix caches hold
+    /// 5 system prompts each (an LRU over blocks, as the head's allocator is). Cache-aware
+    /// routing over two heads keeps the hit rate within 5 points of one head with every
+    /// request (here: above it, the two caches hold different prompts) and neither head takes
+    /// more than 60% of the requests; load-only routing makes both caches thrash.
+    #[test]
+    fn cache_aware_routing_keeps_the_hit_rate_and_the_balance() {
+        let (one, _) = simulate_shared_prefix(1, RoutingPolicy::CacheAware, 1, 0);
+        let (aware, aware_share) = simulate_shared_prefix(2, RoutingPolicy::CacheAware, 1, 0);
+        let (load, _) = simulate_shared_prefix(2, RoutingPolicy::LeastLoaded, 1, 0);
+        eprintln!("one {one:.3} aware {aware:.3} share {aware_share:.3} load {load:.3}");
+        assert!(aware >= one - 0.05, "cache-aware {aware:.3} vs one head {one:.3}");
+        assert!(aware_share <= 0.60, "one head took {aware_share:.3} of the requests");
+        assert!(aware > load + 0.2, "cache-aware {aware:.3} vs load-only {load:.3}");
+        for seed in 2..5 {
+            let (aware, share) = simulate_shared_prefix(2, RoutingPolicy::CacheAware, seed, 0);
+            assert!(aware >= one - 0.05 && share <= 0.60, "seed {seed}: hit rate {aware:.3}, share {share:.3}");
+        }
+        // One system prompt in 70% of the requests: it must spill over to both heads.
+        let (one, _) = simulate_shared_prefix(1, RoutingPolicy::CacheAware, 5, 70);
+        let (aware, share) = simulate_shared_prefix(2, RoutingPolicy::CacheAware, 5, 70);
+        eprintln!("hot: one {one:.3} aware {aware:.3} share {share:.3}");
+        assert!(aware >= one - 0.05 && share <= 0.60, "a hot prefix: hit rate {aware:.3} (one head {one:.3}), share {share:.3}");
+        // And a single system prompt for every request (the benchmark's).
+        let (one, _) = simulate_shared_prefix(1, RoutingPolicy::CacheAware, 6, 100);
+        let (aware, share) = simulate_shared_prefix(2, RoutingPolicy::CacheAware, 6, 100);
+        eprintln!("single: one {one:.3} aware {aware:.3} share {share:.3}");
+        assert!(aware >= one - 0.05 && share <= 0.60, "one prefix: hit rate {aware:.3} (one head {one:.3}), share {share:.3}");
+    }
+
+    /// Returns the prompt-token hit rate and the largest share of requests one head took.
+    fn simulate_shared_prefix(n_heads: usize, policy: RoutingPolicy, seed: u64, hot: u64) -> (f64, f64) {
+        const BLOCK: usize = 16;
+        let capacity = 5 * (1024 + 64 + 64) / BLOCK; // blocks per head
+        let start = t0();
+        let mut loads = heads(n_heads).with_policy(policy);
+        for h in 0..n_heads {
+            loads.cache_blocks(&name(h), capacity);
+        }
+        // Per head: block hash -> last use, and the reverse (an LRU).
+        let mut caches: Vec<(HashMap<u64, u64>, BTreeMap<u64, u64>)> = vec![Default::default(); n_heads];
+        let mut running: Vec<(usize, u64)> = Vec::new(); // (head, finishes at ms)
+        let mut served = vec![0u64; n_heads];
+        let (mut prompt_tokens, mut hit_tokens, mut clock) = (0u64, 0u64, 0u64);
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = |m: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % m
+        };
+        let mut ms = 0u64;
+        for request in 0..4000u32 {
+            // Closed loop: with every slot taken, the clock moves to the next request's end.
+            if running.len() >= 16 {
+                ms = ms.max(running.iter().map(|r| r.1).min().unwrap_or(ms));
+                running.retain(|&(h, end)| {
+                    let done = end <= ms;
+                    if done {
+                        loads.finished(&name(h));
+                    }
+                    !done
+                });
+            }
+            let now = start + Duration::from_millis(ms);
+            if request % 10 == 0 {
+                for h in 0..n_heads {
+                    loads.report(&name(h), running.iter().filter(|r| r.0 == h).count() as u64, now);
+                }
+            }
+            // `hot` percent of the requests use system prompt 0, the rest any of the 8.
+            let system = if next(100) < hot { 0 } else { next(8) as u32 };
+            let mut ids: Vec<u32> = (0..1024).map(|i| system * 100_000 + i).collect();
+            ids.extend((0..64).map(|k| 1_000_000 + request * 64 + k));
+            let key = ids_key(&ids);
+            let h = index(loads.pick_for(now, &[], &key)).unwrap();
+            served[h] += 1;
+            // The head's cache: the leading blocks it holds are hits (never the last token's).
+            let (by_hash, by_age) = &mut caches[h];
+            let usable = (ids.len() - 1) / BLOCK;
+            let hit = key[..usable].iter().take_while(|k| by_hash.contains_key(k)).count();
+            prompt_tokens += ids.len() as u64;
+            hit_tokens += (hit * BLOCK) as u64;
+            for &k in &key {
+                clock += 1;
+                if let Some(old) = by_hash.insert(k, clock) {
+                    by_age.remove(&old);
+                }
+                by_age.insert(clock, k);
+            }
+            while by_hash.len() > capacity {
+                let (_, k) = by_age.pop_first().unwrap();
+                by_hash.remove(&k);
+            }
+            // Service time: the computed prompt tokens and 64 decode steps.
+            let computed = (ids.len() - hit * BLOCK) as u64;
+            running.push((h, ms + 200 + computed / 4 + next(100)));
+        }
+        let share = *served.iter().max().unwrap() as f64 / served.iter().sum::<u64>() as f64;
+        (hit_tokens as f64 / prompt_tokens as f64, share)
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! The front of a node that is not a pipeline head: every HTTP request is forwarded to a
-//! pipeline head, the least loaded one when the cluster runs several replicas (the routing core,
-//! `baton_mesh::routing`, fed by polling each head's `/v1/load`), and its response (streamed or
-//! not) relayed back unchanged, so clients can use any node. (The QUIC API's relay,
+//! pipeline head, when the cluster runs several replicas the one the routing core chooses
+//! (`baton_mesh::routing`: by the prompt's prefix and load, fed by polling each head's
+//! `/v1/load`), and its response (streamed or not) relayed back unchanged, so clients can use
+//! any node. (The QUIC API's relay,
 //! `quic_relay`, picks heads through the same [`Front`].)
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_mesh::routing::HeadLoads;
+use baton_mesh::routing::{prefix_key, HeadLoads, RoutingPolicy};
 use tokio_stream::StreamExt;
 
 use axum::body::Body;
@@ -34,8 +35,8 @@ pub struct Front {
 
 impl Front {
     /// Starts polling the heads' load.
-    pub fn start(heads: Vec<HeadAddr>) -> Arc<Front> {
-        let loads = Mutex::new(HeadLoads::new(heads.iter().map(|h| h.name.clone())));
+    pub fn start(heads: Vec<HeadAddr>, policy: RoutingPolicy) -> Arc<Front> {
+        let loads = Mutex::new(HeadLoads::new(heads.iter().map(|h| h.name.clone())).with_policy(policy));
         let front = Arc::new(Front { loads, heads: Mutex::new(heads), client: reqwest::Client::new() });
         tokio::spawn(poll_loads(front.clone()));
         front
@@ -78,8 +79,14 @@ impl Front {
 
     /// The least loaded head not in `tried`.
     pub fn pick(&self, tried: &[String]) -> Option<HeadAddr> {
+        self.pick_for(tried, &[])
+    }
+
+    /// The head not in `tried` for a prompt with routing key `key` (the one likeliest to hold
+    /// its prefix, within the balance slack; the least loaded when the key is empty).
+    pub fn pick_for(&self, tried: &[String], key: &[u64]) -> Option<HeadAddr> {
         let exclude: Vec<&str> = tried.iter().map(String::as_str).collect();
-        let name = self.loads().pick(Instant::now(), &exclude)?;
+        let name = self.loads().pick_for(Instant::now(), &exclude, key)?;
         self.heads().into_iter().find(|h| h.name == name)
     }
 
@@ -87,8 +94,12 @@ impl Front {
         self.loads().unreachable(name, Instant::now());
     }
 
-    fn report(&self, name: &str, load: u64) {
-        self.loads().report(name, load, Instant::now());
+    fn report(&self, name: &str, load: u64, kv_blocks: Option<u64>) {
+        let mut loads = self.loads();
+        loads.report(name, load, Instant::now());
+        if let Some(blocks) = kv_blocks {
+            loads.cache_blocks(name, blocks as usize);
+        }
     }
 
     pub fn finished(&self, name: &str) {
@@ -160,10 +171,10 @@ async fn forward(State(front): State<Arc<Front>>, req: Request) -> Response {
 /// the first layers, or another replica takes it).
 const HEAD_PATIENCE: Duration = Duration::from_secs(60);
 
-/// The least loaded head not in `tried`, waiting up to `until` for one to be reachable.
-async fn next_head(front: &Front, tried: &[String], until: Instant) -> Option<HeadAddr> {
+/// The head for `key` not in `tried`, waiting up to `until` for one to be reachable.
+async fn next_head(front: &Front, tried: &[String], key: &[u64], until: Instant) -> Option<HeadAddr> {
     loop {
-        if let Some(h) = front.pick(tried).or_else(|| front.pick(&[])) {
+        if let Some(h) = front.pick_for(tried, key).or_else(|| front.pick_for(&[], key)) {
             return Some(h);
         }
         if Instant::now() >= until {
@@ -171,6 +182,47 @@ async fn next_head(front: &Front, tried: &[String], until: Instant) -> Option<He
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A prompt's routing key: the bytes of its text (a completion's `prompt`: a string, token ids
+/// as little-endian u32s, or the first of a batch; a chat's messages, each as role, NUL,
+/// content and a record separator), cut into chunks by [`prefix_key`].
+pub fn prompt_key(body: &serde_json::Map<String, serde_json::Value>) -> Vec<u64> {
+    use serde_json::Value;
+    fn push_prompt(out: &mut Vec<u8>, p: &Value) {
+        match p {
+            Value::String(s) => out.extend_from_slice(s.as_bytes()),
+            Value::Array(items) if items.iter().all(Value::is_u64) => {
+                out.extend(items.iter().filter_map(Value::as_u64).flat_map(|t| (t as u32).to_le_bytes()));
+            }
+            Value::Array(items) => {
+                if let Some(first) = items.first() {
+                    push_prompt(out, first);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut bytes = Vec::new();
+    if let Some(p) = body.get("prompt") {
+        push_prompt(&mut bytes, p);
+    } else if let Some(Value::Array(messages)) = body.get("messages") {
+        for m in messages {
+            bytes.extend_from_slice(m["role"].as_str().unwrap_or("").as_bytes());
+            bytes.push(0);
+            match &m["content"] {
+                Value::String(s) => bytes.extend_from_slice(s.as_bytes()),
+                Value::Array(parts) => {
+                    for part in parts {
+                        bytes.extend_from_slice(part["text"].as_str().unwrap_or("").as_bytes());
+                    }
+                }
+                _ => {}
+            }
+            bytes.push(0x1e);
+        }
+    }
+    prefix_key(&bytes)
 }
 
 /// A generation request (completions or chat completions, JSON body) and whether it streams.
@@ -189,6 +241,7 @@ fn generation_body(parts: &axum::http::request::Parts, bytes: &[u8]) -> Option<(
 /// so the client sees one stream with no token repeated or missing.
 pub async fn relay(front: Arc<Front>, first: Option<HeadAddr>, parts: axum::http::request::Parts, bytes: axum::body::Bytes) -> Response {
     let generation = generation_body(&parts, &bytes);
+    let key = generation.as_ref().map(|(b, _)| prompt_key(b)).unwrap_or_default();
     let mut tried: Vec<String> = Vec::new();
     let mut first = first;
     let until = Instant::now() + HEAD_PATIENCE;
@@ -198,7 +251,7 @@ pub async fn relay(front: Arc<Front>, first: Option<HeadAddr>, parts: axum::http
         }
         let head = match first.take() {
             Some(h) => h,
-            None => match if generation.is_some() { next_head(&front, &tried, until).await } else { front.pick(&tried) } {
+            None => match if generation.is_some() { next_head(&front, &tried, &key, until).await } else { front.pick(&tried) } {
                 Some(h) => h,
                 None => return unavailable(format!("no pipeline head is reachable (tried {})", tried.join(", "))),
             },
@@ -281,7 +334,7 @@ fn relay_stream(front: Arc<Front>, mut state: crate::resume::RelayedStream, part
             let until = Instant::now() + HEAD_PATIENCE;
             let mut tried = vec![head.clone()];
             let next = loop {
-                let Some(h) = next_head(&front, &tried, until).await else { break None };
+                let Some(h) = next_head(&front, &tried, &[], until).await else { break None };
                 match send_to(&front, &h, &parts, &state.body().into()).await {
                     Ok(r) if r.status().is_success() => break Some((r, h)),
                     Ok(r) if r.status().is_client_error() && r.status() != StatusCode::TOO_MANY_REQUESTS => {
@@ -321,25 +374,26 @@ fn relay_stream(front: Arc<Front>, mut state: crate::resume::RelayedStream, part
 }
 
 /// On a head of a cluster with several replicas: a generation request that arrives here directly
-/// goes to the least loaded head, which may be this one (`me`, served as usual) or another
-/// (proxied, marked forwarded so it stays there, and resumed elsewhere if that head dies).
-/// Other requests are this head's own.
+/// goes to the head the routing core chooses, which may be this one (`me`, served as usual) or
+/// another (proxied, marked forwarded so it stays there, and resumed elsewhere if that head
+/// dies). Other requests are this head's own.
 pub async fn spread(State((front, me)): State<(Arc<Front>, String)>, req: Request, next: axum::middleware::Next) -> Response {
     if req.method() != axum::http::Method::POST || req.headers().contains_key(FORWARDED) {
         return next.run(req).await;
     }
-    let Some(head) = front.pick(&[]) else {
-        return next.run(req).await;
+    let (parts, bytes) = match read_body(req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let key = generation_body(&parts, &bytes).map(|(b, _)| prompt_key(&b)).unwrap_or_default();
+    let Some(head) = front.pick_for(&[], &key) else {
+        return next.run(Request::from_parts(parts, Body::from(bytes))).await;
     };
     if head.name != me {
-        let (parts, bytes) = match read_body(req).await {
-            Ok(r) => r,
-            Err(resp) => return resp,
-        };
         return relay(front, Some(head), parts, bytes).await;
     }
     let outstanding = Outstanding(front.clone(), head.name.clone());
-    hold_until_sent(next.run(req).await, outstanding)
+    hold_until_sent(next.run(Request::from_parts(parts, Body::from(bytes))).await, outstanding)
 }
 
 /// Keeps `outstanding` alive until the response body has been sent.
@@ -359,12 +413,12 @@ async fn poll_loads(front: Arc<Front>) {
             let got = front.client.get(format!("http://{}/v1/load", head.http)).timeout(Duration::from_secs(1)).send().await;
             let load = match got {
                 Ok(r) => r.bytes().await.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).map(|v| {
-                    v["running"].as_u64().unwrap_or(0) + v["waiting"].as_u64().unwrap_or(0)
+                    (v["running"].as_u64().unwrap_or(0) + v["waiting"].as_u64().unwrap_or(0), v["kv_blocks"].as_u64())
                 }),
                 Err(_) => None,
             };
             match load {
-                Some(l) => front.report(&head.name, l),
+                Some((l, blocks)) => front.report(&head.name, l, blocks),
                 None => front.unreachable(&head.name),
             }
         }

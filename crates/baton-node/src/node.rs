@@ -282,7 +282,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         loop {
             if !is_head {
                 if entry.is_none() && (me.http.is_some() || me.quic.is_some()) {
-                    entry = Some(start_entry_front(&me, &heads, &static_heads, &gossip, &identity, &node));
+                    entry = Some(start_entry_front(&me, &heads, &static_heads, c.routing, &gossip, &identity, &node));
                 }
                 let mut draining = svc.draining();
                 let mut released = svc.released();
@@ -356,7 +356,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                     if !all_heads.iter().any(|h| h.name == me.name) {
                         all_heads.push(HeadAddr { name: me.name.clone(), http: listen, quic: me.quic });
                     }
-                    let front = Front::start(all_heads);
+                    let front = Front::start(all_heads, c.routing);
                     head_tasks.push(AbortOnDrop(tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.clone()))));
                     Some((front, me.name.clone()))
                 }
@@ -448,8 +448,8 @@ fn node_metrics(node: &Arc<ControlNode>) -> baton_serve::MoreMetrics {
 /// never forwarding to itself (a head that stepped down is still cluster.toml's; the gossip
 /// tells the front the head it serves now). Binding is retried for a few seconds: a head that
 /// stepped down has just let go of them.
-fn start_entry_front(me: &NodeConfig, heads: &[HeadAddr], static_heads: &[String], gossip: &Arc<Gossip>, identity: &pki::NodeIdentity, node: &Arc<ControlNode>) -> Arc<Front> {
-    let front = Front::start(heads.iter().filter(|h| h.name != me.name).cloned().collect());
+fn start_entry_front(me: &NodeConfig, heads: &[HeadAddr], static_heads: &[String], routing: baton_mesh::routing::RoutingPolicy, gossip: &Arc<Gossip>, identity: &pki::NodeIdentity, node: &Arc<ControlNode>) -> Arc<Front> {
+    let front = Front::start(heads.iter().filter(|h| h.name != me.name).cloned().collect(), routing);
     tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.to_vec()));
     if let Some(listen) = me.http {
         let front = front.clone();

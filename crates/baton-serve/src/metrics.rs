@@ -87,6 +87,7 @@ struct PrefixCache {
     queries: u64,
     hits: u64,
     cached_blocks: usize,
+    total_blocks: usize,
 }
 
 impl PrefixCache {
@@ -178,9 +179,9 @@ impl Metrics {
     }
 
     /// Prefix caching's counts: prompt tokens looked up, those the cache supplied, and the
-    /// blocks it holds now.
-    pub fn set_prefix_cache(&self, queries: u64, hits: u64, cached_blocks: usize) {
-        self.with(|m| m.prefix = Some(PrefixCache { queries, hits, cached_blocks }));
+    /// blocks it holds now, of all the KV blocks there are.
+    pub fn set_prefix_cache(&self, queries: u64, hits: u64, cached_blocks: usize, total_blocks: usize) {
+        self.with(|m| m.prefix = Some(PrefixCache { queries, hits, cached_blocks, total_blocks }));
     }
 
     /// Prometheus text exposition format.
@@ -236,7 +237,14 @@ impl Metrics {
     /// base64) for dashboards that merge them.
     /// Just the load gauges: what routers poll (cheap, unlike `stats`).
     pub fn load(&self) -> Value {
-        self.with(|m| json!({"running": m.gauges.running, "waiting": m.gauges.waiting, "kv_cache_usage": m.gauges.kv_usage}))
+        self.with(|m| {
+            let mut v = json!({"running": m.gauges.running, "waiting": m.gauges.waiting, "kv_cache_usage": m.gauges.kv_usage});
+            // What a cache-aware router sizes its guess of this head's prefix cache by.
+            if let Some(p) = m.prefix {
+                v["kv_blocks"] = json!(p.total_blocks);
+            }
+            v
+        })
     }
 
     pub fn stats(&self) -> Value {
@@ -322,7 +330,8 @@ mod tests {
         assert!(text.contains("baton:request_success_total{finished_reason=\"stop\"} 1"));
         assert!(text.contains("baton:generation_tokens_total 5"));
         assert!(!text.contains("prefix_cache"), "prefix caching is off: no counters");
-        m.set_prefix_cache(200, 150, 9);
+        m.set_prefix_cache(200, 150, 9, 100);
+        assert_eq!(m.load()["kv_blocks"], 100);
         let text = m.prometheus();
         assert!(text.contains("baton:prefix_cache_queries_total 200\n") && text.contains("baton:prefix_cache_hits_total 150\n"), "{text}");
         assert_eq!(m.stats()["prefix_cache"]["hit_rate"].as_f64(), Some(0.75));

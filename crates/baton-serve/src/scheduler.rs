@@ -137,7 +137,7 @@ impl State {
             .set_load(self.core.num_running(), self.core.num_waiting(), self.core.kv_usage(), self.core.preemptions());
         if self.core.prefix_caching() {
             let (queries, hits) = self.core.prefix_cache_counts();
-            self.metrics.set_prefix_cache(queries, hits, self.core.cached_blocks());
+            self.metrics.set_prefix_cache(queries, hits, self.core.cached_blocks(), self.core.total_blocks());
         }
     }
 
