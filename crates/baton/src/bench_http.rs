@@ -1,7 +1,8 @@
 //! `baton bench`: a load generator for any OpenAI-compatible endpoint (Baton's or another
 //! server's). Fixed concurrency or a Poisson request rate, prompt and output length
-//! distributions, warm-up, then throughput and TTFT / inter-token / end-to-end percentiles from
-//! HDR histograms, written to a file in HdrHistogram's interval-log format.
+//! distributions, shared prompt prefixes, warm-up, then throughput, TTFT / inter-token /
+//! end-to-end percentiles from HDR histograms (written to a file in HdrHistogram's interval-log
+//! format), and the prompt tokens the server's prefix cache supplied.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,6 +46,13 @@ pub struct HttpArgs {
     /// Lengths are drawn uniformly from [len * (1 - r), len * (1 + r)].
     #[arg(long, default_value_t = 0.0)]
     range_ratio: f64,
+    /// Tokens every prompt starts with, before its own `--input-len` (a shared system
+    /// prompt: what prefix caching saves). 0: none.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix_len: usize,
+    /// Distinct shared prefixes, one drawn at random for each request.
+    #[arg(long, default_value_t = 1)]
+    num_prefixes: usize,
     /// Largest prompt token id used (prompts are random token ids below it).
     #[arg(long, default_value_t = 500)]
     max_token_id: u32,
@@ -64,6 +72,9 @@ struct Recorded {
     itl: Histogram<u64>,
     e2e: Histogram<u64>,
     output_tokens: u64,
+    prompt_tokens: u64,
+    /// `usage.prompt_tokens_details.cached_tokens`, summed; `None` until a server reports it.
+    cached_tokens: Option<u64>,
     ok: u64,
     failed: u64,
     first_error: Option<String>,
@@ -113,7 +124,17 @@ where
     Ok(())
 }
 
-async fn one(client: &reqwest::Client, url: &str, model: &str, spec: &Spec) -> anyhow::Result<(Duration, Vec<Duration>, Duration, u64)> {
+/// One request's measurements.
+struct Measured {
+    ttft: Duration,
+    gaps: Vec<Duration>,
+    e2e: Duration,
+    output_tokens: u64,
+    prompt_tokens: u64,
+    cached_tokens: Option<u64>,
+}
+
+async fn one(client: &reqwest::Client, url: &str, model: &str, spec: &Spec) -> anyhow::Result<Measured> {
     let body = json!({
         "model": model, "prompt": spec.prompt, "max_tokens": spec.max_tokens, "min_tokens": spec.max_tokens,
         "ignore_eos": true, "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
@@ -136,6 +157,7 @@ async fn one(client: &reqwest::Client, url: &str, model: &str, spec: &Spec) -> a
     let mut gaps = Vec::new();
     let mut tokens = 0u64;
     let mut usage_tokens = None;
+    let (mut prompt_tokens, mut cached_tokens) = (spec.prompt.len() as u64, None);
     while let Some(chunk) = resp.chunk().await? {
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = buf.find("\n\n") {
@@ -152,6 +174,12 @@ async fn one(client: &reqwest::Client, url: &str, model: &str, spec: &Spec) -> a
                 if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                     usage_tokens = Some(n);
                 }
+                if let Some(n) = v["usage"]["prompt_tokens"].as_u64() {
+                    prompt_tokens = n;
+                }
+                if let Some(n) = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() {
+                    cached_tokens = Some(n);
+                }
                 let has_text = v["choices"].as_array().is_some_and(|c| !c.is_empty());
                 if has_text {
                     let now = Instant::now();
@@ -166,7 +194,7 @@ async fn one(client: &reqwest::Client, url: &str, model: &str, spec: &Spec) -> a
         }
     }
     let first = first.context("the stream carried no token")?;
-    Ok((first - start, gaps, start.elapsed(), usage_tokens.unwrap_or(tokens)))
+    Ok(Measured { ttft: first - start, gaps, e2e: start.elapsed(), output_tokens: usage_tokens.unwrap_or(tokens), prompt_tokens, cached_tokens })
 }
 
 pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
@@ -182,15 +210,19 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 || args.max_token_id < 2 {
         bail!("--concurrency and --max-token-id must be positive");
     }
+    if args.num_prefixes == 0 {
+        bail!("--num-prefixes must be positive");
+    }
     let mut rng = Rng::new(args.seed);
+    let token = |rng: &mut Rng| 1 + (rng.next_u64() % (args.max_token_id as u64 - 1)) as u32;
+    let prefixes: Vec<Vec<u32>> = (0..args.num_prefixes).map(|_| (0..args.shared_prefix_len).map(|_| token(&mut rng)).collect()).collect();
     let total = args.warmup + args.num_requests;
     let specs: Vec<Spec> = (0..total)
         .map(|_| {
             let len = draw_len(&mut rng, args.input_len, args.range_ratio);
-            Spec {
-                prompt: (0..len).map(|_| 1 + (rng.next_u64() % (args.max_token_id as u64 - 1)) as u32).collect(),
-                max_tokens: draw_len(&mut rng, args.output_len, args.range_ratio),
-            }
+            let mut prompt = prefixes[(rng.next_u64() % args.num_prefixes as u64) as usize].clone();
+            prompt.extend((0..len).map(|_| token(&mut rng)));
+            Spec { prompt, max_tokens: draw_len(&mut rng, args.output_len, args.range_ratio) }
         })
         .collect();
     let mut warm = specs;
@@ -212,6 +244,8 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
         itl: histogram()?,
         e2e: histogram()?,
         output_tokens: 0,
+        prompt_tokens: 0,
+        cached_tokens: None,
         ok: 0,
         failed: 0,
         first_error: None,
@@ -229,12 +263,16 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
                 let r = one(&client, &url, &model, &specs[spec_index]).await;
                 let mut g = rec.lock().await;
                 match r {
-                    Ok((ttft, gaps, e2e, n)) => {
+                    Ok(m) => {
                         g.ok += 1;
-                        g.output_tokens += n;
-                        g.ttft.saturating_record(ttft.as_micros() as u64);
-                        g.e2e.saturating_record(e2e.as_micros() as u64);
-                        for gap in gaps {
+                        g.output_tokens += m.output_tokens;
+                        g.prompt_tokens += m.prompt_tokens;
+                        if let Some(c) = m.cached_tokens {
+                            *g.cached_tokens.get_or_insert(0) += c;
+                        }
+                        g.ttft.saturating_record(m.ttft.as_micros() as u64);
+                        g.e2e.saturating_record(m.e2e.as_micros() as u64);
+                        for gap in m.gaps {
                             g.itl.saturating_record(gap.as_micros().max(1) as u64);
                         }
                     }
@@ -295,6 +333,11 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
         "model": model, "url": url, "requests": g.ok, "failed": g.failed,
         "concurrency": if args.request_rate.is_some() { Value::Null } else { json!(args.concurrency) },
         "request_rate": args.request_rate, "input_len": args.input_len, "output_len": args.output_len,
+        "shared_prefix_len": args.shared_prefix_len, "num_prefixes": args.num_prefixes,
+        "prompt_tokens": g.prompt_tokens,
+        "cached_prompt_tokens": g.cached_tokens,
+        "computed_prompt_tokens": g.prompt_tokens - g.cached_tokens.unwrap_or(0),
+        "prefix_cache_hit_rate": g.cached_tokens.map(|c| c as f64 / g.prompt_tokens.max(1) as f64),
         "duration_s": elapsed,
         "requests_per_s": g.ok as f64 / elapsed,
         "output_tokens_per_s": g.output_tokens as f64 / elapsed,
@@ -310,6 +353,10 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
         println!("throughput: {:.2} requests/s, {:.1} output tokens/s", g.ok as f64 / elapsed, g.output_tokens as f64 / elapsed);
         for (name, h) in [("TTFT", &g.ttft), ("ITL", &g.itl), ("E2E", &g.e2e)] {
             println!("{name:>5} ms: p50 {:>9.2}  p90 {:>9.2}  p99 {:>9.2}  mean {:>9.2}", pct(h, 0.5), pct(h, 0.9), pct(h, 0.99), h.mean() / 1000.0);
+        }
+        match g.cached_tokens {
+            Some(c) => println!("prompt tokens: {} sent, {c} from the server's prefix cache ({:.1}%), {} computed", g.prompt_tokens, 100.0 * c as f64 / g.prompt_tokens.max(1) as f64, g.prompt_tokens - c),
+            None => println!("prompt tokens: {} sent (the server reports no cached tokens)", g.prompt_tokens),
         }
         if let Some(e) = &g.first_error {
             println!("first error: {e}");
