@@ -296,11 +296,11 @@ impl BlockAllocator {
             return;
         }
         let upto = chain.len().min(table.blocks.len());
-        for i in table.committed..upto {
-            let b = table.blocks[i];
-            if self.hash_of[b as usize].is_none() && !self.cached.contains_key(&chain[i]) {
-                self.cached.insert(chain[i], b);
-                self.hash_of[b as usize] = Some(chain[i]);
+        let from = table.committed.min(upto);
+        for (&b, &h) in table.blocks[from..upto].iter().zip(&chain[from..upto]) {
+            if self.hash_of[b as usize].is_none() && !self.cached.contains_key(&h) {
+                self.cached.insert(h, b);
+                self.hash_of[b as usize] = Some(h);
             }
         }
         table.committed = table.committed.max(upto);

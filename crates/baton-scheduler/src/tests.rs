@@ -376,7 +376,13 @@ fn shared_prefix_requests(n: u64, n_prefixes: u64, prefix_len: usize, seed: u64)
 
 /// Runs a pipeline of `m` micro-batches over a fake KV store; returns each request's tokens,
 /// and the prompt tokens computed.
-fn simulate_cached(mut sched: Scheduler, m: usize, requests: &[(SeqId, Vec<u32>, usize)], seed: u64) -> (HashMap<SeqId, Vec<u32>>, u64) {
+fn simulate_cached(sched: Scheduler, m: usize, requests: &[(SeqId, Vec<u32>, usize)], seed: u64) -> (HashMap<SeqId, Vec<u32>>, u64) {
+    simulate_cached_failing(sched, m, requests, seed, 0)
+}
+
+/// As [`simulate_cached`], and every `fail_every`-th step (0: never) a stage is lost with the
+/// steps in flight: everything running is re-queued and the fake KV store wiped.
+fn simulate_cached_failing(mut sched: Scheduler, m: usize, requests: &[(SeqId, Vec<u32>, usize)], seed: u64, fail_every: u64) -> (HashMap<SeqId, Vec<u32>>, u64) {
     sched.set_micro_batches(m);
     let mut kv = FakeKv::new(sched.geometry());
     let mut rng = Rng::new(seed);
@@ -384,6 +390,7 @@ fn simulate_cached(mut sched: Scheduler, m: usize, requests: &[(SeqId, Vec<u32>,
     let mut pending: VecDeque<_> = requests.iter().cloned().collect();
     let mut flight: VecDeque<Step> = VecDeque::new();
     let mut computed = 0u64;
+    let mut failures = 0u32;
     let mut rounds = 0u64;
     while !pending.is_empty() || sched.has_work() || !flight.is_empty() {
         rounds += 1;
@@ -401,6 +408,14 @@ fn simulate_cached(mut sched: Scheduler, m: usize, requests: &[(SeqId, Vec<u32>,
                 continue;
             }
         }
+        if fail_every > 0 && rounds.is_multiple_of(fail_every) && !flight.is_empty() {
+            flight.clear();
+            sched.requeue_all();
+            assert_eq!(sched.cached_blocks(), 0, "a lost stage's KV was still offered");
+            kv = FakeKv::new(sched.geometry());
+            failures += 1;
+            continue;
+        }
         let Some(step) = flight.pop_front() else { continue };
         let sampled: Vec<(SeqId, u32)> = step
             .scheduled
@@ -416,6 +431,7 @@ fn simulate_cached(mut sched: Scheduler, m: usize, requests: &[(SeqId, Vec<u32>,
         }
         sched.complete(&step, &sampled, &[]);
     }
+    assert!(fail_every == 0 || failures > 2, "only {failures} failovers");
     assert_eq!(sched.free_blocks(), sched.total_blocks(), "blocks leaked (cached blocks count as free)");
     assert_eq!(sched.kv_usage(), 0.0);
     (outputs, computed)
@@ -439,6 +455,22 @@ fn prefix_caching_changes_no_output_and_computes_less() {
             assert_eq!(cached[id].len(), *max, "request {id}");
         }
         assert!(cached_computed * 10 < plain_computed * 7, "seed {seed}: caching computed {cached_computed} of {plain_computed} tokens");
+    }
+}
+
+/// Failover re-queues under caching: the cache is forgotten with the stages' KV, every
+/// re-queued sequence is recomputed (reading nothing stale), caching resumes after, and the
+/// outputs equal an uninterrupted run's.
+#[test]
+fn prefix_caching_survives_failover_requeues() {
+    for (seed, m) in [(7, 1), (8, 3)] {
+        let reqs = shared_prefix_requests(80, 2, 40, seed);
+        let geometry = KvGeometry { block_size: 8, num_blocks: 120 };
+        let (want, _) = simulate_cached(Scheduler::new(config(), geometry), m, &reqs, seed);
+        let mut sched = Scheduler::new(config(), geometry);
+        sched.enable_prefix_caching(HASHER);
+        let (got, _) = simulate_cached_failing(sched, m, &reqs, seed, 37);
+        assert_eq!(got, want, "seed {seed}, {m} micro-batches");
     }
 }
 
