@@ -76,11 +76,7 @@ pub struct PrefixHasher {
 }
 
 impl PrefixHasher {
-    pub fn new(key: [u64; 2]) -> Self {
-        PrefixHasher { key }
-    }
-
-    pub const fn new_const(key: [u64; 2]) -> Self {
+    pub const fn new(key: [u64; 2]) -> Self {
         PrefixHasher { key }
     }
 
@@ -161,10 +157,6 @@ impl BlockAllocator {
     /// [`BlockAllocator::share`]).
     pub fn with_prefix_caching(geometry: KvGeometry) -> Self {
         BlockAllocator { caching: true, ..Self::new(geometry) }
-    }
-
-    pub fn caches_prefixes(&self) -> bool {
-        self.caching
     }
 
     pub fn block_size(&self) -> usize {

@@ -128,10 +128,6 @@ impl HeadLoads {
         self
     }
 
-    pub fn policy(&self) -> RoutingPolicy {
-        self.policy
-    }
-
     /// A head this node may send requests to (known names are left as they are).
     pub fn add(&mut self, name: impl Into<String>) {
         let name = name.into();
@@ -223,8 +219,7 @@ impl HeadLoads {
                     best = Some((matched, load, i));
                 }
             }
-            if let Some((matched, _, i)) = best.filter(|b| b.0 > 0) {
-                debug_assert!(matched > 0);
+            if let Some((_, _, i)) = best.filter(|b| b.0 > 0) {
                 choice = i;
             }
         }

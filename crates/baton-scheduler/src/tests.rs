@@ -317,7 +317,7 @@ fn a_resumed_request_recomputes_what_it_produced_and_goes_on_from_there() {
     assert!(sched.add_resumed(9, prompt, vec![], 2, 0).is_ok());
 }
 
-const HASHER: PrefixHasher = PrefixHasher::new_const([0x5eed, 0xcafe]);
+const HASHER: PrefixHasher = PrefixHasher::new([0x5eed, 0xcafe]);
 
 /// What a fake model writes into the paged cache: each slot holds the token and position whose
 /// K/V it is. A chunk reading a slot that holds anything else has been given stale KV.
