@@ -316,6 +316,10 @@ path = "{model}"
 [placement]
 mode = "auto"
 replicas = 2
+# Any queueing at all asks for a replica more: the autoscaling signal's thresholds come from here.
+[autoscale]
+queue_time_up_s = 0.000001
+queue_time_down_s = 0.000001
 [[nodes]]
 name = "r0-head"
 control = "127.0.0.1:{}"
@@ -389,12 +393,34 @@ replica = 1
     let load: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(status, 200);
     assert!(load["running"].is_u64() && load["waiting"].is_u64() && load["kv_cache_usage"].is_number(), "{load}");
+    assert!(load["queue_time_count"].is_u64() && load["queue_time_sum_s"].is_number(), "{load}");
+    // The autoscaling signal, on every node's /metrics, once its front has polled both heads:
+    // idle, the minimum (placement.replicas).
+    let scrape = |s: &support::Server| support::http(s, "GET", "/metrics", None).2;
+    let until_metrics = |s: &support::Server, want: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = scrape(s);
+            if want.iter().all(|w| text.contains(w)) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "{}: /metrics never showed {want:?}:\n{text}", s.addr);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    for s in [&entry, &head0] {
+        until_metrics(s, &["baton:replicas 2\n", "baton:desired_replicas{reason=\"bounds\"} 2\n", "baton:replica_requests_waiting{head=\"r0-head\"} 0", "baton:replica_kv_cache_usage_perc{head=\"r1-head\"}"]);
+    }
 
     // Entering at a stage node.
     burst(&entry);
     let (a, b) = (served(&head0), served(&head1));
     assert_eq!(a + b, 16 * 24, "every generated token is counted by exactly one head");
     assert!(a >= 4 * 24 && b >= 4 * 24, "requests entering at a stage were not spread: {a} and {b} tokens");
+    // Those requests queued (at all, the threshold here): one replica more is asked for, and
+    // each replica's window mean queue time is exported.
+    let text = until_metrics(&entry, &["baton:desired_replicas{reason=\"queue_time\"} 3\n"]);
+    assert!(text.contains("baton:replica_queue_time_seconds{head=\"r0-head\"}") && text.contains("baton:replica_queue_time_seconds{head=\"r1-head\"}"), "{text}");
 
     // Entering at a head directly: it sends some to the other head too.
     burst(&head0);

@@ -16,6 +16,31 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{path}: `{key}`: {message}")]
     Key { path: PathBuf, key: String, message: String },
+    /// A host name that does not resolve (yet: in Kubernetes a pod's name resolves only once
+    /// the pod exists, so a node may try again).
+    #[error("{path}: `{key}`: {message}")]
+    Unresolved { path: PathBuf, key: String, message: String },
+}
+
+enum Unresolvable {
+    Malformed,
+    Dns(String),
+}
+
+/// `IP:PORT`, or `HOST:PORT` resolved now (its first IPv4 address, else its first): a
+/// StatefulSet's stable pod names, a Slurm node's name.
+fn resolve(v: &str) -> Result<SocketAddr, Unresolvable> {
+    if let Ok(a) = v.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let (host, port) = v.rsplit_once(':').ok_or(Unresolvable::Malformed)?;
+    let valid_host = !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !valid_host || port.parse::<u16>().is_err() {
+        return Err(Unresolvable::Malformed);
+    }
+    use std::net::ToSocketAddrs;
+    let all: Vec<SocketAddr> = v.to_socket_addrs().map_err(|e| Unresolvable::Dns(e.to_string()))?.collect();
+    all.iter().find(|a| a.is_ipv4()).or(all.first()).copied().ok_or_else(|| Unresolvable::Dns("no address".into()))
 }
 
 #[derive(Deserialize)]
@@ -30,7 +55,21 @@ struct Raw {
     #[serde(default)]
     routing: Option<RawRouting>,
     #[serde(default)]
+    autoscale: Option<RawAutoscale>,
+    #[serde(default)]
     nodes: Vec<RawNode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAutoscale {
+    min_replicas: Option<usize>,
+    max_replicas: Option<usize>,
+    waiting_per_replica: Option<f64>,
+    queue_time_up_s: Option<f64>,
+    queue_time_down_s: Option<f64>,
+    kv_usage_up: Option<f64>,
+    kv_usage_down: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -121,7 +160,18 @@ pub struct ClusterConfig {
     /// `routing.policy`: how entry nodes choose a replica's head (`cache_aware`, the default,
     /// or `least_loaded`).
     pub routing: crate::routing::RoutingPolicy,
+    /// `[autoscale]`: the bounds and thresholds of `baton:desired_replicas`.
+    pub autoscale: AutoscaleConfig,
     pub nodes: Vec<NodeConfig>,
+}
+
+/// `[autoscale]`: `min_replicas` (default `placement.replicas`), `max_replicas` (default 16) and
+/// the policy's thresholds (`baton_mesh::autoscale::Thresholds`' defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoscaleConfig {
+    pub min_replicas: usize,
+    pub max_replicas: usize,
+    pub thresholds: crate::autoscale::Thresholds,
 }
 
 /// Node names become certificate DNS names: letters, digits and inner hyphens.
@@ -137,6 +187,43 @@ fn parse_range(s: &str) -> Option<Range<usize>> {
     let (a, b) = s.split_once("..")?;
     let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
     (a < b).then_some(a..b)
+}
+
+fn autoscale_config(raw: Option<&RawAutoscale>, replicas: usize) -> Result<AutoscaleConfig, (&'static str, String)> {
+    let mut th = crate::autoscale::Thresholds::default();
+    let Some(a) = raw else {
+        return Ok(AutoscaleConfig { min_replicas: replicas, max_replicas: 16.max(replicas), thresholds: th });
+    };
+    let min = a.min_replicas.unwrap_or(replicas);
+    if min == 0 {
+        return Err(("min_replicas", "must be at least 1".into()));
+    }
+    let max = a.max_replicas.unwrap_or(16.max(min));
+    if max < min {
+        return Err(("max_replicas", format!("{max} is below min_replicas = {min}")));
+    }
+    let positive = |key: &'static str, v: Option<f64>, default: f64| match v {
+        Some(v) if !(v.is_finite() && v > 0.0) => Err((key, format!("{v} must be a positive number"))),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    };
+    let fraction = |key: &'static str, v: Option<f64>, default: f64| match v {
+        Some(v) if !(v > 0.0 && v <= 1.0) => Err((key, format!("{v} must be a fraction in (0, 1]"))),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    };
+    th.waiting_per_replica = positive("waiting_per_replica", a.waiting_per_replica, th.waiting_per_replica)?;
+    th.queue_time_up = std::time::Duration::from_secs_f64(positive("queue_time_up_s", a.queue_time_up_s, th.queue_time_up.as_secs_f64())?);
+    th.queue_time_down = std::time::Duration::from_secs_f64(positive("queue_time_down_s", a.queue_time_down_s, th.queue_time_down.as_secs_f64())?);
+    th.kv_usage_up = fraction("kv_usage_up", a.kv_usage_up, th.kv_usage_up)?;
+    th.kv_usage_down = fraction("kv_usage_down", a.kv_usage_down, th.kv_usage_down)?;
+    if th.queue_time_down > th.queue_time_up {
+        return Err(("queue_time_down_s", "must not exceed queue_time_up_s".into()));
+    }
+    if th.kv_usage_down > th.kv_usage_up {
+        return Err(("kv_usage_down", "must not exceed kv_usage_up".into()));
+    }
+    Ok(AutoscaleConfig { min_replicas: min, max_replicas: max, thresholds: th })
 }
 
 impl ClusterConfig {
@@ -168,7 +255,10 @@ impl ClusterConfig {
         if replicas == 0 || replicas > raw.nodes.len() {
             return Err(err("placement.replicas".into(), format!("{replicas} replicas need between 1 and {} nodes", raw.nodes.len())));
         }
-        let addr = |key: String, v: &str| v.parse::<SocketAddr>().map_err(|_| err(key, format!("{v:?} is not HOST:PORT")));
+        let addr = |key: String, v: &str| resolve(v).map_err(|e| match e {
+            Unresolvable::Malformed => err(key, format!("{v:?} is not HOST:PORT")),
+            Unresolvable::Dns(message) => ConfigError::Unresolved { path: path.to_path_buf(), key, message: format!("cannot resolve {v:?}: {message}") },
+        });
         let mut names = HashSet::new();
         let mut controls = HashSet::new();
         let mut nodes = Vec::with_capacity(raw.nodes.len());
@@ -237,7 +327,8 @@ impl ClusterConfig {
             Some("least_loaded") => crate::routing::RoutingPolicy::LeastLoaded,
             Some(other) => return Err(err("routing.policy".into(), format!("{other:?} is not a routing policy (cache_aware, least_loaded)"))),
         };
-        Ok(ClusterConfig { name: raw.cluster.name, model: raw.model.path, tls_dir, mode, replicas, rebalance, routing, nodes })
+        let autoscale = autoscale_config(raw.autoscale.as_ref(), replicas).map_err(|(key, message)| err(format!("autoscale.{key}"), message))?;
+        Ok(ClusterConfig { name: raw.cluster.name, model: raw.model.path, tls_dir, mode, replicas, rebalance, routing, autoscale, nodes })
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeConfig> {
@@ -306,6 +397,43 @@ layers = "2..4"
         assert_eq!(load.routing, crate::routing::RoutingPolicy::LeastLoaded);
         let bad = parse(&format!("{GOOD}\n[routing]\npolicy = \"random\"\n")).unwrap_err();
         assert!(bad.contains("routing.policy") && bad.contains("random"), "{bad}");
+    }
+
+    #[test]
+    fn host_names_resolve_and_unknown_ones_say_so() {
+        let c = parse(&GOOD.replace("127.0.0.1:7102", "localhost:7102")).unwrap();
+        assert!(c.nodes[1].control.ip().is_loopback() && c.nodes[1].control.port() == 7102, "{:?}", c.nodes[1].control);
+        let e = ClusterConfig::parse(Path::new("cluster.toml"), &GOOD.replace("127.0.0.1:7102", "no-such-host.invalid:7102")).unwrap_err();
+        assert!(matches!(e, ConfigError::Unresolved { .. }), "{e}");
+        assert!(e.to_string().contains("nodes[1].control") && e.to_string().contains("no-such-host.invalid"), "{e}");
+        for bad in ["localhost:", "local host:80", ":80", "localhost:99999"] {
+            let e = parse(&GOOD.replace("127.0.0.1:7102", bad)).unwrap_err();
+            assert!(e.contains("HOST:PORT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn autoscale_bounds_and_thresholds() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!((c.autoscale.min_replicas, c.autoscale.max_replicas), (1, 16));
+        assert_eq!(c.autoscale.thresholds, crate::autoscale::Thresholds::default());
+        let c = parse(&format!("{GOOD}\n[autoscale]\nmin_replicas = 2\nmax_replicas = 4\nwaiting_per_replica = 5\nqueue_time_up_s = 2.5\nkv_usage_down = 0.25\n")).unwrap();
+        assert_eq!((c.autoscale.min_replicas, c.autoscale.max_replicas), (2, 4));
+        assert_eq!(c.autoscale.thresholds.waiting_per_replica, 5.0);
+        assert_eq!(c.autoscale.thresholds.queue_time_up, std::time::Duration::from_millis(2500));
+        assert_eq!(c.autoscale.thresholds.kv_usage_down, 0.25);
+        for (extra, key) in [
+            ("min_replicas = 0", "autoscale.min_replicas"),
+            ("min_replicas = 3\nmax_replicas = 2", "autoscale.max_replicas"),
+            ("kv_usage_up = 1.5", "autoscale.kv_usage_up"),
+            ("waiting_per_replica = -1", "autoscale.waiting_per_replica"),
+            ("kv_usage_up = 0.4", "autoscale.kv_usage_down"),
+            ("queue_time_down_s = 9", "autoscale.queue_time_down_s"),
+            ("colour = 1", "colour"),
+        ] {
+            let e = parse(&format!("{GOOD}\n[autoscale]\n{extra}\n")).unwrap_err();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
     }
 
     #[test]

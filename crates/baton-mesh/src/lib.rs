@@ -3,6 +3,7 @@
 //! authenticated QUIC control plane between nodes, and the tensor plane (UCX, or QUIC) that
 //! carries a pipeline's activations.
 
+pub mod autoscale;
 pub mod config;
 pub mod control;
 pub mod elastic;

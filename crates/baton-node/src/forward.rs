@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use baton_mesh::autoscale::{Autoscaler, ReplicaSample};
+use baton_mesh::config::AutoscaleConfig;
 use baton_mesh::routing::{prefix_key, HeadLoads, RoutingPolicy};
 use tokio_stream::StreamExt;
 
@@ -26,20 +28,54 @@ pub struct HeadAddr {
 }
 
 /// The heads and what this node knows of their load. Heads come from cluster.toml and from
-/// the gossip (a node that formed a new replica), and are keyed by name.
+/// the gossip (a node that formed a new replica), and are keyed by name. The same polling feeds
+/// the autoscaling core (`baton:desired_replicas` on this node's `/metrics`).
 pub struct Front {
     heads: Mutex<Vec<HeadAddr>>,
     loads: Mutex<HeadLoads>,
+    autoscaler: Mutex<Autoscaler>,
     client: reqwest::Client,
 }
 
 impl Front {
     /// Starts polling the heads' load.
-    pub fn start(heads: Vec<HeadAddr>, policy: RoutingPolicy) -> Arc<Front> {
+    pub fn start(heads: Vec<HeadAddr>, policy: RoutingPolicy, autoscale: &AutoscaleConfig) -> Arc<Front> {
         let loads = Mutex::new(HeadLoads::new(heads.iter().map(|h| h.name.clone())).with_policy(policy));
-        let front = Arc::new(Front { loads, heads: Mutex::new(heads), client: reqwest::Client::new() });
+        let autoscaler = Mutex::new(Autoscaler::new(autoscale.thresholds, autoscale.min_replicas, autoscale.max_replicas));
+        let front = Arc::new(Front { loads, autoscaler, heads: Mutex::new(heads), client: reqwest::Client::new() });
         tokio::spawn(poll_loads(front.clone()));
         front
+    }
+
+    fn autoscaler(&self) -> std::sync::MutexGuard<'_, Autoscaler> {
+        self.autoscaler.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The autoscaling signal and what it is computed from, in Prometheus text: the desired
+    /// replica count and, per replica (by its head's name), waiting and running requests, KV
+    /// usage and the window's mean queue time.
+    pub fn autoscale_prometheus(&self) -> String {
+        use std::fmt::Write;
+        let d = self.autoscaler().decide(Instant::now());
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP baton:desired_replicas Replicas (pipelines) the load asks for, by the autoscaling policy (README: Deploy)\n# TYPE baton:desired_replicas gauge\nbaton:desired_replicas{{reason=\"{}\"}} {}", d.reason.as_str(), d.desired);
+        let _ = writeln!(out, "# HELP baton:replicas Replicas whose head answered this node lately\n# TYPE baton:replicas gauge\nbaton:replicas {}", d.replicas);
+        type Field = fn(&baton_mesh::autoscale::ReplicaView) -> Option<f64>;
+        let fields: [(&str, &str, Field); 4] = [
+            ("replica_requests_waiting", "Requests waiting at a replica's head", |r| Some(r.waiting as f64)),
+            ("replica_requests_running", "Requests running at a replica's head", |r| Some(r.running as f64)),
+            ("replica_kv_cache_usage_perc", "Fraction of a replica's KV cache blocks in use (0-1)", |r| Some(r.kv_usage)),
+            ("replica_queue_time_seconds", "Mean queue time of the requests a replica started in the autoscaling window", |r| r.queue_time.map(|q| q.as_secs_f64())),
+        ];
+        for (name, help, value) in fields {
+            let _ = writeln!(out, "# HELP baton:{name} {help}\n# TYPE baton:{name} gauge");
+            for r in &d.per_replica {
+                if let Some(v) = value(r) {
+                    let _ = writeln!(out, "baton:{name}{{head=\"{}\"}} {v}", r.head);
+                }
+            }
+        }
+        out
     }
 
     fn loads(&self) -> std::sync::MutexGuard<'_, HeadLoads> {
@@ -74,6 +110,7 @@ impl Front {
             eprintln!("baton: pipeline head {name} left");
             heads.remove(i);
             self.loads().remove(name);
+            self.autoscaler().remove(name);
         }
     }
 
@@ -94,12 +131,15 @@ impl Front {
         self.loads().unreachable(name, Instant::now());
     }
 
-    fn report(&self, name: &str, load: u64, kv_blocks: Option<u64>) {
+    fn report(&self, name: &str, sample: ReplicaSample, kv_blocks: Option<u64>) {
+        let now = Instant::now();
         let mut loads = self.loads();
-        loads.report(name, load, Instant::now());
+        loads.report(name, sample.running + sample.waiting, now);
         if let Some(blocks) = kv_blocks {
             loads.cache_blocks(name, blocks as usize);
         }
+        drop(loads);
+        self.autoscaler().observe(name, now, sample);
     }
 
     pub fn finished(&self, name: &str) {
@@ -406,19 +446,26 @@ fn hold_until_sent(resp: Response, outstanding: Outstanding) -> Response {
     Response::from_parts(parts, Body::from_stream(body))
 }
 
-/// Feeds the routing core: each head's running + waiting requests (`/v1/load`), every 200 ms.
+/// Feeds the routing and autoscaling cores: each head's `/v1/load`, every 200 ms.
 async fn poll_loads(front: Arc<Front>) {
     loop {
         for head in front.heads() {
             let got = front.client.get(format!("http://{}/v1/load", head.http)).timeout(Duration::from_secs(1)).send().await;
             let load = match got {
                 Ok(r) => r.bytes().await.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).map(|v| {
-                    (v["running"].as_u64().unwrap_or(0) + v["waiting"].as_u64().unwrap_or(0), v["kv_blocks"].as_u64())
+                    let sample = ReplicaSample {
+                        waiting: v["waiting"].as_u64().unwrap_or(0),
+                        running: v["running"].as_u64().unwrap_or(0),
+                        kv_usage: v["kv_cache_usage"].as_f64().unwrap_or(0.0),
+                        queue_time_count: v["queue_time_count"].as_u64().unwrap_or(0),
+                        queue_time_sum_s: v["queue_time_sum_s"].as_f64().unwrap_or(0.0),
+                    };
+                    (sample, v["kv_blocks"].as_u64())
                 }),
                 Err(_) => None,
             };
             match load {
-                Some((l, blocks)) => front.report(&head.name, l, blocks),
+                Some((sample, blocks)) => front.report(&head.name, sample, blocks),
                 None => front.unreachable(&head.name),
             }
         }

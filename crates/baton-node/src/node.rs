@@ -218,7 +218,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         };
         let seeds: Vec<(String, SocketAddr)> = c.nodes.iter().map(|n| (n.name.clone(), n.control)).collect();
         let gossip = Gossip::start(node.clone(), info, seeds.clone());
-        tokio::spawn(announce_until_known(gossip.clone(), seeds));
+        tokio::spawn(keep_seeds_in_view(gossip.clone(), seeds, cluster_path.clone()));
         // This node's GPU-shard actor, whichever role it has; what it serves, its speed and
         // its load go out in the gossip.
         let shard = device.spawn(dir.clone()).await?;
@@ -282,7 +282,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
         loop {
             if !is_head {
                 if entry.is_none() && (me.http.is_some() || me.quic.is_some()) {
-                    entry = Some(start_entry_front(&me, &heads, &static_heads, c.routing, &gossip, &identity, &node));
+                    entry = Some(start_entry_front(&me, &heads, &static_heads, &c, &gossip, &identity, &node));
                 }
                 let mut draining = svc.draining();
                 let mut released = svc.released();
@@ -356,11 +356,13 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                     if !all_heads.iter().any(|h| h.name == me.name) {
                         all_heads.push(HeadAddr { name: me.name.clone(), http: listen, quic: me.quic });
                     }
-                    let front = Front::start(all_heads, c.routing);
+                    let front = Front::start(all_heads, c.routing, &c.autoscale);
                     head_tasks.push(AbortOnDrop(tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.clone()))));
                     Some((front, me.name.clone()))
                 }
             };
+            // The autoscaling signal on `/metrics` comes from whichever front this head has.
+            let scaling_front = spread.as_ref().map(|(f, _)| f).or(entry.as_ref()).cloned();
             // `/v1/mesh`: the membership view and the last plan changes (`baton status`).
             let view = mesh.clone();
             let http_layer = Some(baton_serve::HttpLayer(Arc::new(move |app| {
@@ -403,7 +405,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
                 request_timeout,
                 on_bound: Some(on_bound),
                 peers: Some(peers),
-                more_metrics: Some(node_metrics(&node)),
+                more_metrics: Some(node_metrics(&node, scaling_front)),
             };
             // Serving ends when the node stops, or when it meets another head of its replica
             // that outranks it (a partition healed): then it stops taking requests, lets those
@@ -438,22 +440,29 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
     }
 }
 
-/// This node's own counters for `/metrics`: what its peers sent that it dropped.
-fn node_metrics(node: &Arc<ControlNode>) -> baton_serve::MoreMetrics {
+/// This node's own counters for `/metrics`: what its peers sent that it dropped, and, from its
+/// front, the autoscaling signal.
+fn node_metrics(node: &Arc<ControlNode>, front: Option<Arc<Front>>) -> baton_serve::MoreMetrics {
     let node = node.clone();
-    baton_serve::MoreMetrics(Arc::new(move || node.drops().prometheus()))
+    baton_serve::MoreMetrics(Arc::new(move || {
+        let mut text = node.drops().prometheus();
+        if let Some(front) = &front {
+            text.push_str(&front.autoscale_prometheus());
+        }
+        text
+    }))
 }
 
 /// The entry front on this node's public HTTP and QUIC addresses, following the gossip's heads,
 /// never forwarding to itself (a head that stepped down is still cluster.toml's; the gossip
 /// tells the front the head it serves now). Binding is retried for a few seconds: a head that
 /// stepped down has just let go of them.
-fn start_entry_front(me: &NodeConfig, heads: &[HeadAddr], static_heads: &[String], routing: baton_mesh::routing::RoutingPolicy, gossip: &Arc<Gossip>, identity: &pki::NodeIdentity, node: &Arc<ControlNode>) -> Arc<Front> {
-    let front = Front::start(heads.iter().filter(|h| h.name != me.name).cloned().collect(), routing);
+fn start_entry_front(me: &NodeConfig, heads: &[HeadAddr], static_heads: &[String], c: &ClusterConfig, gossip: &Arc<Gossip>, identity: &pki::NodeIdentity, node: &Arc<ControlNode>) -> Arc<Front> {
+    let front = Front::start(heads.iter().filter(|h| h.name != me.name).cloned().collect(), c.routing, &c.autoscale);
     tokio::spawn(follow_heads(gossip.clone(), front.clone(), static_heads.to_vec()));
     if let Some(listen) = me.http {
         let front = front.clone();
-        let metrics = node_metrics(node);
+        let metrics = node_metrics(node, Some(front.clone()));
         tokio::spawn(serve_retrying("HTTP entry front", move || crate::forward::serve(listen, front.clone(), metrics.clone(), std::future::pending())));
     }
     if let Some(listen) = me.quic {
@@ -670,16 +679,25 @@ async fn publish_shard(gossip: Arc<Gossip>, shard: baton_shard::ShardHandle) {
     }
 }
 
-/// Re-announces this node to the seeds every 2 s until the gossip knows another member (the
-/// seeds may start after it).
-async fn announce_until_known(gossip: Arc<Gossip>, seeds: Vec<(String, SocketAddr)>) {
+/// Announces this node to every seed (cluster.toml's nodes) the gossip does not hold as a live
+/// member: every 2 s while it knows no one (the seeds may start after it), every 5 s after (a
+/// seed that restarted alone, whose own seeds were only itself, is found again), with the
+/// seeds' host names resolved again each round.
+async fn keep_seeds_in_view(gossip: Arc<Gossip>, mut seeds: Vec<(String, SocketAddr)>, cluster_path: std::path::PathBuf) {
     loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        if gossip.members().len() > 1 {
-            return;
+        let alone = gossip.members().len() <= 1;
+        tokio::time::sleep(Duration::from_secs(if alone { 2 } else { 5 })).await;
+        let alive = gossip.alive();
+        let absent: Vec<&(String, SocketAddr)> = seeds.iter().filter(|(name, _)| name != gossip.name() && !alive.contains(name)).collect();
+        if absent.is_empty() {
+            continue;
         }
-        for (name, control) in &seeds {
+        for (name, control) in absent {
             gossip.announce(name, *control);
+        }
+        // Names resolve again for the next round: a seed whose pod came back on a new IP.
+        if let Ok(c) = ClusterConfig::from_file(&cluster_path) {
+            seeds = c.nodes.iter().map(|n| (n.name.clone(), n.control)).collect();
         }
     }
 }

@@ -59,6 +59,11 @@ const SPECS: [Spec; 16] = [
     Spec { name: "plan_change_seconds", help: "Pipeline head: time from a plan change's decision to serving again under it (stages re-initialised)", scale: 1e6, buckets: TIME_BUCKETS },
 ];
 
+/// The sum of a histogram's recorded values, in the exported unit.
+fn recorded_sum(h: &Histogram<u64>, scale: f64) -> f64 {
+    h.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum::<f64>() / scale
+}
+
 #[derive(Default)]
 struct Gauges {
     running: usize,
@@ -226,7 +231,7 @@ impl Metrics {
                     let _ = writeln!(out, "baton:{name}_bucket{{le=\"{le}\"}} {count}");
                 }
                 let _ = writeln!(out, "baton:{name}_bucket{{le=\"+Inf\"}} {}", h.len());
-                let sum: f64 = h.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum::<f64>() / spec.scale;
+                let sum = recorded_sum(h, spec.scale);
                 let _ = writeln!(out, "baton:{name}_sum {sum}\nbaton:{name}_count {}", h.len());
             }
             out
@@ -238,7 +243,13 @@ impl Metrics {
     /// Just the load gauges: what routers poll (cheap, unlike `stats`).
     pub fn load(&self) -> Value {
         self.with(|m| {
-            let mut v = json!({"running": m.gauges.running, "waiting": m.gauges.waiting, "kv_cache_usage": m.gauges.kv_usage});
+            // Queue times so far (count and sum): an autoscaler's window mean is two samples' difference.
+            let q = &m.hists[QUEUE];
+            let queued_s = recorded_sum(q, SPECS[QUEUE].scale);
+            let mut v = json!({
+                "running": m.gauges.running, "waiting": m.gauges.waiting, "kv_cache_usage": m.gauges.kv_usage,
+                "queue_time_count": q.len(), "queue_time_sum_s": queued_s,
+            });
             // What a cache-aware router sizes its guess of this head's prefix cache by.
             if let Some(p) = m.prefix {
                 v["kv_blocks"] = json!(p.total_blocks);
@@ -330,6 +341,12 @@ mod tests {
         assert!(text.contains("baton:request_success_total{finished_reason=\"stop\"} 1"));
         assert!(text.contains("baton:generation_tokens_total 5"));
         assert!(!text.contains("prefix_cache"), "prefix caching is off: no counters");
+        assert_eq!(m.load()["queue_time_count"], 0);
+        m.record(QUEUE, 500_000);
+        m.record(QUEUE, 1_500_000);
+        assert_eq!(m.load()["queue_time_count"], 2);
+        let queued = m.load()["queue_time_sum_s"].as_f64().unwrap();
+        assert!((queued - 2.0).abs() < 0.01, "{queued}");
         m.set_prefix_cache(200, 150, 9, 100);
         assert_eq!(m.load()["kv_blocks"], 100);
         let text = m.prometheus();

@@ -72,6 +72,28 @@ pub struct Args {
     /// then lets it stop), and exit.
     #[arg(long)]
     drain: bool,
+    /// Seconds to keep trying host names in cluster.toml that do not resolve yet (a
+    /// StatefulSet's pod names resolve only once their pods exist).
+    #[arg(long, default_value_t = 120)]
+    resolve_timeout: u64,
+}
+
+/// cluster.toml, trying again while a host name in it does not resolve, up to `patience`.
+fn load_resolving(path: &std::path::Path, patience: Duration) -> anyhow::Result<ClusterConfig> {
+    let deadline = std::time::Instant::now() + patience;
+    let mut said = false;
+    loop {
+        match ClusterConfig::from_file(path) {
+            Err(e @ baton_mesh::config::ConfigError::Unresolved { .. }) if std::time::Instant::now() < deadline => {
+                if !said {
+                    eprintln!("baton: {e}; trying again for up to {} s", patience.as_secs());
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 fn parse_stage_links(s: &str) -> Result<baton_serve::shard::StageLinks, String> {
@@ -94,7 +116,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.max_num_seqs == 0 {
         anyhow::bail!("--max-num-seqs must be positive");
     }
-    let c = ClusterConfig::from_file(&args.cluster)?;
+    let c = load_resolving(&args.cluster, Duration::from_secs(args.resolve_timeout))?;
     let join = JoinArgs { control: args.control, http: args.http, memory_gb: args.memory_gb, replica: args.replica };
     let me = baton_node::node::joining_node(&c, &args.cluster, &args.name, &join)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("baton-io").build()?;
