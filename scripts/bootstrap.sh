@@ -105,7 +105,24 @@ while read -r line; do
 done <<< "$nodes"
 start $(echo "$nodes" | awk -v h="$head" '$1 == h')
 http=$(echo "$nodes" | awk -v h="$head" '$1 == h {print $3}')
-for _ in $(seq 1 600); do
+# While waiting, every 4 s: which nodes are up, which are still loading.
+progress() {
+    "$baton" status --cluster "$cfg" --json 2>/dev/null | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+def word(r):
+    s = r["state"]
+    if not s.get("up"):
+        return "down"
+    if r["role"] == "head" and not s.get("ready"):
+        return "up (loading)"
+    if r["role"] != "head" and not s.get("loaded"):
+        return "up (no layers yet)"
+    return "up (layers %s..%s)" % tuple(r["layers"]) if r.get("layers") else "up"
+print("waiting for the mesh: " + ", ".join("%s %s" % (r["node"], word(r)) for r in v["nodes"]))' || true
+}
+for i in $(seq 1 600); do
+    [ $((i % 8)) = 0 ] && progress
     if curl -sf "http://$http/health" >/dev/null 2>&1; then
         echo
         echo "the mesh is ready: OpenAI API at http://$http/v1 (logs in $state/logs)"

@@ -4,7 +4,9 @@
 # process-level, then a 90-second chaos soak (scripts/chaos.sh: kills, heads included, and
 # pauses under resuming clients; 0 failed, hung or mismatched), the deployments (a real
 # one-machine Slurm running deploy/slurm/baton.sbatch; the Kubernetes manifests rendered,
-# validated, and their start-node.sh scaling a mesh up and down on loopback), and checks that
+# validated, and their start-node.sh scaling a mesh up and down on loopback), what operators
+# look at (scripts/test-observability.sh: /dashboard in headless Chromium, `baton top` in tmux,
+# a real Prometheus answering every query of the Grafana dashboard), and checks that
 # the build without UCX still compiles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +25,7 @@ NO_BUILD=1 bash scripts/chaos.sh 1.5 1
 # Deployments, on the same binary: Slurm (installs slurm-wlm and munge if missing) and Kubernetes.
 bash scripts/test-slurm.sh
 bash scripts/test-kubernetes.sh
+# The dashboard in Chromium, `baton top` in tmux, Prometheus and the Grafana dashboard's queries.
+bash scripts/test-observability.sh
 # The build without UCX (activations over QUIC streams) must keep compiling.
 cargo check --release -q -p baton --no-default-features

@@ -417,6 +417,22 @@ replica = 1
     let (a, b) = (served(&head0), served(&head1));
     assert_eq!(a + b, 16 * 24, "every generated token is counted by exactly one head");
     assert!(a >= 4 * 24 && b >= 4 * 24, "requests entering at a stage were not spread: {a} and {b} tokens");
+    // The cluster's view from any node: both replicas, every node, histograms merged as HDR
+    // data (the cluster's TTFT count is the two heads' together; its p99 is at least either
+    // head's p50).
+    let heads_ttft: Vec<Value> = [&head0, &head1].iter().map(|h| support::stats(h)["histograms"]["time_to_first_token_seconds"].clone()).collect();
+    let (_, _, body) = support::http(&entry, "GET", "/v1/cluster/stats", None);
+    let view: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(view["replicas"].as_array().map(Vec::len), Some(2), "{view}");
+    let names: Vec<&str> = view["nodes"].as_array().unwrap().iter().filter_map(|n| n["name"].as_str()).collect();
+    assert_eq!(names, ["r0-head", "r0-tail", "r1-head", "r1-tail"], "{view}");
+    let merged = &view["cluster"]["histograms"]["time_to_first_token_seconds"];
+    let sum: u64 = heads_ttft.iter().map(|h| h["count"].as_u64().unwrap()).sum();
+    assert_eq!(merged["count"].as_u64(), Some(sum), "{merged}");
+    assert!(heads_ttft.iter().all(|h| merged["p99"].as_f64().unwrap() >= h["p50"].as_f64().unwrap()), "{merged}");
+    assert_eq!(view["cluster"]["generation_tokens_total"].as_u64(), Some(a + b));
+    let (status, _, page) = support::http(&entry, "GET", "/dashboard", None);
+    assert!(status == 200 && page.contains("/v1/cluster/stats"), "{status}");
     // Those requests queued (at all, the threshold here): one replica more is asked for, and
     // each replica's window mean queue time is exported.
     let text = until_metrics(&entry, &["baton:desired_replicas{reason=\"queue_time\"} 3\n"]);

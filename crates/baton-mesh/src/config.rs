@@ -331,6 +331,22 @@ impl ClusterConfig {
         Ok(ClusterConfig { name: raw.cluster.name, model: raw.model.path, tls_dir, mode, replicas, rebalance, routing, autoscale, nodes })
     }
 
+    /// A Prometheus configuration scraping `/metrics` of every node with an `http` address,
+    /// each target labelled with its node's name and replica (`baton cluster prometheus`).
+    /// Nodes that join later are not in the file: add them, or use service discovery.
+    pub fn prometheus_config(&self, scrape_interval_s: u32) -> String {
+        use std::fmt::Write;
+        let mut out = format!(
+            "# Prometheus scraping cluster `{}` (written by `baton cluster prometheus`).\nglobal:\n  scrape_interval: {scrape_interval_s}s\n  evaluation_interval: {scrape_interval_s}s\nscrape_configs:\n  - job_name: baton\n    metrics_path: /metrics\n    static_configs:\n",
+            self.name
+        );
+        for n in self.nodes.iter().filter(|n| n.http.is_some()) {
+            let http = n.http.map(|a| a.to_string()).unwrap_or_default();
+            let _ = write!(out, "      - targets: [\"{http}\"]\n        labels:\n          node: \"{}\"\n          replica: \"{}\"\n", n.name, n.replica);
+        }
+        out
+    }
+
     pub fn node(&self, name: &str) -> Option<&NodeConfig> {
         self.nodes.iter().find(|n| n.name == name)
     }
@@ -410,6 +426,15 @@ layers = "2..4"
             let e = parse(&GOOD.replace("127.0.0.1:7102", bad)).unwrap_err();
             assert!(e.contains("HOST:PORT"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_prometheus_config_scrapes_every_node_with_http() {
+        let c = parse(&GOOD.replace("memory_gb = 1\n", "memory_gb = 1\nhttp = \"127.0.0.1:8080\"\n")).unwrap();
+        let text = c.prometheus_config(1);
+        assert!(text.contains("scrape_interval: 1s"), "{text}");
+        assert!(text.contains("- targets: [\"127.0.0.1:8080\"]\n        labels:\n          node: \"node-a\""), "{text}");
+        assert!(!text.contains("node-b"), "node-b has no http address: {text}");
     }
 
     #[test]

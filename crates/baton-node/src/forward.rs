@@ -47,6 +47,11 @@ impl Front {
         front
     }
 
+    /// The HTTP client it polls the heads with (shared with the cluster view).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     fn autoscaler(&self) -> std::sync::MutexGuard<'_, Autoscaler> {
         self.autoscaler.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -476,12 +481,13 @@ async fn poll_loads(front: Arc<Front>) {
 /// Serves `listen`, forwarding everything to the pipeline heads' HTTP addresses.
 /// `/metrics` is this node's own (what Prometheus scraping every node expects; the requests it
 /// forwards are counted by the heads' `/metrics`); every other path is forwarded.
-pub async fn serve(listen: SocketAddr, front: Arc<Front>, metrics: baton_serve::MoreMetrics, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+/// `own_routes` (the cluster view, `/dashboard`) are served here too.
+pub async fn serve(listen: SocketAddr, front: Arc<Front>, metrics: baton_serve::MoreMetrics, own_routes: axum::Router, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let heads: Vec<String> = front.heads().iter().map(|h| format!("{} (http://{})", h.name, h.http)).collect();
     eprintln!("baton: forwarding http://{listen} to the pipeline head(s) {}, by load", heads.join(", "));
     let own = axum::routing::get(move || async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], (metrics.0)()) });
-    let app = axum::Router::new().route("/metrics", own).fallback(forward).with_state(front);
+    let app = axum::Router::new().route("/metrics", own).fallback(forward).with_state(front).merge(own_routes);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }

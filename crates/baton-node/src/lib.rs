@@ -3,6 +3,7 @@
 //! scheduler and shard actors, from baton-serve) into a pipeline head or a stage node. The
 //! `baton node` command and in-process tests both start nodes through it.
 
+pub mod dashboard;
 pub mod forward;
 pub mod node;
 pub mod quic_relay;

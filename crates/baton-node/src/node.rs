@@ -14,6 +14,8 @@ use std::time::Duration;
 use anyhow::Context;
 use baton_engine::{KvGeometry, ModelConfig};
 use baton_mesh::config::{ClusterConfig, NodeConfig};
+
+use crate::dashboard::ClusterView;
 use baton_mesh::control::{ControlNode, Revoked};
 use baton_mesh::elastic::Member;
 use baton_mesh::gossip::{self, Gossip, NodeInfo, ServedLayers};
@@ -363,11 +365,16 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             };
             // The autoscaling signal on `/metrics` comes from whichever front this head has.
             let scaling_front = spread.as_ref().map(|(f, _)| f).or(entry.as_ref()).cloned();
+            // `/v1/cluster/stats` and `/dashboard`, from the same front.
+            let cluster_routes = scaling_front.clone().map(|f| ClusterView::new(f, gossip.clone()).routes());
             // `/v1/mesh`: the membership view and the last plan changes (`baton status`).
             let view = mesh.clone();
             let http_layer = Some(baton_serve::HttpLayer(Arc::new(move |app| {
                 let view = view.clone();
-                let app = app.route("/v1/mesh", axum::routing::get(move || async move { axum::Json(view.status()) }));
+                let mut app = app.route("/v1/mesh", axum::routing::get(move || async move { axum::Json(view.status()) }));
+                if let Some(routes) = &cluster_routes {
+                    app = app.merge(routes.clone());
+                }
                 match &spread {
                     Some(state) => app.layer(axum::middleware::from_fn_with_state(state.clone(), crate::forward::spread)),
                     None => app,
@@ -463,7 +470,8 @@ fn start_entry_front(me: &NodeConfig, heads: &[HeadAddr], static_heads: &[String
     if let Some(listen) = me.http {
         let front = front.clone();
         let metrics = node_metrics(node, Some(front.clone()));
-        tokio::spawn(serve_retrying("HTTP entry front", move || crate::forward::serve(listen, front.clone(), metrics.clone(), std::future::pending())));
+        let routes = ClusterView::new(front.clone(), gossip.clone()).routes();
+        tokio::spawn(serve_retrying("HTTP entry front", move || crate::forward::serve(listen, front.clone(), metrics.clone(), routes.clone(), std::future::pending())));
     }
     if let Some(listen) = me.quic {
         let (identity, front) = (identity.clone(), front.clone());

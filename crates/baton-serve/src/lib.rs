@@ -5,6 +5,7 @@
 //! scheduler actor (continuous batching core, streams, metrics) -> shard actor (forward pass and
 //! sampling on its own thread) -> scheduler -> the request's event stream -> HTTP response.
 
+pub mod cluster_stats;
 pub mod error;
 pub mod http;
 pub mod metrics;

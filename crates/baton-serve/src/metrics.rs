@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use hdrhistogram::serialization::{Serializer, V2DeflateSerializer};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
@@ -262,20 +261,7 @@ impl Metrics {
         self.with(|m| {
             let mut hists = serde_json::Map::new();
             for (spec, h) in SPECS.iter().zip(&m.hists) {
-                let q = |p: f64| h.value_at_quantile(p) as f64 / spec.scale;
-                let mut bytes = Vec::new();
-                let encoded = V2DeflateSerializer::new().serialize(h, &mut bytes).map(|_| base64(&bytes)).ok();
-                hists.insert(
-                    spec.name.to_string(),
-                    json!({
-                        "count": h.len(),
-                        "mean": h.mean() / spec.scale,
-                        "max": h.max() as f64 / spec.scale,
-                        "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99_9": q(0.999),
-                        "unit_scale": spec.scale,
-                        "hdr_v2_deflate_base64": encoded,
-                    }),
-                );
+                hists.insert(spec.name.to_string(), crate::cluster_stats::histogram_json(h, spec.scale));
             }
             json!({
                 "running": m.gauges.running,
@@ -306,20 +292,6 @@ impl Metrics {
 fn new_histogram() -> Histogram<u64> {
     // Constant bounds that satisfy the crate's rules (low >= 1, high >= 2 * low, sigfig <= 5).
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid constant histogram bounds")
-}
-
-/// Standard base64 (RFC 4648) with padding.
-pub fn base64(bytes: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for c in bytes.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
-        out.push(T[(n >> 18) as usize & 63] as char);
-        out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
-        out.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
-    }
-    out
 }
 
 #[cfg(test)]
@@ -356,13 +328,5 @@ mod tests {
         let p50 = s["histograms"]["time_to_first_token_seconds"]["p50"].as_f64().unwrap();
         assert!((p50 - 0.002).abs() < 1e-4, "{p50}");
         assert!(s["histograms"]["time_to_first_token_seconds"]["hdr_v2_deflate_base64"].as_str().unwrap().len() > 10);
-    }
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
     }
 }

@@ -251,7 +251,7 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
         first_error: None,
     }));
     let bar = ProgressBar::new(timed.len() as u64).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} requests {elapsed}").map_err(|e| anyhow::anyhow!("{e}"))?,
+        ProgressStyle::with_template("{bar:40} {pos}/{len} requests {elapsed}, ~{eta} left  {msg}").map_err(|e| anyhow::anyhow!("{e}"))?,
     );
     let specs = Arc::new(timed);
     let start = Instant::now();
@@ -281,6 +281,11 @@ pub async fn run(args: HttpArgs) -> anyhow::Result<()> {
                         g.first_error.get_or_insert(e.to_string());
                     }
                 }
+                // What people wait on: the throughput so far and the current median TTFT.
+                let tokens_per_s = g.output_tokens as f64 / start.elapsed().as_secs_f64().max(1e-3);
+                let ttft = if g.ttft.is_empty() { "-".to_string() } else { format!("{:.1} ms", g.ttft.value_at_quantile(0.5) as f64 / 1e3) };
+                bar.set_message(format!("{tokens_per_s:.0} output tok/s, TTFT p50 {ttft}, {} failed", g.failed));
+                drop(g);
                 bar.inc(1);
             }
         }

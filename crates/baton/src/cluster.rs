@@ -1,5 +1,5 @@
 //! `baton cluster`: make the cluster's certificates (`init`, `add-node`), revoke a node's
-//! (`revoke`), and check a cluster description.
+//! (`revoke`), check a cluster description, and print a Prometheus configuration for it.
 
 use std::path::PathBuf;
 
@@ -30,6 +30,14 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1")]
         ip: std::net::IpAddr,
     },
+    /// Print a Prometheus configuration (prometheus.yml) scraping every node's /metrics.
+    Prometheus {
+        #[arg(default_value = "cluster.toml")]
+        config: PathBuf,
+        /// Seconds between scrapes.
+        #[arg(long, default_value_t = 5)]
+        scrape_interval: u32,
+    },
     /// Revoke a node for good: its name goes on the TLS directory's revocation list, which
     /// nodes read at start and on SIGHUP (`pkill -HUP -f 'baton node'`).
     Revoke {
@@ -54,6 +62,12 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             pki::add_node(&c.tls_dir, &c.name, &name, ip)?;
             println!("cluster `{}`: certificate for {name} written to {}", c.name, c.tls_dir.display());
             println!("start it with: baton node --cluster {} --name {name} --control {ip}:PORT [--memory-gb N]", cluster.display());
+        }
+        Command::Prometheus { config, scrape_interval } => {
+            if scrape_interval == 0 {
+                anyhow::bail!("--scrape-interval must be at least 1 second");
+            }
+            print!("{}", ClusterConfig::from_file(&config)?.prometheus_config(scrape_interval));
         }
         Command::Revoke { name, cluster } => {
             let c = ClusterConfig::from_file(&cluster)?;

@@ -12,6 +12,7 @@ mod load;
 mod node;
 mod serve;
 mod status;
+mod top;
 
 use clap::{Parser, Subcommand};
 
@@ -36,7 +37,10 @@ enum Command {
     Node(node::Args),
     /// Show a cluster's nodes, their layer ranges, their links and the head's load.
     Status(status::Args),
-    /// Cluster tools: `init` (certificates), `check` (validate cluster.toml, show placement).
+    /// A live view of a running cluster in the terminal (any node's /v1/cluster/stats); q quits.
+    Top(top::Args),
+    /// Cluster tools: `init` (certificates), `check` (validate cluster.toml, show placement),
+    /// `prometheus` (a prometheus.yml scraping every node).
     #[command(subcommand)]
     Cluster(cluster::Command),
     /// Load-test an OpenAI-compatible server (`baton bench engine`: the engine alone).
@@ -59,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Cluster(cmd) => cluster::run(cmd),
         Command::Node(args) => node::run(args),
         Command::Status(args) => status::run(args),
+        Command::Top(args) => top::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
