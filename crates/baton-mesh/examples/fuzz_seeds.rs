@@ -111,6 +111,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         us_per_layer_token: Some(12.5),
         busy_permille: 300,
         pipeline: Some(HeadedPipeline { epoch: 2, stages: 3 }),
+        device: "cpu (2 threads)".into(),
     };
     b.publish(&info)?;
     let mut a = PacketReader::new("node-a");

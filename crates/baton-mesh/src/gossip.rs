@@ -81,6 +81,8 @@ pub struct NodeInfo {
     /// The pipeline it heads (`None` unless `head`): two heads of one replica (a partition
     /// healed) compare these, and the lesser steps down (see [`HeadedPipeline::outranks`]).
     pub pipeline: Option<HeadedPipeline>,
+    /// Its device, as it describes it (`cpu (2 threads)`, `mock:h100`, ...), for dashboards.
+    pub device: String,
 }
 
 /// What a head says of the pipeline it heads: its plan's epoch and how many nodes serve it.
@@ -496,7 +498,7 @@ mod tests {
             serving: None,
             us_per_layer_token: None,
             busy_permille: 0,
-            pipeline: None,
+            pipeline: None, device: "cpu".into(),
         };
         postcard::to_allocvec(&info).unwrap()
     }

@@ -80,6 +80,10 @@ pub struct NodeStatus {
     pub us_per_layer_token: Option<f64>,
     /// What the head's waiting on it beyond its compute divides that speed by (1: not slow).
     pub slowdown: f64,
+    /// The head's probes' round trip to it, smoothed (None: the head itself, or not yet).
+    pub link_ms: Option<f64>,
+    /// The tensor plane it says it runs (None: the head itself, or not yet).
+    pub tensor_plane: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -117,6 +121,15 @@ pub struct MeshDriver {
     departed: Mutex<std::collections::HashSet<(String, u64)>>,
     /// Set by [`MeshDriver::stop`]: its probes, ticks and gossip follower end.
     stopped: std::sync::atomic::AtomicBool,
+    /// Each stage's link as the probes see it: round-trip time (smoothed) and tensor plane.
+    link_views: Mutex<HashMap<String, LinkView>>,
+}
+
+/// A stage's link, as the head's probes measure it.
+#[derive(Debug, Clone, Default)]
+struct LinkView {
+    rtt_ms: Option<f64>,
+    tensor_plane: String,
 }
 
 impl MeshDriver {
@@ -160,6 +173,7 @@ impl MeshDriver {
             decided: Mutex::new(HashMap::new()),
             departed: Mutex::default(),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            link_views: Mutex::default(),
         });
         for m in roster.members.iter().filter(|m| m.name != me) {
             let Some(addr) = driver.control_addr(&m.name) else { continue };
@@ -445,10 +459,20 @@ impl MeshDriver {
             }
             let started = Instant::now();
             nonce += 1;
+            let reconnect = link.as_ref().is_none_or(|l| l.connection.close_reason().is_some());
             let answer = tokio::time::timeout(probe.timeout, ping(&self.node, &self.me, &mut link, &name, addr, nonce)).await;
             let now = self.now_us();
             match answer {
-                Ok(Ok((generation, draining))) => {
+                Ok(Ok((generation, draining, tensor_plane))) => {
+                    // The ping's round trip (not one that also connected), smoothed 1/8 per probe.
+                    let rtt = started.elapsed().as_secs_f64() * 1e3;
+                    let mut views = self.link_views.lock().unwrap_or_else(|p| p.into_inner());
+                    let v = views.entry(name.clone()).or_default();
+                    if !reconnect {
+                        v.rtt_ms = Some(v.rtt_ms.map_or(rtt, |old| old + (rtt - old) / 8.0));
+                    }
+                    v.tensor_plane = tensor_plane;
+                    drop(views);
                     let mut core = self.core();
                     core.probe_ok(&name, generation, now);
                     if draining {
@@ -475,7 +499,9 @@ impl MeshDriver {
             nodes: core
                 .view()
                 .into_iter()
-                .map(|(name, state, generation, layers)| NodeStatus {
+                .map(|(name, state, generation, layers)| {
+                    let link = self.link_views.lock().unwrap_or_else(|p| p.into_inner()).get(&name).cloned().unwrap_or_default();
+                    NodeStatus {
                     state: match state {
                         NodeState::Up { .. } if layers.is_some() => "serving",
                         NodeState::Up { .. } => "spare",
@@ -483,10 +509,12 @@ impl MeshDriver {
                     },
                     us_per_layer_token: core.us_per_layer_token(&name),
                     slowdown: core.slowdown(&name),
+                    link_ms: link.rtt_ms,
+                    tensor_plane: (!link.tensor_plane.is_empty()).then_some(link.tensor_plane),
                     name,
                     generation,
                     layers: layers.map(|r| [r.start, r.end]),
-                })
+                }})
                 .collect(),
             changes: core
                 .history()
@@ -503,10 +531,10 @@ impl MeshDriver {
     }
 }
 
-/// One probe by head `me`: (re)connects if needed, pings, returns the node's generation and
-/// whether it is draining. A node that serves another live head, or heads a pipeline itself, is
+/// One probe by head `me`: (re)connects if needed, pings, returns the node's generation,
+/// whether it is draining, and its tensor plane. A node that serves another live head, or heads a pipeline itself, is
 /// no stage of `me`'s (a probe failure) until that head's lease on it lapses.
-async fn ping(node: &ControlNode, me: &str, link: &mut Option<PeerLink>, name: &str, addr: SocketAddr, nonce: u64) -> Result<(u64, bool), ControlError> {
+async fn ping(node: &ControlNode, me: &str, link: &mut Option<PeerLink>, name: &str, addr: SocketAddr, nonce: u64) -> Result<(u64, bool, String), ControlError> {
     if node.is_revoked(name) {
         // A revoked node's open link is dropped, and no new one is made.
         *link = None;
@@ -525,7 +553,7 @@ async fn ping(node: &ControlNode, me: &str, link: &mut Option<PeerLink>, name: &
         // is no stage, nor a stage another head holds.
         StageReply::Pong { head, .. } if head == name => Err(ControlError::Protocol(format!("{name} heads a pipeline itself"))),
         StageReply::Pong { head, .. } if !head.is_empty() && head != me => Err(ControlError::Protocol(format!("{name} serves the pipeline head {head}"))),
-        StageReply::Pong { nonce: n, generation, draining, .. } if n == nonce => Ok((generation, draining)),
+        StageReply::Pong { nonce: n, generation, draining, tensor_plane, .. } if n == nonce => Ok((generation, draining, tensor_plane)),
         other => Err(ControlError::Protocol(format!("{name} answered a ping with {other:?}"))),
     }
 }

@@ -42,7 +42,7 @@ async fn a_gossip_packet_claiming_another_identity_is_dropped() {
         serving: None,
         us_per_layer_token: None,
         busy_permille: 0,
-        pipeline: None,
+        pipeline: None, device: "cpu".into(),
     };
     let gossip = Gossip::start(node.clone(), info, Vec::new());
     let a = NodeId { name: "node-a".into(), generation: 1, control };

@@ -217,6 +217,7 @@ pub async fn run(opts: NodeOptions, shutdown: impl std::future::Future<Output = 
             us_per_layer_token: None,
             busy_permille: 0,
             pipeline: None,
+            device: device.describe().to_string(),
         };
         let seeds: Vec<(String, SocketAddr)> = c.nodes.iter().map(|n| (n.name.clone(), n.control)).collect();
         let gossip = Gossip::start(node.clone(), info, seeds.clone());

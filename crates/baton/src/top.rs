@@ -26,7 +26,7 @@ pub struct Args {
 pub struct View {
     pub header: String,
     pub load: Vec<(String, String)>,
-    pub nodes: Vec<[String; 7]>,
+    pub nodes: Vec<[String; 9]>,
     pub latency: Vec<[String; 7]>,
     pub replicas: Vec<[String; 7]>,
 }
@@ -75,9 +75,12 @@ impl View {
             ("KV".into(), c["kv_cache_usage"].as_f64().map_or("-".into(), |k| format!("{:.1}%", k * 100.0))),
             ("preemptions".into(), c["preemptions"].to_string()),
         ];
+        // Each head's plan says what its probes measured of its stages' links.
+        let links: std::collections::HashMap<&str, &Value> = s["plans"].as_object().into_iter().flatten().flat_map(|(_, p)| p["nodes"].as_array().into_iter().flatten()).filter_map(|n| Some((n["name"].as_str()?, n))).collect();
         let nodes = nodes
             .iter()
             .map(|n| {
+                let link = n["name"].as_str().and_then(|name| links.get(name)).copied().unwrap_or(&Value::Null);
                 let layers = n["serving"].as_object().map_or("-".into(), |l| format!("{}..{}", l["first"], l["end"]));
                 [
                     n["name"].as_str().unwrap_or("?").to_string(),
@@ -87,6 +90,8 @@ impl View {
                     layers,
                     n["busy_permille"].as_f64().map_or("-".into(), |b| format!("{:.0}%", b / 10.0)),
                     n["us_per_layer_token"].as_f64().map_or("-".into(), |u| format!("{u:.2}")),
+                    n["device"].as_str().unwrap_or("-").to_string(),
+                    link["link_ms"].as_f64().map_or("-".into(), |l| format!("{l:.2} ms")),
                 ]
             })
             .collect();
@@ -129,7 +134,7 @@ fn draw(frame: &mut ratatui::Frame, view: &View, url: &str, error: Option<&str>)
     frame.render_widget(Paragraph::new(vec![Line::from(format!("baton top: {url}   (q quits)")).style(Style::default().add_modifier(Modifier::BOLD)), Line::from(status)]), top);
     let tiles: Vec<String> = view.load.iter().map(|(k, v)| format!("{k} {v}")).collect();
     frame.render_widget(Paragraph::new(tiles.join("   ")).block(Block::default().borders(Borders::ALL).title("throughput and load")), load);
-    frame.render_widget(table("nodes", ["node", "state", "replica", "role", "layers", "busy", "µs/layer·tok"], &view.nodes, [14, 9, 8, 6, 9, 6, 13]), nodes);
+    frame.render_widget(table("nodes", ["node", "state", "replica", "role", "layers", "busy", "µs/layer·tok", "device", "link"], &view.nodes, [14, 9, 8, 6, 9, 6, 13, 22, 10]), nodes);
     let [lat, reps] = Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(lower);
     frame.render_widget(table("latency (cluster, merged)", ["", "count", "p50", "p90", "p99", "p99.9", "max"], &view.latency, [14, 8, 9, 9, 9, 9, 9]), lat);
     frame.render_widget(table("replicas", ["head", "run", "wait", "KV", "TTFT p50", "TTFT p99", "ITL p50"], &view.replicas, [12, 4, 5, 7, 9, 9, 9]), reps);
@@ -190,21 +195,22 @@ mod tests {
         let s = json!({
             "seen_from": "node-b",
             "nodes": [
-                {"name": "node-a", "state": "Ready", "replica": 0, "head": true, "serving": {"first": 0, "end": 10, "epoch": 1}, "busy_permille": 420, "us_per_layer_token": 12.5},
+                {"name": "node-a", "state": "Ready", "replica": 0, "head": true, "serving": {"first": 0, "end": 10, "epoch": 1}, "busy_permille": 420, "us_per_layer_token": 12.5, "device": "cpu (2 threads)"},
                 {"name": "node-b", "state": "Draining", "replica": 0, "head": false, "serving": null, "busy_permille": 0, "us_per_layer_token": null},
             ],
             "replicas": [{"head": "node-a", "running": 3, "waiting": 1, "kv_cache_usage": 0.25, "histograms": {"time_to_first_token_seconds": {"p50": 0.0123, "p99": 1.5}}}],
             "cluster": {"running": 3, "waiting": 1, "kv_cache_usage": 0.25, "preemptions": 0, "histograms": {"time_to_first_token_seconds": {"count": 40, "p50": 0.0123, "p90": 0.02, "p99": 1.5, "p99_9": 1.5, "max": 1.6}}},
             "rates": {"output_tokens_per_s": 512.26, "prompt_tokens_per_s": null},
-            "plans": {"node-a": {"epoch": 3}},
+            "plans": {"node-a": {"epoch": 3, "nodes": [{"name": "node-b", "link_ms": 0.456}]}},
             "unreachable_heads": ["node-x"],
         });
         let v = View::of(&s);
         assert_eq!(v.header, "2 nodes, 1 replica(s); node-a epoch 3; seen from node-b; UNREACHABLE: node-x");
         assert_eq!(v.load[0], ("out tok/s".to_string(), "512.3".to_string()));
         assert_eq!(v.load[1].1, "-", "no rate yet");
-        assert_eq!(v.nodes[0], ["node-a", "ready", "0", "head", "0..10", "42%", "12.50"].map(String::from));
+        assert_eq!(v.nodes[0], ["node-a", "ready", "0", "head", "0..10", "42%", "12.50", "cpu (2 threads)", "-"].map(String::from));
         assert_eq!(v.nodes[1][1..5], ["draining", "0", "stage", "-"].map(String::from));
+        assert_eq!(v.nodes[1][8], "0.46 ms");
         assert_eq!(v.latency[0], ["TTFT", "40", "12.3 ms", "20.0 ms", "1.50 s", "1.50 s", "1.60 s"].map(String::from));
         assert_eq!(v.latency[1][1], "0", "no ITL samples");
         assert_eq!(v.replicas[0][..5], ["node-a", "3", "1", "25.0%", "12.3 ms"].map(String::from));
