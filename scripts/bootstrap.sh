@@ -114,6 +114,9 @@ def word(r):
     s = r["state"]
     if not s.get("up"):
         return "down"
+    if s.get("loading"):
+        l = s["loading"]
+        return "up (loading %.0f%%)" % min(100, 100 * l["mib_done"] / max(1, l["mib_total"]))
     if r["role"] == "head" and not s.get("ready"):
         return "up (loading)"
     if r["role"] != "head" and not s.get("loaded"):

@@ -90,16 +90,17 @@ try {
     const rows = names.every((n) => document.querySelector(`#nodes tr[data-node="${n}"]`));
     const chart = [...document.querySelectorAll("#dist path.line")].some((p) => Number(p.dataset.points) >= 2);
     const tps = parseFloat(document.getElementById("tokens-out").textContent);
-    // Every node's device; the stages' tensor plane and link latency, from the head's probes.
+    // Every node's device; each stage's compute and transfer per step (the head's calls), its
+    // tensor plane and link latency (the head's probes).
     const cells = [...document.querySelectorAll("#nodes tr[data-node]")].map((r) => [...r.cells].map((c) => c.textContent));
-    const devices = cells.length === names.length && cells.every((c) => c[9] && c[9] !== "–");
-    const links = cells.filter((c) => c[3] === "stage").every((c) => isFinite(parseFloat(c[11])) && c[10] !== "–");
+    const devices = cells.length === names.length && cells.every((c) => c[10] && c[10] !== "–");
+    const links = cells.filter((c) => c[3] === "stage").every((c) => [8, 9, 12].every((i) => isFinite(parseFloat(c[i]))) && c[11] !== "–");
     return rows && chart && tps > 0 && devices && links;
   }, names, { timeout: 60000, polling: 250 });
   await page.screenshot({ path: shot, fullPage: true });
   const tps = await page.textContent("#tokens-out");
   const series = await page.$$eval("#dist path.line", (ps) => ps.map((p) => `${p.dataset.series} (${p.dataset.points} points)`));
-  const links = await page.$$eval("#nodes tr[data-node]", (rs) => rs.map((r) => `${r.cells[0].textContent} on ${r.cells[9].textContent}, link ${r.cells[11].textContent} ms`));
+  const links = await page.$$eval("#nodes tr[data-node]", (rs) => rs.map((r) => `${r.cells[0].textContent} on ${r.cells[10].textContent}: compute ${r.cells[8].textContent} ms, transfer ${r.cells[9].textContent} ms per step, link ${r.cells[12].textContent} ms`));
   console.log(`test-observability: the page shows ${links.join("; ")}; ${tps} output tokens/s; latency curves ${series.join(", ")}`);
 } catch (e) {
   const text = await page.textContent("body").catch(() => "");

@@ -45,9 +45,14 @@ impl<B: Backend> StageWorker<B> {
     /// Loads layers `layers` of the checkpoint in `model_dir` onto `backend`, with a KV cache
     /// of `geometry`.
     pub fn load(backend: B, model_dir: &Path, layers: Range<usize>, geometry: KvGeometry) -> Result<Self> {
+        Self::load_with_progress(backend, model_dir, layers, geometry, &mut |_, _| {})
+    }
+
+    /// [`StageWorker::load`], calling `progress(done, total)` as its layers load.
+    pub fn load_with_progress(backend: B, model_dir: &Path, layers: Range<usize>, geometry: KvGeometry, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
         let config = ModelConfig::from_dir(model_dir)?;
         let ckpt = Checkpoint::for_backend(model_dir, &backend)?;
-        let stage = Stage::load(backend, &config, &ckpt, layers.clone(), geometry, &mut |_, _| {})?;
+        let stage = Stage::load(backend, &config, &ckpt, layers.clone(), geometry, progress)?;
         Ok(StageWorker { stage, model_dir: model_dir.to_path_buf(), layers, geometry, samplers: SamplerSet::default() })
     }
 

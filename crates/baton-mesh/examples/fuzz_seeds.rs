@@ -72,7 +72,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         step,
     ];
     let replies = [
-        StageReply::Pong { nonce: 1, generation: 9, first_layer: 0, end_layer: 4, epoch: 2, loaded: true, draining: false, tensor_plane: "QUIC".into(), ucx_steps: 0, window_steps: 0, chained_steps: 0, busy_us: 1_500_000, head: "node-a".into() },
+        StageReply::Pong { nonce: 1, generation: 9, first_layer: 0, end_layer: 4, epoch: 2, loaded: true, draining: false, tensor_plane: "QUIC".into(), ucx_steps: 0, window_steps: 0, chained_steps: 0, busy_us: 1_500_000, head: "node-a".into(), loading_mib_done: 0, loading_mib_total: 0 },
         StageReply::Hidden { hidden: vec![0.5; 8], compute_us: 10 },
         StageReply::Sampled { tokens: vec![WireSampled { id: 1, token: 7, logprob: -0.1, top_logprobs: vec![], finish: 0 }], compute_us: 10 },
         StageReply::Error("no".into()),

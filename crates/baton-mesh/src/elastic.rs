@@ -349,6 +349,12 @@ impl MeshCore {
         }
     }
 
+    /// The head's recent calls to stage `name`: mean compute and mean time beyond it per call
+    /// (µs), once it has called it.
+    pub fn call_means_us(&self, name: &str) -> Option<(f64, f64)> {
+        self.nodes.iter().find(|n| n.member.name == name)?.calls.means_us()
+    }
+
     /// The factor `name`'s speed is divided by because the head waits on it (1: not slow).
     pub fn slowdown(&self, name: &str) -> f64 {
         self.nodes.iter().find(|n| n.member.name == name).map_or(1.0, |n| n.slowdown)

@@ -84,6 +84,10 @@ pub struct NodeStatus {
     pub link_ms: Option<f64>,
     /// The tensor plane it says it runs (None: the head itself, or not yet).
     pub tensor_plane: Option<String>,
+    /// The head's recent calls to it: mean compute and mean transfer (with any stall) per
+    /// call, in ms (None: the head itself, or no call yet).
+    pub call_compute_ms: Option<f64>,
+    pub call_transfer_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -510,6 +514,8 @@ impl MeshDriver {
                     us_per_layer_token: core.us_per_layer_token(&name),
                     slowdown: core.slowdown(&name),
                     link_ms: link.rtt_ms,
+                    call_compute_ms: core.call_means_us(&name).map(|(c, _)| c / 1e3),
+                    call_transfer_ms: core.call_means_us(&name).map(|(_, t)| t / 1e3),
                     tensor_plane: (!link.tensor_plane.is_empty()).then_some(link.tensor_plane),
                     name,
                     generation,

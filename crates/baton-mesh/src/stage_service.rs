@@ -185,6 +185,9 @@ impl StageService {
     /// heads a pipeline itself.
     fn pong(&self, nonce: u64) -> StageReply {
         let busy_us = self.shard.stats().busy.as_micros() as u64;
+        // Loading its layers from the checkpoint: how far, in MiB of weights (0 of 0 when not).
+        let mib = |b: usize| (b >> 20).min(u32::MAX as usize) as u32;
+        let (loading_mib_done, loading_mib_total) = self.shard.loading().map_or((0, 0), |(d, t)| (mib(d), mib(t).max(1)));
         if let Some(me) = self.heading() {
             return StageReply::Pong {
                 nonce,
@@ -200,6 +203,8 @@ impl StageService {
                 chained_steps: 0,
                 busy_us,
                 head: me,
+                loading_mib_done,
+                loading_mib_total,
             };
         }
         let serving = self.shard.serving();
@@ -219,6 +224,8 @@ impl StageService {
             chained_steps: self.chained.load(std::sync::atomic::Ordering::Relaxed),
             busy_us,
             head: self.head().filter(|(_, silent)| *silent < HEAD_LEASE).map(|(h, _)| h).unwrap_or_default(),
+            loading_mib_done,
+            loading_mib_total,
         }
     }
 

@@ -145,7 +145,7 @@ pub enum StageReply {
     /// `chained_steps`: steps that came down a chain (`Chain`, from the head or the stage before).
     /// `busy_us`: the node's device time in steps since its shard started (a head's too), so
     /// a reader sampling it twice has the stage's busy share between.
-    Pong { nonce: u64, generation: u64, first_layer: u32, end_layer: u32, epoch: u64, loaded: bool, draining: bool, tensor_plane: String, ucx_steps: u64, window_steps: u64, chained_steps: u64, busy_us: u64, head: String },
+    Pong { nonce: u64, generation: u64, first_layer: u32, end_layer: u32, epoch: u64, loaded: bool, draining: bool, tensor_plane: String, ucx_steps: u64, window_steps: u64, chained_steps: u64, busy_us: u64, head: String, loading_mib_done: u32, loading_mib_total: u32 },
     Ack,
     /// The stage's UCX worker address and RMA window, when both ends have UCX.
     Attached { tensor_address: Option<Vec<u8>>, window: Option<WireWindow> },

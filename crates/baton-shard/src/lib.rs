@@ -217,15 +217,20 @@ pub struct GpuShard<B: Backend> {
     model_dir: PathBuf,
     serving: Arc<Mutex<Option<Serving>>>,
     meter: Arc<Mutex<Meter>>,
+    loading: Loading,
 }
+
+/// While a stage loads from its checkpoint: (done, total) in the loader's units.
+type Loading = Arc<Mutex<Option<(usize, usize)>>>;
 
 impl<B: Backend> GpuShard<B> {
     async fn spawn(model_dir: PathBuf, make: MakeBackend<B>) -> Result<ShardHandle, ShardError> {
         let serving = Arc::new(Mutex::new(None));
         let meter = Arc::new(Mutex::new(Meter::default()));
-        let shard = GpuShard { make, model_dir, serving: serving.clone(), meter: meter.clone() };
+        let loading = Loading::default();
+        let shard = GpuShard { make, model_dir, serving: serving.clone(), meter: meter.clone(), loading: loading.clone() };
         let (actor, _) = Actor::spawn(None, shard, ()).await.map_err(|e| ShardError::Gone(e.to_string()))?;
-        Ok(ShardHandle { actor, serving, meter })
+        Ok(ShardHandle { actor, serving, meter, loading })
     }
 }
 
@@ -241,6 +246,7 @@ impl<B: Backend> Actor for GpuShard<B> {
             model_dir: self.model_dir.clone(),
             serving: self.serving.clone(),
             meter: self.meter.clone(),
+            loading: self.loading.clone(),
             stage: None,
         };
         std::thread::Builder::new().name("baton-gpu-shard".into()).spawn(move || {
@@ -264,6 +270,7 @@ struct DeviceThread<B: Backend> {
     model_dir: PathBuf,
     serving: Arc<Mutex<Option<Serving>>>,
     meter: Arc<Mutex<Meter>>,
+    loading: Loading,
     stage: Option<(StageWorker<B>, u64)>,
 }
 
@@ -336,8 +343,11 @@ impl<B: Backend> DeviceThread<B> {
         self.stage = None;
         self.publish();
         let backend = (self.make)()?;
-        let worker = StageWorker::load(backend, &self.model_dir, layers.clone(), geometry)?;
-        self.stage = Some((worker, epoch));
+        let loading = self.loading.clone();
+        let mut progress = |done: usize, total: usize| *loading.lock().unwrap_or_else(|p| p.into_inner()) = Some((done, total));
+        let worker = StageWorker::load_with_progress(backend, &self.model_dir, layers.clone(), geometry, &mut progress);
+        *self.loading.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.stage = Some((worker?, epoch));
         Ok(Loaded { layers, epoch, kept: false, extended: false })
     }
 
@@ -363,6 +373,7 @@ pub struct ShardHandle {
     actor: ActorRef<ShardMsg>,
     serving: Arc<Mutex<Option<Serving>>>,
     meter: Arc<Mutex<Meter>>,
+    loading: Loading,
 }
 
 impl std::fmt::Debug for ShardHandle {
@@ -384,6 +395,11 @@ impl ShardHandle {
     /// What it serves now (`None`: nothing loaded); never waits for work.
     pub fn serving(&self) -> Option<Serving> {
         self.serving.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// While it loads a stage from the checkpoint: (done, total) so far; never waits for work.
+    pub fn loading(&self) -> Option<(usize, usize)> {
+        *self.loading.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// What it measured of its device; never waits for work.

@@ -41,6 +41,7 @@ async fn a_split_pipeline_of_shards_samples_what_one_whole_shard_does() {
     let loaded = whole.load(0..4, GEOMETRY, 1).await.unwrap();
     assert_eq!(loaded, Loaded { layers: 0..4, epoch: 1, kept: false, extended: false });
     assert_eq!(whole.serving(), Some(Serving { layers: 0..4, epoch: 1 }));
+    assert_eq!(whole.loading(), None, "done loading: no progress to report");
     let expected = sampled(whole.step(prefill(1, Input::Tokens(PROMPT.to_vec()), greedy())).await.unwrap());
 
     let (head, tail) = (device.spawn(dir.clone()).await.unwrap(), device.spawn(dir.clone()).await.unwrap());
@@ -136,4 +137,18 @@ async fn errors_and_panics_are_answers_and_the_shard_serves_on() {
     assert_eq!(shard.serving(), Some(Serving { layers: 0..4, epoch: 2 }));
     shard.step(prefill(2, Input::Tokens(PROMPT.to_vec()), greedy())).await.unwrap();
     shard.stop();
+}
+
+/// What `baton status` reports while a stage loads: progress calls that only grow, ending with
+/// every byte of the stage's weights.
+#[test]
+fn loading_reports_progress_that_only_grows() {
+    let dir = tiny_model("progress");
+    let mut seen: Vec<(usize, usize)> = Vec::new();
+    let backend = CpuBackend::new(1).unwrap();
+    StageWorker::load_with_progress(backend, &dir, 1..3, GEOMETRY, &mut |done, total| seen.push((done, total))).unwrap();
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 == w[1].1), "{seen:?}");
+    let (done, total) = *seen.last().unwrap();
+    assert!(done > 0 && total > 0, "{seen:?}");
 }

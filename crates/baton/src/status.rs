@@ -36,8 +36,8 @@ fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((head.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
 }
 
-/// Pings node `name` over the control plane: its answer (layers, epoch, whom it serves), or
-/// `None` if it does not answer within 3 s.
+/// Pings node `name` over the control plane: its answer (layers, epoch, whom it serves, how far
+/// it has loaded its layers while it loads), or `None` if it does not answer within 3 s.
 fn ping(rt: &tokio::runtime::Runtime, identity: &pki::NodeIdentity, control: SocketAddr, name: &str) -> Option<Value> {
     rt.block_on(async {
         let bind = SocketAddr::new(if control.is_ipv4() { std::net::Ipv4Addr::UNSPECIFIED.into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() }, 0);
@@ -48,7 +48,8 @@ fn ping(rt: &tokio::runtime::Runtime, identity: &pki::NodeIdentity, control: Soc
         let rtt = start.elapsed().as_secs_f64() * 1e3;
         me.close();
         match reply {
-            StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, chained_steps, busy_us, generation, epoch, first_layer, end_layer, head, .. } => Some(serde_json::json!({
+            StageReply::Pong { loaded, tensor_plane, ucx_steps, window_steps, chained_steps, busy_us, generation, epoch, first_layer, end_layer, head, loading_mib_done, loading_mib_total, .. } => Some(serde_json::json!({
+                "loading": if loading_mib_total > 0 { serde_json::json!({"mib_done": loading_mib_done, "mib_total": loading_mib_total}) } else { Value::Null },
                 "up": true, "loaded": loaded, "head": head, "ping_ms": rtt, "tensor_plane": tensor_plane, "busy_seconds": busy_us as f64 / 1e6,
                 "ucx_steps": ucx_steps, "rma_window_steps": window_steps, "chained_steps": chained_steps, "generation": generation,
                 "epoch": epoch, "serving": if loaded { serde_json::json!([first_layer, end_layer]) } else { Value::Null }
@@ -81,7 +82,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         serde_json::json!({"up": true, "ready": ready, "running": v["running"], "waiting": v["waiting"],
                                            "kv_cache_usage": v["kv_cache_usage"], "mesh": mesh, "serving": serving})
                     }
-                    _ => serde_json::json!({"up": false}),
+                    // No HTTP yet: a head still loading answers on its control plane.
+                    _ => match ping(&rt, &identity, node.control, name) {
+                        Some(p) => serde_json::json!({"up": true, "ready": false, "loading": p["loading"]}),
+                        None => serde_json::json!({"up": false}),
+                    },
                 }
             } else {
                 ping(&rt, &identity, node.control, name).unwrap_or_else(|| serde_json::json!({"up": false}))
@@ -123,13 +128,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "DOWN".to_string()
         } else if r["role"] == "head*" {
             format!("up, heads the pipeline now (it took over from a head that died; generation {})", s["generation"])
+        } else if r["role"] == "head" && s["ready"] != true {
+            format!("up, {}", loading(&s["loading"]).unwrap_or_else(|| "starting (its stages, then its layers)".into()))
         } else if r["role"] == "head" {
-            format!("up, {} | running {} waiting {} kv {:.1}%", if s["ready"] == true { "ready" } else { "loading" }, s["running"], s["waiting"], s["kv_cache_usage"].as_f64().unwrap_or(0.0) * 100.0)
+            format!("up, ready | running {} waiting {} kv {:.1}%", s["running"], s["waiting"], s["kv_cache_usage"].as_f64().unwrap_or(0.0) * 100.0)
         } else {
             format!(
                 "up, link {:.2} ms, {}, generation {}, tensors over {}",
                 s["ping_ms"].as_f64().unwrap_or(0.0),
-                if s["loaded"] == true { format!("serving epoch {}", s["epoch"]) } else { "not in the plan".to_string() },
+                match loading(&s["loading"]) {
+                    Some(l) => l,
+                    None if s["loaded"] == true => format!("serving epoch {}", s["epoch"]),
+                    None => "not in the plan".to_string(),
+                },
                 s["generation"],
                 s["tensor_plane"].as_str().unwrap_or("?")
             )
@@ -190,4 +201,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// "loading 45% of 266 MiB of weights" from a ping's `loading`, if it is loading.
+fn loading(v: &Value) -> Option<String> {
+    let (done, total) = (v["mib_done"].as_f64()?, v["mib_total"].as_f64()?);
+    Some(format!("loading its layers: {:.0}% of {total:.0} MiB", (done / total.max(1.0) * 100.0).min(100.0)))
 }

@@ -26,6 +26,8 @@ pub struct CallMeter {
     weight: f64,
     compute_us: f64,
     stall_us: f64,
+    /// Decayed sum of each call's whole overhead (wall - compute: link and stall together).
+    overhead_us: f64,
     window_min: Option<f64>,
     previous_min: Option<f64>,
     in_window: u32,
@@ -48,10 +50,17 @@ impl CallMeter {
         self.weight = self.weight * DECAY + 1.0;
         self.compute_us = self.compute_us * DECAY + compute_us;
         self.stall_us = self.stall_us * DECAY + (overhead - floor);
+        self.overhead_us = self.overhead_us * DECAY + overhead;
         if self.in_window == WINDOW {
             self.previous_min = self.window_min.take();
             self.in_window = 0;
         }
+    }
+
+    /// The recent calls' mean compute and mean overhead beyond it (transfer and any stall), in
+    /// µs, from the first call on: what a dashboard shows per stage.
+    pub fn means_us(&self) -> Option<(f64, f64)> {
+        (self.calls > 0).then(|| (self.compute_us / self.weight, self.overhead_us / self.weight))
     }
 
     /// The mean stall per call (µs), once `MIN_CALLS` calls are in.
@@ -105,6 +114,10 @@ mod tests {
         }
         assert_eq!(steady.slowdown(), Some(1.0));
         assert_eq!(steady.stall_per_call_us(), Some(0.0));
+        // What a dashboard shows of it: 1 ms of compute and 0.5 ms of transfer per call.
+        let (compute, transfer) = steady.means_us().unwrap();
+        assert!((compute - 1_000.0).abs() < 1e-6 && (transfer - 500.0).abs() < 1e-6, "{compute} {transfer}");
+        assert_eq!(CallMeter::default().means_us(), None);
 
         // Every 25th call waits 475 ms more (a CPU quota spent): 19 ms per call on average
         // against 1 ms of compute.
