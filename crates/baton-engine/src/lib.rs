@@ -18,7 +18,7 @@ pub mod stage;
 pub mod tokenizer;
 pub mod worker;
 
-pub use backend::cpu::CpuBackend;
+pub use backend::cpu::{Compute, CpuBackend};
 pub use backend::mock::MockBackend;
 pub use backend::{Backend, BatchLayout, SeqChunk};
 pub use checkpoint::{Checkpoint, DType};

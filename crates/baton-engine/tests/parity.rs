@@ -2,6 +2,10 @@
 //! scripts/hf_parity.py (reference logits computed in f32 from the stored weights). Every model
 //! must match within 1e-3 on every logit, token by token and in chunked prefill, and its greedy
 //! continuation must be the reference's wherever the reference's top-2 gap exceeds 0.05.
+//!
+//! `--compute bf16` on the bf16 fixtures, against the same f32 reference: greedy tokens equal
+//! wherever the reference's top-2 gap exceeds `BF16_GAP`, and every logit within `BF16_BOUND`
+//! (the contract README states).
 
 use std::path::PathBuf;
 
@@ -47,11 +51,21 @@ fn reference(name: &str) -> Reference {
     }
 }
 
+/// The bf16 compute mode's bound on |logit diff| against the f32 reference (measured: 0.202 and
+/// 0.213 on the two bf16 fixtures, whose logits have a standard deviation of about 2), and the
+/// top-2 gap beyond which its greedy token must be the reference's.
+const BF16_BOUND: f32 = 0.3;
+const BF16_GAP: f64 = 0.5;
+
 fn load(name: &str) -> Stage<CpuBackend> {
+    load_with(name, CpuBackend::new(2).unwrap())
+}
+
+fn load_with(name: &str, backend: CpuBackend) -> Stage<CpuBackend> {
     let dir = fixture_dir(name);
     let config = ModelConfig::from_dir(&dir).unwrap();
     let ckpt = Checkpoint::open(&dir).unwrap();
-    Stage::load(CpuBackend::new(2).unwrap(), &config, &ckpt, 0..config.num_layers, GEOMETRY, &mut |_, _| {}).unwrap()
+    Stage::load(backend, &config, &ckpt, 0..config.num_layers, GEOMETRY, &mut |_, _| {}).unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -111,6 +125,44 @@ fn check(name: &str) {
     let sure = r.gaps.iter().take_while(|&&gap| gap > GAP).count();
     assert!(sure >= 8, "{name}: the fixture has too few decisive steps ({sure})");
     assert_eq!(g.token_ids[..sure], r.greedy[..sure], "{name}: greedy continuation differs");
+}
+
+/// The bf16 compute mode against the f32 reference, along the reference's greedy path.
+fn check_bf16(name: &str) {
+    if !baton_engine::backend::cpu::isa::has_avx512_bf16() {
+        eprintln!("{name}: skipped, this CPU has no AVX512_BF16 ({})", baton_engine::backend::cpu::isa::cpu_features());
+        return;
+    }
+    let r = reference(name);
+    let mut stage = load_with(name, CpuBackend::with_compute(2, baton_engine::Compute::Bf16).unwrap());
+    let mut alloc = BlockAllocator::new(GEOMETRY);
+    let mut table = BlockTable::default();
+    let mut worst = 0.0f32;
+    let mut decisive = 0;
+    let mut logits = step(&mut stage, &mut alloc, &mut table, 0, &r.prompt);
+    let mut pos = r.prompt.len();
+    for t in 0..r.greedy.len() {
+        worst = worst.max(max_diff(&logits, &r.step_logits[t]));
+        if r.gaps[t] > BF16_GAP {
+            decisive += 1;
+            assert_eq!(baton_engine::sampling::argmax(&logits), r.greedy[t], "{name} (bf16): greedy step {t}, reference gap {}", r.gaps[t]);
+        }
+        if t + 1 < r.greedy.len() {
+            logits = step(&mut stage, &mut alloc, &mut table, pos, &[r.greedy[t]]);
+            pos += 1;
+        }
+    }
+    eprintln!("{name} (bf16 compute): max |logit diff| {worst:.5} against the f32 reference; {decisive} decisive steps");
+    assert!(decisive >= 8, "{name}: too few steps with a gap above {BF16_GAP} ({decisive})");
+    assert!(worst < BF16_BOUND, "{name} (bf16): max |logit diff| {worst} >= {BF16_BOUND}");
+    // Rounding the activations must show: a bf16 mode that ran exact would pass the above.
+    assert!(worst > 1e-5, "{name} (bf16): logits equal the f32 reference's ({worst}): no bf16 arithmetic ran");
+}
+
+#[test]
+fn bf16_compute_contract() {
+    check_bf16("llama_linear_bf16");
+    check_bf16("qwen2_tied_bf16");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_engine::{Backend, BatchLayout, CpuBackend, EngineError, KvGeometry, SamplingParams, SequenceStart, StageInput, StageWorker, StepResult};
+use baton_engine::{Backend, BatchLayout, Compute, CpuBackend, EngineError, KvGeometry, SamplingParams, SequenceStart, StageInput, StageWorker, StepResult};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -195,9 +195,18 @@ impl Device {
         self.memory_bytes
     }
 
-    /// The CPU backend on `threads` threads.
+    /// The CPU backend on `threads` threads, exact arithmetic.
     pub fn cpu(threads: usize) -> Self {
-        Device::new(format!("cpu ({threads} threads)"), move || CpuBackend::new(threads))
+        Device::cpu_with(threads, Compute::Exact)
+    }
+
+    /// The CPU backend on `threads` threads with `compute` arithmetic.
+    pub fn cpu_with(threads: usize, compute: Compute) -> Self {
+        let describe = match compute {
+            Compute::Exact => format!("cpu ({threads} threads)"),
+            Compute::Bf16 => format!("cpu ({threads} threads, bf16 compute)"),
+        };
+        Device::new(describe, move || CpuBackend::with_compute(threads, compute))
     }
 
     pub fn describe(&self) -> &str {

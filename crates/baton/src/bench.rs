@@ -34,6 +34,10 @@ pub struct EngineArgs {
     model: load::ModelArgs,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Arithmetic of the CPU matrix products: `exact` (f32, the parity tests' contract) or
+    /// `bf16` (bf16 activations and AVX512_BF16 dot products for bf16 weights; see README).
+    #[arg(long, default_value = "exact")]
+    compute: baton_engine::Compute,
     /// Where the engine runs.
     /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s` (`mock:h100:192GiB`:
     /// that card with another memory size).
@@ -72,7 +76,7 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
     let dir = args.model.dir()?;
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
     let kv_tokens = (max_batch * (args.prompt_len + args.steps + 8)).max(args.prefill_len + 16);
-    crate::with_backend!(args.device, args.threads, |backend| engine_on(backend, &args, &dir, kv_tokens))
+    crate::with_backend!(args.device, args.threads, args.compute, |backend| engine_on(backend, &args, &dir, kv_tokens))
 }
 
 fn engine_on<B: Backend>(backend: B, args: &EngineArgs, dir: &std::path::Path, kv_tokens: usize) -> anyhow::Result<()> {
@@ -127,6 +131,8 @@ fn engine_on<B: Backend>(backend: B, args: &EngineArgs, dir: &std::path::Path, k
             json!({
                 "model": dir.display().to_string(),
                 "threads": args.threads,
+                "backend": m.runner.stage.backend().name(),
+                "compute": args.compute.name(),
                 "read_bandwidth_bytes_per_s": bandwidth,
                 "weight_bytes_per_step": step_bytes,
                 "floor_steps_per_s": floor_steps_per_s,

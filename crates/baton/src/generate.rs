@@ -33,6 +33,10 @@ pub struct Args {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Arithmetic of the CPU matrix products: `exact` (f32, the parity tests' contract) or
+    /// `bf16` (bf16 activations and AVX512_BF16 dot products for bf16 weights; see README).
+    #[arg(long, default_value = "exact")]
+    compute: baton_engine::Compute,
     /// Where the engine runs.
     /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s` (`mock:h100:192GiB`:
     /// that card with another memory size).
@@ -48,7 +52,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = args.model.dir()?;
     let tok = load::tokenizer(&model)?;
     let prompt = tok.encode(&args.prompt)?;
-    crate::with_backend!(args.device, threads, |backend| generate_on(backend, &args, &model, &tok, &prompt))
+    crate::with_backend!(args.device, threads, args.compute, |backend| generate_on(backend, &args, &model, &tok, &prompt))
 }
 
 fn generate_on<B: baton_engine::Backend>(backend: B, args: &Args, model: &std::path::Path, tok: &baton_engine::TextTokenizer, prompt: &[u32]) -> anyhow::Result<()> {

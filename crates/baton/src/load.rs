@@ -55,11 +55,15 @@ impl std::fmt::Display for Device {
 /// Runs `$body` with `$b` bound to the selected backend (a macro: the body is generic).
 #[macro_export]
 macro_rules! with_backend {
-    ($device:expr, $threads:expr, |$b:ident| $body:expr) => {
+    ($device:expr, $threads:expr, $compute:expr, |$b:ident| $body:expr) => {
         match $device {
             $crate::load::Device::Cpu => {
-                let $b = baton_engine::CpuBackend::new($threads)?;
+                let $b = baton_engine::CpuBackend::with_compute($threads, $compute)?;
+                eprintln!("baton: CPU: {}", $b.kernels().describe());
                 $body
+            }
+            _ if $compute != baton_engine::Compute::Exact => {
+                anyhow::bail!("--compute {}: only the CPU backend has compute modes (--device {})", $compute, $device)
             }
             $crate::load::Device::Cuda => {
                 let $b = $crate::load::cuda_backend()?;
@@ -85,9 +89,17 @@ pub fn cuda_backend() -> anyhow::Result<baton_engine::CpuBackend> {
 
 /// The device a node's GPU-shard actor runs on (`serve`, `node`). CUDA is opened once here,
 /// so a machine without a usable GPU fails at start and says why.
-pub fn shard_device(device: Device, threads: usize) -> anyhow::Result<baton_shard::Device> {
+pub fn shard_device(device: Device, threads: usize, compute: baton_engine::Compute) -> anyhow::Result<baton_shard::Device> {
+    if compute != baton_engine::Compute::Exact && device != Device::Cpu {
+        anyhow::bail!("--compute {compute}: only the CPU backend has compute modes (--device {device})");
+    }
     match device {
-        Device::Cpu => Ok(baton_shard::Device::cpu(threads)),
+        Device::Cpu => {
+            // Checked here so a CPU without what `compute` needs fails at start, saying why.
+            let kernels = baton_engine::backend::cpu::Kernels::for_machine(compute)?;
+            eprintln!("baton: CPU: {}", kernels.describe());
+            Ok(baton_shard::Device::cpu_with(threads, compute))
+        }
         Device::Cuda => cuda_shard_device(),
         Device::Mock(spec) => Ok(baton_shard::Device::new(format!("{} (modeled)", spec.device_name()), move || Ok(baton_engine::MockBackend::new(spec))).with_memory(spec.memory_bytes)),
     }

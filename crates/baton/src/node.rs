@@ -22,6 +22,10 @@ pub struct Args {
     /// CPU threads for this node's stage (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Arithmetic of the CPU matrix products: `exact` (f32, the parity tests' contract) or
+    /// `bf16` (bf16 activations and AVX512_BF16 dot products for bf16 weights; see README).
+    #[arg(long, default_value = "exact")]
+    compute: baton_engine::Compute,
     /// Where this node's stage runs.
     /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s`, optionally with
     /// `:NGiB` of memory (default: the node's `devices` in cluster.toml, else cpu).
@@ -124,7 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return runtime.block_on(baton_node::node::drain_remote(&c, &me));
     }
     let model_dir = load::ClusterModel::of(&c, &args.cluster)?.dir()?;
-    let device = load::shard_device(load::node_device(args.device, &me, &args.cluster)?, args.threads.unwrap_or_else(load::default_threads))?;
+    let device = load::shard_device(load::node_device(args.device, &me, &args.cluster)?, args.threads.unwrap_or_else(load::default_threads), args.compute)?;
     let opts = NodeOptions {
         cluster: c,
         cluster_path: args.cluster.clone(),

@@ -21,6 +21,10 @@ pub struct Args {
     /// CPU threads for the engine (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Arithmetic of the CPU matrix products: `exact` (f32, the parity tests' contract) or
+    /// `bf16` (bf16 activations and AVX512_BF16 dot products for bf16 weights; see README).
+    #[arg(long, default_value = "exact")]
+    compute: baton_engine::Compute,
     /// Where the engine runs.
     /// `cpu`, `cuda`, or a modeled GPU: `mock:h100`, `mock:a100`, `mock:l40s` (`mock:h100:192GiB`:
     /// that card with another memory size).
@@ -76,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Some(args.quic_listen.parse::<SocketAddr>().with_context(|| format!("--quic-listen: {:?} is not HOST:PORT", args.quic_listen))?)
     };
-    let device = load::shard_device(args.device, args.threads.unwrap_or_else(load::default_threads))?;
+    let device = load::shard_device(args.device, args.threads.unwrap_or_else(load::default_threads), args.compute)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,13 +1,17 @@
 //! CPU matrix products `x · wᵀ` with weights in their stored dtype and f32 accumulation.
 //!
-//! Two paths: few rows (decode) run a hand-written AVX2/FMA/F16C kernel that widens weights
-//! eight at a time and reads each weight byte once for the whole batch; many rows (prefill)
-//! widen a panel of weight rows to f32 and hand it to the `gemm` crate. Both split the output
-//! columns across the thread pool, so every output element is computed by one thread in a fixed
-//! order: results do not depend on the number of threads.
+//! Few rows (decode) run hand-written tiles (AVX-512 or AVX2, chosen at run time, see `isa`;
+//! one token row always AVX2 where it runs, being faster there) that widen stored weights in
+//! registers and read each weight byte once for the whole batch;
+//! many rows (prefill) widen a panel of weight rows to f32 and hand it to the `gemm` crate.
+//! With `Compute::Bf16`, products with bf16 weights round the activations to bf16 once and
+//! run AVX512_BF16 tiles from two token rows on. All paths split the output columns across the
+//! thread pool, so every output element is computed by one thread in a fixed order: results do
+//! not depend on the number of threads.
 
 use rayon::prelude::*;
 
+use super::isa::{Compute, Isa, Kernels};
 use crate::checkpoint::DType;
 
 /// A weight matrix `[rows, cols]` as the CPU kernels read it.
@@ -37,16 +41,25 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// How one product is computed.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Stream,
+    Gemm,
+    Bf16,
+}
+
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ`. Must be called inside the backend's thread pool.
-pub fn matmul(x: &[f32], m: usize, w: WeightRef<'_>, out: &mut [f32]) {
-    matmul_many(x, m, &mut [(w, out)]);
+pub fn matmul(x: &[f32], m: usize, w: WeightRef<'_>, out: &mut [f32], kernels: Kernels) {
+    matmul_many(x, m, &mut [(w, out)], kernels);
 }
 
 /// Several products of the same input (q/k/v, gate/up) in one parallel pass, so the threads
 /// meet once instead of once per weight.
-pub fn matmul_many(x: &[f32], m: usize, jobs: &mut [(WeightRef<'_>, &mut [f32])]) {
+pub fn matmul_many(x: &[f32], m: usize, jobs: &mut [(WeightRef<'_>, &mut [f32])], kernels: Kernels) {
     let mut outs = Vec::with_capacity(jobs.len());
     let mut weights = Vec::with_capacity(jobs.len());
+    let mut paths = Vec::with_capacity(jobs.len());
     for (w, out) in jobs.iter_mut() {
         let (n, k) = (w.rows, w.cols);
         assert_eq!(x.len(), m * k, "matmul: x has {} values, expected {m}x{k}", x.len());
@@ -54,34 +67,60 @@ pub fn matmul_many(x: &[f32], m: usize, jobs: &mut [(WeightRef<'_>, &mut [f32])]
         assert_eq!(w.bytes.len(), n * w.row_bytes(), "matmul: weight bytes do not match its shape");
         outs.push(OutPtr(out.as_mut_ptr()));
         weights.push(*w);
+        paths.push(if m == 1 {
+            // One token row is memory-bound: exact arithmetic costs nothing, and the AVX2
+            // tiles stream weights faster than the AVX-512 ones on Zen 4 (BENCHMARKS.md).
+            Path::Stream
+        } else if kernels.compute == Compute::Bf16 && kernels.isa == Isa::Avx512 && w.dtype == DType::BF16 {
+            Path::Bf16
+        } else if m >= GEMM_MIN_ROWS && kernels.isa != Isa::Scalar {
+            Path::Gemm
+        } else {
+            Path::Stream
+        });
+    }
+    let k = weights.first().map_or(0, |w| w.cols);
+    let mut xb = Vec::new();
+    if paths.contains(&Path::Bf16) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Kernels::for_machine` gives `Compute::Bf16` only where AVX512_BF16 runs.
+        unsafe {
+            super::avx512::round_to_bf16(x, m, k, &mut xb)
+        };
     }
     let threads = rayon::current_num_threads().max(1);
-    let use_gemm = m >= GEMM_MIN_ROWS;
-    let total_rows: usize = weights.iter().map(|w| w.rows).sum();
-    // Enough chunks to balance, each a multiple of 4 rows (the decode kernel's tile height).
-    let chunk = if use_gemm { PANEL } else { total_rows.div_ceil(threads * 8).next_multiple_of(4).max(16) };
-    let mut tasks = Vec::with_capacity(total_rows.div_ceil(chunk) + weights.len());
+    let streamed: usize = weights.iter().zip(&paths).filter(|(_, p)| **p != Path::Gemm).map(|(w, _)| w.rows).sum();
+    // Enough chunks to balance, each a multiple of 4 rows (the tiles' height).
+    let chunk = streamed.div_ceil(threads * 8).next_multiple_of(4).max(16);
+    let mut tasks = Vec::with_capacity(jobs.len() * 8 * threads);
     for (j, w) in weights.iter().enumerate() {
+        let step = if paths[j] == Path::Gemm { PANEL } else { chunk };
         let mut r0 = 0;
         while r0 < w.rows {
-            tasks.push((j, r0, (r0 + chunk).min(w.rows)));
-            r0 += chunk;
+            tasks.push((j, r0, (r0 + step).min(w.rows)));
+            r0 += step;
         }
     }
+    let isa = kernels.isa;
+    let stream_isa = if m == 1 { isa.min(Isa::Avx2) } else { isa };
     tasks.into_par_iter().for_each_init(Vec::new, |scratch, (j, r0, r1)| {
-        // SAFETY: each task writes only columns r0..r1 of output j; tasks do not overlap.
+        // SAFETY: each task writes only columns r0..r1 of output j; tasks do not overlap; the
+        // kernel family runs on this CPU (`Isa::chosen`).
         unsafe {
-            if use_gemm {
-                gemm_panel(x, m, weights[j], r0, r1, scratch, outs[j]);
-            } else {
-                stream_rows(x, m, weights[j], r0, r1, outs[j]);
+            match paths[j] {
+                Path::Gemm => gemm_panel(x, m, weights[j], r0, r1, scratch, outs[j], isa),
+                Path::Stream => stream_rows(stream_isa, x, m, weights[j], r0, r1, outs[j]),
+                #[cfg(target_arch = "x86_64")]
+                Path::Bf16 => super::avx512::stream_rows_bf16(&xb, m, weights[j], r0, r1, outs[j].0),
+                #[cfg(not(target_arch = "x86_64"))]
+                Path::Bf16 => unreachable!("bf16 compute is only chosen on x86-64"),
             }
         }
     });
 }
 
 /// Widens weight rows r0..r1 to f32 and multiplies with gemm.
-unsafe fn gemm_panel(x: &[f32], m: usize, w: WeightRef<'_>, r0: usize, r1: usize, scratch: &mut Vec<f32>, out: OutPtr) {
+unsafe fn gemm_panel(x: &[f32], m: usize, w: WeightRef<'_>, r0: usize, r1: usize, scratch: &mut Vec<f32>, out: OutPtr, isa: Isa) {
     let k = w.cols;
     let n = w.rows;
     let rows = r1 - r0;
@@ -91,7 +130,7 @@ unsafe fn gemm_panel(x: &[f32], m: usize, w: WeightRef<'_>, r0: usize, r1: usize
         unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), rows * k) }
     } else {
         scratch.resize(rows * k, 0.0);
-        widen(w.dtype, bytes, scratch);
+        widen_with(isa, w.dtype, bytes, scratch);
         scratch
     };
     // dst(i, j) = out[i * n + r0 + j]; lhs(i, l) = x[i * k + l]; rhs(l, j) = panel[j * k + l].
@@ -121,16 +160,21 @@ unsafe fn gemm_panel(x: &[f32], m: usize, w: WeightRef<'_>, r0: usize, r1: usize
     }
 }
 
-/// Widens stored values to f32.
+/// Widens stored values to f32 with the best kernels this CPU runs (every path is exact).
 pub fn widen(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    widen_with(Isa::chosen().unwrap_or(Isa::Scalar), dtype, bytes, out)
+}
+
+/// Widens stored values to f32 with `isa`'s kernels, which must run on this CPU.
+pub fn widen_with(isa: Isa, dtype: DType, bytes: &[u8], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if simd::available() {
-            // SAFETY: the CPU has the features `simd` is compiled for.
-            unsafe { simd::widen(dtype, bytes, out) };
-            return;
-        }
+    match isa {
+        // SAFETY: the caller's `isa` runs on this CPU.
+        Isa::Avx512 => return unsafe { super::avx512::widen(dtype, bytes, out) },
+        Isa::Avx2 => return unsafe { avx2::widen(dtype, bytes, out) },
+        Isa::Scalar => {}
     }
+    let _ = isa;
     widen_scalar(dtype, bytes, out)
 }
 
@@ -155,15 +199,15 @@ fn widen_scalar(dtype: DType, bytes: &[u8], out: &mut [f32]) {
 }
 
 /// Computes columns r0..r1 of `out`, streaming each weight row once for all `m` token rows.
-unsafe fn stream_rows(x: &[f32], m: usize, w: WeightRef<'_>, r0: usize, r1: usize, out: OutPtr) {
+unsafe fn stream_rows(isa: Isa, x: &[f32], m: usize, w: WeightRef<'_>, r0: usize, r1: usize, out: OutPtr) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if simd::available() {
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked above); bounds as the caller's.
-            unsafe { simd::stream_rows(x, m, w, r0, r1, out.0) };
-            return;
-        }
+    match isa {
+        // SAFETY: the caller's `isa` runs on this CPU; bounds as the caller's.
+        Isa::Avx512 => return unsafe { super::avx512::stream_rows(x, m, w, r0, r1, out.0) },
+        Isa::Avx2 => return unsafe { avx2::stream_rows(x, m, w, r0, r1, out.0) },
+        Isa::Scalar => {}
     }
+    let _ = isa;
     // SAFETY: as the caller's.
     unsafe { stream_rows_scalar(x, m, w, r0, r1, out.0) }
 }
@@ -185,16 +229,12 @@ unsafe fn stream_rows_scalar(x: &[f32], m: usize, w: WeightRef<'_>, r0: usize, r
 }
 
 #[cfg(target_arch = "x86_64")]
-mod simd {
+mod avx2 {
     //! AVX2 + FMA + F16C tiles: 4 weight rows × up to 2 token rows per pass over k.
     use std::arch::x86_64::*;
 
     use super::WeightRef;
     use crate::checkpoint::DType;
-
-    pub fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-    }
 
     /// Loads 8 stored values starting at element `i` of a row and widens them to f32.
     trait Load8 {
@@ -407,34 +447,120 @@ mod tests {
         }
     }
 
-    /// Every path (scalar, SIMD tiles with tails, gemm panels) against a plain f64 reference.
+    const SHAPES: [(usize, usize, usize); 11] = [
+        (1, 37, 20),
+        (3, 64, 576),
+        (2, 5, 8),
+        (13, 36, 40),
+        (7, 10, 24),
+        (30, 130, 72),
+        (24, 64, 64),
+        (1, 9, 33),
+        (6, 7, 31),
+        (100, 21, 95),
+        (5, 300, 1),
+    ];
+
+    fn exact(isa: Isa) -> Kernels {
+        Kernels { isa, compute: Compute::Exact }
+    }
+
+    /// Every kernel family this CPU runs (tiles with odd tails, gemm panels), every dtype,
+    /// against a plain f64 reference; the scalar tiles against it as well.
     #[test]
-    fn all_paths_match_reference() {
+    fn every_kernel_family_matches_the_reference() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        for dtype in [DType::F32, DType::BF16, DType::F16] {
-            for (m, n, k) in [(1, 37, 20), (3, 64, 576), (2, 5, 8), (13, 36, 40), (7, 10, 24), (30, 130, 72), (24, 64, 64)] {
-                let x = rng_values(m * k, 1);
-                let wv = rng_values(n * k, 2);
-                let bytes = encode(dtype, &wv);
-                let mut wide = vec![0.0; n * k];
-                widen(dtype, &bytes, &mut wide);
-                let mut wide_scalar = vec![0.0; n * k];
-                widen_scalar(dtype, &bytes, &mut wide_scalar);
-                assert_eq!(wide, wide_scalar);
-                let w = WeightRef { dtype, bytes: &bytes, rows: n, cols: k };
-                let mut out = vec![0.0; m * n];
-                pool.install(|| matmul(&x, m, w, &mut out));
-                let mut scalar = vec![0.0; m * n];
-                unsafe { stream_rows_scalar(&x, m, w, 0, n, scalar.as_mut_ptr()) };
-                for t in 0..m {
-                    for r in 0..n {
-                        let want: f64 = (0..k).map(|i| x[t * k + i] as f64 * wide[r * k + i] as f64).sum();
-                        let got = out[t * n + r] as f64;
-                        assert!((got - want).abs() < 1e-4 * (k as f64).sqrt(), "{dtype:?} {m}x{n}x{k} [{t},{r}]: {got} vs {want}");
-                        assert!((scalar[t * n + r] as f64 - want).abs() < 1e-4 * (k as f64).sqrt());
+        let families = Isa::all_supported();
+        assert!(families.contains(&Isa::Scalar));
+        for isa in families {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                for (m, n, k) in SHAPES {
+                    let x = rng_values(m * k, 1);
+                    let wv = rng_values(n * k, 2);
+                    let bytes = encode(dtype, &wv);
+                    let mut wide = vec![0.0; n * k];
+                    widen_with(isa, dtype, &bytes, &mut wide);
+                    let mut wide_scalar = vec![0.0; n * k];
+                    widen_scalar(dtype, &bytes, &mut wide_scalar);
+                    assert_eq!(wide, wide_scalar, "{isa:?} widening of {dtype:?}");
+                    let w = WeightRef { dtype, bytes: &bytes, rows: n, cols: k };
+                    let mut out = vec![0.0; m * n];
+                    pool.install(|| matmul(&x, m, w, &mut out, exact(isa)));
+                    let mut scalar = vec![0.0; m * n];
+                    unsafe { stream_rows_scalar(&x, m, w, 0, n, scalar.as_mut_ptr()) };
+                    for t in 0..m {
+                        for r in 0..n {
+                            let want: f64 = (0..k).map(|i| x[t * k + i] as f64 * wide[r * k + i] as f64).sum();
+                            let got = out[t * n + r] as f64;
+                            let tol = 1e-4 * (k as f64).sqrt();
+                            assert!((got - want).abs() < tol, "{isa:?} {dtype:?} {m}x{n}x{k} [{t},{r}]: {got} vs {want}");
+                            assert!((scalar[t * n + r] as f64 - want).abs() < tol);
+                        }
                     }
                 }
             }
+        }
+    }
+
+    /// Results do not depend on the number of threads (each output has one owner and order).
+    #[test]
+    fn thread_count_does_not_change_results() {
+        for isa in Isa::all_supported() {
+            let (m, n, k) = (5, 203, 130);
+            let x = rng_values(m * k, 3);
+            let bytes = encode(DType::BF16, &rng_values(n * k, 4));
+            let w = WeightRef { dtype: DType::BF16, bytes: &bytes, rows: n, cols: k };
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut out = vec![0.0; m * n];
+                pool.install(|| matmul(&x, m, w, &mut out, exact(isa)));
+                out
+            };
+            assert_eq!(run(1), run(3), "{isa:?}");
+        }
+    }
+
+    /// `Compute::Bf16`: activations rounded to bf16 (nearest even) times bf16 weights, summed in
+    /// f32, from two token rows on and at odd k; one token row and other dtypes stay exact.
+    #[test]
+    fn bf16_compute_matches_rounded_reference() {
+        if !crate::backend::cpu::isa::has_avx512_bf16() {
+            eprintln!("skipped: this CPU has no AVX512_BF16 ({})", crate::backend::cpu::isa::cpu_features());
+            return;
+        }
+        let kernels = Kernels { isa: Isa::Avx512, compute: Compute::Bf16 };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (m, n, k) in SHAPES.into_iter().chain([(64, 40, 1536), (200, 12, 64)]) {
+            let x = rng_values(m * k, 5);
+            let wv = rng_values(n * k, 6);
+            let bytes = encode(DType::BF16, &wv);
+            let w = WeightRef { dtype: DType::BF16, bytes: &bytes, rows: n, cols: k };
+            let mut out = vec![0.0; m * n];
+            pool.install(|| matmul(&x, m, w, &mut out, kernels));
+            let mut max_vs_exact = 0.0f64;
+            for t in 0..m {
+                for r in 0..n {
+                    let wr = |i: usize| half::bf16::from_f32(wv[r * k + i]).to_f32() as f64;
+                    let xr = |i: usize| if m > 1 { half::bf16::from_f32(x[t * k + i]).to_f32() } else { x[t * k + i] };
+                    let want: f64 = (0..k).map(|i| xr(i) as f64 * wr(i)).sum();
+                    let exact: f64 = (0..k).map(|i| x[t * k + i] as f64 * wr(i)).sum();
+                    let got = out[t * n + r] as f64;
+                    assert!((got - want).abs() < 1e-4 * (k as f64).sqrt(), "bf16 {m}x{n}x{k} [{t},{r}]: {got} vs {want}");
+                    max_vs_exact = max_vs_exact.max((got - exact).abs());
+                }
+            }
+            // Rounding the activations is a real change (this test would catch an exact path).
+            if k >= 64 && m > 1 {
+                assert!(max_vs_exact > 1e-6, "{m}x{n}x{k}: bf16 compute gave exact results");
+            }
+            // f32 weights under Compute::Bf16 stay exact.
+            let fbytes = encode(DType::F32, &wv);
+            let fw = WeightRef { dtype: DType::F32, bytes: &fbytes, rows: n, cols: k };
+            let mut a = vec![0.0; m * n];
+            let mut b = vec![0.0; m * n];
+            pool.install(|| matmul(&x, m, fw, &mut a, kernels));
+            pool.install(|| matmul(&x, m, fw, &mut b, exact(Isa::Avx512)));
+            assert_eq!(a, b);
         }
     }
 }

@@ -2,6 +2,9 @@
 //! private rayon pool so a stage uses exactly the threads it was given.
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+pub mod isa;
 pub mod matmul;
 
 use rayon::prelude::*;
@@ -10,27 +13,40 @@ use super::{AttnShape, Backend, BatchLayout, MatmulJob};
 use crate::checkpoint::TensorBytes;
 use crate::error::{EngineError, Result};
 use crate::rope::Rope;
+pub use isa::{Compute, Isa, Kernels};
 use matmul::WeightRef;
 
 /// Runs stage operations on `threads` CPU threads.
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
+    kernels: Kernels,
 }
 
 impl CpuBackend {
+    /// Exact arithmetic on the best kernels this CPU runs.
     pub fn new(threads: usize) -> Result<Self> {
+        CpuBackend::with_compute(threads, Compute::Exact)
+    }
+
+    /// `compute` arithmetic; `Compute::Bf16` fails where the CPU lacks AVX512_BF16.
+    pub fn with_compute(threads: usize, compute: Compute) -> Result<Self> {
+        let kernels = Kernels::for_machine(compute)?;
         let threads = threads.max(1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("baton-cpu-{i}"))
             .build()
             .map_err(|e| EngineError::BackendUnavailable(format!("cannot start CPU threads: {e}")))?;
-        Ok(CpuBackend { pool, threads })
+        Ok(CpuBackend { pool, threads, kernels })
     }
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 }
 
@@ -95,7 +111,10 @@ impl Backend for CpuBackend {
     type Batch = CpuBatch;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", self.threads)
+        match self.kernels.compute {
+            Compute::Exact => format!("cpu ({} threads)", self.threads),
+            Compute::Bf16 => format!("cpu ({} threads, bf16 compute)", self.threads),
+        }
     }
 
     fn run_step<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
@@ -179,7 +198,7 @@ impl Backend for CpuBackend {
         let w = w.matrix()?;
         check_len("matmul input", x.len(), rows * w.cols)?;
         check_len("matmul output", out.len(), rows * w.rows)?;
-        self.pool.install(|| matmul::matmul(x, rows, w, out));
+        self.pool.install(|| matmul::matmul(x, rows, w, out, self.kernels));
         if let Some(b) = bias {
             let b = b.vector()?;
             check_len("bias", b.len(), w.rows)?;
@@ -198,7 +217,7 @@ impl Backend for CpuBackend {
             check_len("matmul output", job.out.len(), rows * w.rows)?;
             work.push((w, job.out.as_mut_slice()));
         }
-        self.pool.install(|| matmul::matmul_many(x, rows, &mut work));
+        self.pool.install(|| matmul::matmul_many(x, rows, &mut work, self.kernels));
         for job in jobs.iter_mut() {
             if let Some(b) = job.bias {
                 let b = b.vector()?;
