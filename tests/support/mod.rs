@@ -53,7 +53,10 @@ pub fn start(name: &str, extra: &[&str]) -> Server {
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
+    // Lines before the address (the CPU kernels chosen) are skipped.
+    while stderr.read_line(&mut line).unwrap() > 0 && !line.contains("http://") {
+        line.clear();
+    }
     let addr = line.split("http://").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_else(|| panic!("no address in {line:?}")).to_string();
     let mut quic = None;
     if !extra.contains(&"--no-quic") {
