@@ -202,11 +202,7 @@ impl Device {
 
     /// The CPU backend on `threads` threads with `compute` arithmetic.
     pub fn cpu_with(threads: usize, compute: Compute) -> Self {
-        let describe = match compute {
-            Compute::Exact => format!("cpu ({threads} threads)"),
-            Compute::Bf16 => format!("cpu ({threads} threads, bf16 compute)"),
-        };
-        Device::new(describe, move || CpuBackend::with_compute(threads, compute))
+        Device::new(baton_engine::backend::cpu::describe(threads, compute), move || CpuBackend::with_compute(threads, compute))
     }
 
     pub fn describe(&self) -> &str {

@@ -52,18 +52,29 @@ impl std::fmt::Display for Device {
     }
 }
 
+/// Checks `--compute` against the device and this CPU, at start, saying why it cannot run, and
+/// prints the CPU kernels that will.
+pub fn check_compute(device: Device, compute: baton_engine::Compute) -> anyhow::Result<()> {
+    if device != Device::Cpu {
+        if compute != baton_engine::Compute::Exact {
+            anyhow::bail!("--compute {compute}: only the CPU backend has compute modes (--device {device})");
+        }
+        return Ok(());
+    }
+    let kernels = baton_engine::backend::cpu::Kernels::for_machine(compute)?;
+    eprintln!("baton: CPU: {}", kernels.describe());
+    Ok(())
+}
+
 /// Runs `$body` with `$b` bound to the selected backend (a macro: the body is generic).
 #[macro_export]
 macro_rules! with_backend {
-    ($device:expr, $threads:expr, $compute:expr, |$b:ident| $body:expr) => {
+    ($device:expr, $threads:expr, $compute:expr, |$b:ident| $body:expr) => {{
+        $crate::load::check_compute($device, $compute)?;
         match $device {
             $crate::load::Device::Cpu => {
                 let $b = baton_engine::CpuBackend::with_compute($threads, $compute)?;
-                eprintln!("baton: CPU: {}", $b.kernels().describe());
                 $body
-            }
-            _ if $compute != baton_engine::Compute::Exact => {
-                anyhow::bail!("--compute {}: only the CPU backend has compute modes (--device {})", $compute, $device)
             }
             $crate::load::Device::Cuda => {
                 let $b = $crate::load::cuda_backend()?;
@@ -74,7 +85,7 @@ macro_rules! with_backend {
                 $body
             }
         }
-    };
+    }};
 }
 
 #[cfg(feature = "cuda")]
@@ -90,16 +101,9 @@ pub fn cuda_backend() -> anyhow::Result<baton_engine::CpuBackend> {
 /// The device a node's GPU-shard actor runs on (`serve`, `node`). CUDA is opened once here,
 /// so a machine without a usable GPU fails at start and says why.
 pub fn shard_device(device: Device, threads: usize, compute: baton_engine::Compute) -> anyhow::Result<baton_shard::Device> {
-    if compute != baton_engine::Compute::Exact && device != Device::Cpu {
-        anyhow::bail!("--compute {compute}: only the CPU backend has compute modes (--device {device})");
-    }
+    check_compute(device, compute)?;
     match device {
-        Device::Cpu => {
-            // Checked here so a CPU without what `compute` needs fails at start, saying why.
-            let kernels = baton_engine::backend::cpu::Kernels::for_machine(compute)?;
-            eprintln!("baton: CPU: {}", kernels.describe());
-            Ok(baton_shard::Device::cpu_with(threads, compute))
-        }
+        Device::Cpu => Ok(baton_shard::Device::cpu_with(threads, compute)),
         Device::Cuda => cuda_shard_device(),
         Device::Mock(spec) => Ok(baton_shard::Device::new(format!("{} (modeled)", spec.device_name()), move || Ok(baton_engine::MockBackend::new(spec))).with_memory(spec.memory_bytes)),
     }

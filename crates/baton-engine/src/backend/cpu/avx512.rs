@@ -199,13 +199,13 @@ unsafe fn for_tiles(m: usize, r0: usize, r1: usize, mut tile: impl FnMut(usize, 
 }
 
 macro_rules! dispatch_tile {
-    ($f:ident, $L:ty, $w:expr, $x:expr, $r:expr, $rows:expr, $t:expr, $c:expr, $pf:expr, $n:expr, $out:expr) => {{
+    ($f:ident [$($g:ty),*], $w:expr, $x:expr, $r:expr, $rows:expr, $t:expr, $c:expr, $pf:expr, $n:expr, $out:expr) => {{
         macro_rules! go {
             ($R:literal, $C:literal) => {{
                 let rows: [usize; $R] = std::array::from_fn(|i| $r + i);
                 let toks: [usize; $C] = std::array::from_fn(|j| $t + j);
                 // Called inside the caller's `unsafe` block, under its safety contract.
-                let acc = $f::<$L, $R, $C>($w, rows, $x, toks, $pf);
+                let acc = $f::<$($g,)* $R, $C>($w, rows, $x, toks, $pf);
                 store::<$R, $C>(&acc, $r, toks, $n, $out);
             }};
         }
@@ -229,7 +229,7 @@ macro_rules! dispatch_tile {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")]
 unsafe fn run_exact<L: Load16>(x: &[f32], m: usize, w: WeightRef<'_>, r0: usize, r1: usize, out: *mut f32) {
     let n = w.rows;
-    unsafe { for_tiles(m, r0, r1, |r, rows, t, c, pf| dispatch_tile!(tile_exact, L, &w, x, r, rows, t, c, pf, n, out)) }
+    unsafe { for_tiles(m, r0, r1, |r, rows, t, c, pf| dispatch_tile!(tile_exact[L], &w, x, r, rows, t, c, pf, n, out)) }
 }
 
 /// # Safety
@@ -312,7 +312,7 @@ pub fn padded_k(k: usize) -> usize {
 /// Accumulators of bf16 weight rows against bf16 token rows (`xb`, rows of `padded_k(k)`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn tile_bf16<L, const R: usize, const C: usize>(
+unsafe fn tile_bf16<const R: usize, const C: usize>(
     w: &WeightRef<'_>,
     rows: [usize; R],
     xb: &[u16],
@@ -365,5 +365,5 @@ pub unsafe fn stream_rows_bf16(xb: &[u16], m: usize, w: WeightRef<'_>, r0: usize
     debug_assert_eq!(w.dtype, DType::BF16);
     debug_assert_eq!(xb.len(), m * padded_k(w.cols));
     let n = w.rows;
-    unsafe { for_tiles(m, r0, r1, |r, rows, t, c, pf| dispatch_tile!(tile_bf16, (), &w, xb, r, rows, t, c, pf, n, out)) }
+    unsafe { for_tiles(m, r0, r1, |r, rows, t, c, pf| dispatch_tile!(tile_bf16[], &w, xb, r, rows, t, c, pf, n, out)) }
 }

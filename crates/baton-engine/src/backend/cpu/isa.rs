@@ -17,6 +17,8 @@ pub enum Isa {
 }
 
 impl Isa {
+    const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
@@ -46,7 +48,7 @@ impl Isa {
 
     /// Every family this machine can run, the reference first.
     pub fn all_supported() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.supported()).collect()
+        Isa::ALL.into_iter().filter(|i| i.supported()).collect()
     }
 
     fn best() -> Isa {
@@ -59,11 +61,8 @@ impl Isa {
         static FORCED: OnceLock<std::result::Result<Option<Isa>, String>> = OnceLock::new();
         let forced = FORCED.get_or_init(|| {
             let Ok(v) = std::env::var("BATON_CPU_KERNELS") else { return Ok(None) };
-            let isa = match v.as_str() {
-                "scalar" => Isa::Scalar,
-                "avx2" => Isa::Avx2,
-                "avx512" => Isa::Avx512,
-                other => return Err(format!("BATON_CPU_KERNELS={other:?}: not a kernel family (scalar, avx2, avx512)")),
+            let Some(isa) = Isa::ALL.into_iter().find(|i| i.name() == v) else {
+                return Err(format!("BATON_CPU_KERNELS={v:?}: not a kernel family (scalar, avx2, avx512)"));
             };
             if isa.supported() {
                 Ok(Some(isa))

@@ -120,6 +120,7 @@ pub fn matmul_many(x: &[f32], m: usize, jobs: &mut [(WeightRef<'_>, &mut [f32])]
 }
 
 /// Widens weight rows r0..r1 to f32 and multiplies with gemm.
+#[allow(clippy::too_many_arguments)] // one panel: input, weight range, scratch, output, family
 unsafe fn gemm_panel(x: &[f32], m: usize, w: WeightRef<'_>, r0: usize, r1: usize, scratch: &mut Vec<f32>, out: OutPtr, isa: Isa) {
     let k = w.cols;
     let n = w.rows;
@@ -160,12 +161,8 @@ unsafe fn gemm_panel(x: &[f32], m: usize, w: WeightRef<'_>, r0: usize, r1: usize
     }
 }
 
-/// Widens stored values to f32 with the best kernels this CPU runs (every path is exact).
-pub fn widen(dtype: DType, bytes: &[u8], out: &mut [f32]) {
-    widen_with(Isa::chosen().unwrap_or(Isa::Scalar), dtype, bytes, out)
-}
-
-/// Widens stored values to f32 with `isa`'s kernels, which must run on this CPU.
+/// Widens stored values to f32 with `isa`'s kernels, which must run on this CPU (every family
+/// is exact: the results are the same).
 pub fn widen_with(isa: Isa, dtype: DType, bytes: &[u8], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match isa {
@@ -218,7 +215,7 @@ unsafe fn stream_rows_scalar(x: &[f32], m: usize, w: WeightRef<'_>, r0: usize, r
     let n = w.rows;
     let mut row = vec![0.0f32; k];
     for r in r0..r1 {
-        widen(w.dtype, &w.bytes[r * w.row_bytes()..(r + 1) * w.row_bytes()], &mut row);
+        widen_scalar(w.dtype, &w.bytes[r * w.row_bytes()..(r + 1) * w.row_bytes()], &mut row);
         for t in 0..m {
             let xs = &x[t * k..(t + 1) * k];
             let dot: f32 = xs.iter().zip(&row).map(|(a, b)| a * b).sum();

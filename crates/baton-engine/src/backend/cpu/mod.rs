@@ -16,6 +16,14 @@ use crate::rope::Rope;
 pub use isa::{Compute, Isa, Kernels};
 use matmul::WeightRef;
 
+/// What a CPU backend on `threads` threads with `compute` arithmetic calls itself.
+pub fn describe(threads: usize, compute: Compute) -> String {
+    match compute {
+        Compute::Exact => format!("cpu ({threads} threads)"),
+        Compute::Bf16 => format!("cpu ({threads} threads, bf16 compute)"),
+    }
+}
+
 /// Runs stage operations on `threads` CPU threads.
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
@@ -111,10 +119,7 @@ impl Backend for CpuBackend {
     type Batch = CpuBatch;
 
     fn name(&self) -> String {
-        match self.kernels.compute {
-            Compute::Exact => format!("cpu ({} threads)", self.threads),
-            Compute::Bf16 => format!("cpu ({} threads, bf16 compute)", self.threads),
-        }
+        describe(self.threads, self.kernels.compute)
     }
 
     fn run_step<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
@@ -189,7 +194,7 @@ impl Backend for CpuBackend {
             if tok >= w.rows {
                 return Err(EngineError::BadBatch(format!("token id {tok} is outside the vocabulary of {}", w.rows)));
             }
-            matmul::widen(w.dtype, &w.bytes[tok * rb..(tok + 1) * rb], &mut out[i * w.cols..(i + 1) * w.cols]);
+            matmul::widen_with(self.kernels.isa, w.dtype, &w.bytes[tok * rb..(tok + 1) * rb], &mut out[i * w.cols..(i + 1) * w.cols]);
         }
         Ok(())
     }
