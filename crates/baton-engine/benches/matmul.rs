@@ -3,13 +3,14 @@
 
 use baton_engine::backend::cpu::isa::{has_avx512_bf16, Compute, Isa, Kernels};
 use baton_engine::backend::cpu::matmul::{matmul, WeightRef};
+use baton_engine::backend::cpu::pool::WorkerPool;
 use baton_engine::rng::Rng;
 use baton_engine::DType;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn bench(c: &mut Criterion) {
     let threads: usize = std::env::var("BATON_BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+    let pool = WorkerPool::new(threads).expect("thread pool");
     let mut rng = Rng::new(0);
     let mut group = c.benchmark_group(format!("matmul_bf16_{threads}t"));
     let mut kernels: Vec<Kernels> = Isa::all_supported().into_iter().filter(|i| *i != Isa::Scalar).map(|isa| Kernels { isa, compute: Compute::Exact }).collect();
@@ -25,7 +26,7 @@ fn bench(c: &mut Criterion) {
             group.throughput(Throughput::Bytes((n * k * 2) as u64));
             for kern in &kernels {
                 let name = format!("{}_{}_m{m}_n{n}_k{k}", kern.isa.name(), kern.compute.name());
-                group.bench_function(name, |b| b.iter(|| pool.install(|| matmul(&x, m, w, &mut out, *kern))));
+                group.bench_function(name, |b| b.iter(|| matmul(&pool, &x, m, w, &mut out, *kern)));
             }
         }
     }

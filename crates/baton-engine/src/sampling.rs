@@ -718,8 +718,8 @@ mod tests {
     #[test]
     fn a_sampler_set_samples_rows_in_order_and_names_what_is_missing() {
         let mut set = SamplerSet::default();
-        set.add(7, SamplingParams::default(), &[], &[1]);
-        set.add(9, SamplingParams::default(), &[], &[1]);
+        set.add(7, SamplingParams::greedy(16), &[], &[1]);
+        set.add(9, SamplingParams::greedy(16), &[], &[1]);
         // Greedy: row 0 peaks at token 2, row 1 at token 0.
         let logits = [0.0, 1.0, 5.0, 9.0, 1.0, 2.0];
         let out = set.sample([7, 9], &logits, 3).unwrap();

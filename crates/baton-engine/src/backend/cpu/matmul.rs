@@ -9,9 +9,10 @@
 //! thread pool, so every output element is computed by one thread in a fixed order: results do
 //! not depend on the number of threads.
 
-use rayon::prelude::*;
+use std::cell::RefCell;
 
 use super::isa::{Compute, Isa, Kernels};
+use super::pool::WorkerPool;
 use crate::checkpoint::DType;
 
 /// A weight matrix `[rows, cols]` as the CPU kernels read it.
@@ -36,10 +37,17 @@ const PANEL: usize = 64;
 
 /// A raw output pointer shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: every task writes a disjoint set of output columns (see `matmul`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer `offset` values in (a method, so closures capture the whole `OutPtr`).
+    pub(super) fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
 
 /// How one product is computed.
 #[derive(Clone, Copy, PartialEq)]
@@ -49,14 +57,19 @@ enum Path {
     Bf16,
 }
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ`. Must be called inside the backend's thread pool.
-pub fn matmul(x: &[f32], m: usize, w: WeightRef<'_>, out: &mut [f32], kernels: Kernels) {
-    matmul_many(x, m, &mut [(w, out)], kernels);
+thread_local! {
+    /// Each thread's panel of widened weights for the gemm path, kept between products.
+    static PANEL_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` on `pool`'s threads.
+pub fn matmul(pool: &WorkerPool, x: &[f32], m: usize, w: WeightRef<'_>, out: &mut [f32], kernels: Kernels) {
+    matmul_many(pool, x, m, &mut [(w, out)], kernels);
 }
 
 /// Several products of the same input (q/k/v, gate/up) in one parallel pass, so the threads
 /// meet once instead of once per weight.
-pub fn matmul_many(x: &[f32], m: usize, jobs: &mut [(WeightRef<'_>, &mut [f32])], kernels: Kernels) {
+pub fn matmul_many(pool: &WorkerPool, x: &[f32], m: usize, jobs: &mut [(WeightRef<'_>, &mut [f32])], kernels: Kernels) {
     let mut outs = Vec::with_capacity(jobs.len());
     let mut weights = Vec::with_capacity(jobs.len());
     let mut paths = Vec::with_capacity(jobs.len());
@@ -88,7 +101,7 @@ pub fn matmul_many(x: &[f32], m: usize, jobs: &mut [(WeightRef<'_>, &mut [f32])]
             super::avx512::round_to_bf16(x, m, k, &mut xb)
         };
     }
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool.threads();
     let streamed: usize = weights.iter().zip(&paths).filter(|(_, p)| **p != Path::Gemm).map(|(w, _)| w.rows).sum();
     // Enough chunks to balance, each a multiple of 4 rows (the tiles' height).
     let chunk = streamed.div_ceil(threads * 8).next_multiple_of(4).max(16);
@@ -103,12 +116,13 @@ pub fn matmul_many(x: &[f32], m: usize, jobs: &mut [(WeightRef<'_>, &mut [f32])]
     }
     let isa = kernels.isa;
     let stream_isa = if m == 1 { isa.min(Isa::Avx2) } else { isa };
-    tasks.into_par_iter().for_each_init(Vec::new, |scratch, (j, r0, r1)| {
+    pool.for_each(tasks.len(), &|t| {
+        let (j, r0, r1) = tasks[t];
         // SAFETY: each task writes only columns r0..r1 of output j; tasks do not overlap; the
         // kernel family runs on this CPU (`Isa::chosen`).
         unsafe {
             match paths[j] {
-                Path::Gemm => gemm_panel(x, m, weights[j], r0, r1, scratch, outs[j], isa),
+                Path::Gemm => PANEL_SCRATCH.with_borrow_mut(|scratch| gemm_panel(x, m, weights[j], r0, r1, scratch, outs[j], isa)),
                 Path::Stream => stream_rows(stream_isa, x, m, weights[j], r0, r1, outs[j]),
                 #[cfg(target_arch = "x86_64")]
                 Path::Bf16 => super::avx512::stream_rows_bf16(&xb, m, weights[j], r0, r1, outs[j].0),
@@ -466,7 +480,7 @@ mod tests {
     /// against a plain f64 reference; the scalar tiles against it as well.
     #[test]
     fn every_kernel_family_matches_the_reference() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let pool = WorkerPool::new(2).unwrap();
         let families = Isa::all_supported();
         assert!(families.contains(&Isa::Scalar));
         for isa in families {
@@ -482,7 +496,7 @@ mod tests {
                     assert_eq!(wide, wide_scalar, "{isa:?} widening of {dtype:?}");
                     let w = WeightRef { dtype, bytes: &bytes, rows: n, cols: k };
                     let mut out = vec![0.0; m * n];
-                    pool.install(|| matmul(&x, m, w, &mut out, exact(isa)));
+                    matmul(&pool, &x, m, w, &mut out, exact(isa));
                     let mut scalar = vec![0.0; m * n];
                     unsafe { stream_rows_scalar(&x, m, w, 0, n, scalar.as_mut_ptr()) };
                     for t in 0..m {
@@ -508,9 +522,9 @@ mod tests {
             let bytes = encode(DType::BF16, &rng_values(n * k, 4));
             let w = WeightRef { dtype: DType::BF16, bytes: &bytes, rows: n, cols: k };
             let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let pool = WorkerPool::new(threads).unwrap();
                 let mut out = vec![0.0; m * n];
-                pool.install(|| matmul(&x, m, w, &mut out, exact(isa)));
+                matmul(&pool, &x, m, w, &mut out, exact(isa));
                 out
             };
             assert_eq!(run(1), run(3), "{isa:?}");
@@ -526,14 +540,14 @@ mod tests {
             return;
         }
         let kernels = Kernels { isa: Isa::Avx512, compute: Compute::Bf16 };
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let pool = WorkerPool::new(2).unwrap();
         for (m, n, k) in SHAPES.into_iter().chain([(64, 40, 1536), (200, 12, 64)]) {
             let x = rng_values(m * k, 5);
             let wv = rng_values(n * k, 6);
             let bytes = encode(DType::BF16, &wv);
             let w = WeightRef { dtype: DType::BF16, bytes: &bytes, rows: n, cols: k };
             let mut out = vec![0.0; m * n];
-            pool.install(|| matmul(&x, m, w, &mut out, kernels));
+            matmul(&pool, &x, m, w, &mut out, kernels);
             let mut max_vs_exact = 0.0f64;
             for t in 0..m {
                 for r in 0..n {
@@ -555,8 +569,8 @@ mod tests {
             let fw = WeightRef { dtype: DType::F32, bytes: &fbytes, rows: n, cols: k };
             let mut a = vec![0.0; m * n];
             let mut b = vec![0.0; m * n];
-            pool.install(|| matmul(&x, m, fw, &mut a, kernels));
-            pool.install(|| matmul(&x, m, fw, &mut b, exact(Isa::Avx512)));
+            matmul(&pool, &x, m, fw, &mut a, kernels);
+            matmul(&pool, &x, m, fw, &mut b, exact(Isa::Avx512));
             assert_eq!(a, b);
         }
     }

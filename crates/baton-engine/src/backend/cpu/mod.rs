@@ -1,13 +1,12 @@
 //! The CPU backend: f32 activations in `Vec`s, weights read in place from the memory map, a
-//! private rayon pool so a stage uses exactly the threads it was given.
+//! private worker pool (`pool`) so a stage uses exactly the threads it was given.
 
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod isa;
 pub mod matmul;
-
-use rayon::prelude::*;
+pub mod pool;
 
 use super::{AttnShape, Backend, BatchLayout, MatmulJob};
 use crate::checkpoint::TensorBytes;
@@ -15,6 +14,7 @@ use crate::error::{EngineError, Result};
 use crate::rope::Rope;
 pub use isa::{Compute, Isa, Kernels};
 use matmul::WeightRef;
+use pool::WorkerPool;
 
 /// What a CPU backend on `threads` threads with `compute` arithmetic calls itself.
 pub fn describe(threads: usize, compute: Compute) -> String {
@@ -24,9 +24,14 @@ pub fn describe(threads: usize, compute: Compute) -> String {
     }
 }
 
+thread_local! {
+    /// Each thread's attention scores, kept between steps.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Runs stage operations on `threads` CPU threads.
 pub struct CpuBackend {
-    pool: rayon::ThreadPool,
+    pool: WorkerPool,
     threads: usize,
     kernels: Kernels,
 }
@@ -41,11 +46,7 @@ impl CpuBackend {
     pub fn with_compute(threads: usize, compute: Compute) -> Result<Self> {
         let kernels = Kernels::for_machine(compute)?;
         let threads = threads.max(1);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("baton-cpu-{i}"))
-            .build()
-            .map_err(|e| EngineError::BackendUnavailable(format!("cannot start CPU threads: {e}")))?;
+        let pool = WorkerPool::new(threads).map_err(|e| EngineError::BackendUnavailable(format!("cannot start CPU threads: {e}")))?;
         Ok(CpuBackend { pool, threads, kernels })
     }
 
@@ -120,10 +121,6 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> String {
         describe(self.threads, self.kernels.compute)
-    }
-
-    fn run_step<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(step)
     }
 
     fn weight(&self, tensor: &TensorBytes) -> Result<CpuWeight> {
@@ -203,7 +200,7 @@ impl Backend for CpuBackend {
         let w = w.matrix()?;
         check_len("matmul input", x.len(), rows * w.cols)?;
         check_len("matmul output", out.len(), rows * w.rows)?;
-        self.pool.install(|| matmul::matmul(x, rows, w, out, self.kernels));
+        matmul::matmul(&self.pool, x, rows, w, out, self.kernels);
         if let Some(b) = bias {
             let b = b.vector()?;
             check_len("bias", b.len(), w.rows)?;
@@ -222,7 +219,7 @@ impl Backend for CpuBackend {
             check_len("matmul output", job.out.len(), rows * w.rows)?;
             work.push((w, job.out.as_mut_slice()));
         }
-        self.pool.install(|| matmul::matmul_many(x, rows, &mut work, self.kernels));
+        matmul::matmul_many(&self.pool, x, rows, &mut work, self.kernels);
         for job in jobs.iter_mut() {
             if let Some(b) = job.bias {
                 let b = b.vector()?;
@@ -328,25 +325,33 @@ impl Backend for CpuBackend {
         check_len("attention q", q.len(), batch.positions.len() * s.num_heads * hd)?;
         check_len("attention out", out.len(), q.len())?;
         let scale = 1.0 / (hd as f32).sqrt();
-        self.pool.install(|| {
-            out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
-                let t = i / s.num_heads;
-                let h = i % s.num_heads;
-                let pos = batch.positions[t];
-                let task = attention::HeadTask {
-                    q: &q[i * hd..(i + 1) * hd],
-                    k_cache: &cache.k,
-                    v_cache: &cache.v,
-                    block_table: &batch.block_tables[batch.chunk_of[t]],
-                    kv_offset: (h / group) * hd,
-                    kv_dim: cache.kv_dim,
-                    block_size: s.block_size,
-                    lo: s.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w)),
-                    pos,
-                    scale,
-                };
-                attention::attend(&task, scores, o);
-            });
+        let heads = out.len() / hd;
+        let out_ptr = matmul::OutPtr(out.as_mut_ptr());
+        // Enough tasks to balance; each a run of whole (token, head) rows of `out`.
+        let per_task = heads.div_ceil(self.threads * 8).max(1);
+        self.pool.for_each(heads.div_ceil(per_task), &|task| {
+            SCORES.with_borrow_mut(|scores| {
+                for i in task * per_task..((task + 1) * per_task).min(heads) {
+                    let t = i / s.num_heads;
+                    let h = i % s.num_heads;
+                    let pos = batch.positions[t];
+                    let head = attention::HeadTask {
+                        q: &q[i * hd..(i + 1) * hd],
+                        k_cache: &cache.k,
+                        v_cache: &cache.v,
+                        block_table: &batch.block_tables[batch.chunk_of[t]],
+                        kv_offset: (h / group) * hd,
+                        kv_dim: cache.kv_dim,
+                        block_size: s.block_size,
+                        lo: s.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w)),
+                        pos,
+                        scale,
+                    };
+                    // SAFETY: row i of `out` belongs to this task alone.
+                    let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(i * hd), hd) };
+                    attention::attend(&head, scores, o);
+                }
+            })
         });
         Ok(())
     }
